@@ -1,0 +1,1 @@
+"""Phone agent: Twilio Media Streams relayed to a realtime speech model, with a chained fallback."""

@@ -1,0 +1,1 @@
+"""Per-call recordings, transcripts and records."""

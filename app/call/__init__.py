@@ -1,0 +1,1 @@
+"""One call: its session state machine, playback accounting and barge-in policy."""

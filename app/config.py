@@ -1,0 +1,85 @@
+"""Settings: one typed object read from the environment and `.env`.
+
+The names are the configuration contract in DESIGN.md; the README documents each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=1, le=65535)
+    public_url: str | None = None
+
+    twilio_account_sid: str | None = None
+    twilio_auth_token: SecretStr | None = None
+    twilio_api_base: str = "https://api.twilio.com"
+
+    agent_mode: Literal["realtime", "chained"] = "realtime"
+    realtime_url: str = "wss://api.openai.com/v1/realtime"
+    realtime_model: str = "gpt-realtime"
+    realtime_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("REALTIME_API_KEY", "OPENAI_API_KEY")
+    )
+    realtime_dialect: Literal["ga", "beta"] = "ga"
+    realtime_connect_timeout: float = Field(5.0, gt=0)
+    realtime_max_session_minutes: float = Field(55.0, gt=0)
+
+    together_api_key: SecretStr | None = None
+    together_base_url: str = "https://api.together.ai/v1"
+    stt_model: str = "openai/whisper-large-v3"
+    llm_model: str = "Qwen/Qwen2.5-7B-Instruct-Turbo"
+    tts_model: str = "hexgrad/Kokoro-82M"
+    tts_voice: str = "af_heart"
+
+    persona: str = "kira"
+    prompts_dir: Path = Path("prompts")
+
+    interrupt_dtmf_digit: str = "*"
+    vad_model_path: Path = Path("silero_vad.onnx")
+    vad_start_threshold: float = Field(0.5, gt=0, lt=1)
+    vad_min_speech_ms: int = Field(64, ge=0)
+    vad_echo_gate_db: float = Field(-20.0, le=0)
+    backchannel_ms: int = Field(0, ge=0)
+    turn_silence_ms: int = Field(600, ge=100)
+    turn_min_speech_ms: int = Field(200, ge=0)
+    playback_lead_ms: int = Field(250, ge=40)
+
+    admin_token: SecretStr | None = None
+    redis_url: str | None = None
+    archive_dir: Path = Path("calls")
+    drain_timeout: float = Field(600.0, ge=0)
+
+    log_format: Literal["console", "json"] = "console"
+    log_level: str = "INFO"
+
+    @field_validator("interrupt_dtmf_digit")
+    @classmethod
+    def _one_key(cls, value: str) -> str:
+        if value and (len(value) != 1 or value not in "0123456789*#"):
+            raise ValueError("must be one keypad key (0-9, * or #) or empty")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _origin(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) origin such as https://agent.example.com")
+        return value.rstrip("/")
+
+    @property
+    def dev_mode(self) -> bool:
+        """Without a Twilio auth token, requests are unsigned and accepted from loopback."""
+        return self.twilio_auth_token is None

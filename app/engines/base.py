@@ -1,0 +1,164 @@
+"""The seam between a call and a model provider.
+
+A `CallSession` talks to exactly one `Engine` at a time and knows nothing of the
+provider behind it. Failover and the mode toggle swap engines under a live call, so
+everything an engine needs to pick up a conversation travels as `Turn`s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+Role = Literal["caller", "agent"]
+
+
+@dataclass(slots=True)
+class Turn:
+    """One utterance of the conversation, as the caller heard it."""
+
+    role: Role
+    text: str
+    interrupted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSetup:
+    """What an engine needs to speak as a persona."""
+
+    instructions: str
+    voice: str
+    greeting: str
+    tools: Sequence[ToolSpec] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A function the model may call (JSON-schema parameters)."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+# Events an engine yields to its call. Audio payloads are base64 G.711 mu-law at 8 kHz,
+# exactly as they go to Twilio.
+
+
+@dataclass(frozen=True, slots=True)
+class AudioOut:
+    """A chunk of agent audio for the response item `item_id`."""
+
+    item_id: str
+    payload: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseStarted:
+    """The model began a response (used to time turn latency)."""
+
+    response_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseDone:
+    """A response ended: completed, cancelled, failed or incomplete."""
+
+    response_id: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStarted:
+    """The provider's own turn detection heard the caller start speaking."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStopped:
+    """The provider's own turn detection heard the caller stop speaking."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    """A final transcript of one utterance."""
+
+    role: Role
+    text: str
+    item_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """The model asks us to run a function tool."""
+
+    call_id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineError:
+    """A provider error. `fatal` means the engine cannot go on and must be replaced."""
+
+    code: str
+    message: str
+    fatal: bool = False
+
+
+EngineEvent = (
+    AudioOut
+    | ResponseStarted
+    | ResponseDone
+    | SpeechStarted
+    | SpeechStopped
+    | Transcript
+    | ToolCall
+    | EngineError
+)
+
+
+class EngineUnavailable(Exception):
+    """The engine could not be started (socket refused, timeout, HTTP error, no key)."""
+
+
+class Engine(Protocol):
+    """What a call needs from a model provider.
+
+    `events()` ends (the iterator stops) when the engine's connection is gone; a final
+    fatal `EngineError` says why. `close()` is idempotent and releases every socket and
+    task the engine opened.
+    """
+
+    name: str
+
+    async def start(self, setup: AgentSetup, history: Sequence[Turn], greet: bool) -> None:
+        """Open the provider connection, seed `history`, and greet when asked."""
+
+    def events(self) -> AsyncIterator[EngineEvent]:
+        """The engine's events, in order."""
+
+    async def send_audio(self, payload: str) -> None:
+        """Forward one Twilio media payload (base64 mu-law) of caller audio."""
+
+    async def end_of_turn(self) -> None:
+        """The local VAD decided the caller finished a turn (engines with their own
+        turn detection ignore it)."""
+
+    async def send_text(self, text: str) -> None:
+        """Add a caller text item (e.g. a DTMF key) and ask for a response."""
+
+    async def cancel_response(self) -> None:
+        """Stop the response being generated, if any."""
+
+    async def truncate(self, item_id: str, audio_end_ms: int) -> None:
+        """Cut the model's memory of `item_id` to what the caller heard."""
+
+    async def tool_result(self, call_id: str, output: str) -> None:
+        """Return a function tool's output and let the model go on."""
+
+    async def update(self, instructions: str | None = None, voice: str | None = None) -> None:
+        """Steer the live session. A voice change may need a new session (see realtime)."""
+
+    async def close(self) -> None:
+        """Release everything the engine holds."""

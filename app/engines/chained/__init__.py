@@ -1,0 +1,1 @@
+"""The chained fallback: Together streaming STT, a streaming chat model, streaming TTS."""

@@ -1,0 +1,1 @@
+"""The Twilio edge: TwiML, signature validation, Media Stream messages."""

@@ -1,0 +1,1 @@
+"""Silero VAD on CPU, batched across calls."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -83,3 +83,25 @@ class Settings(BaseSettings):
     def dev_mode(self) -> bool:
         """Without a Twilio auth token, requests are unsigned and accepted from loopback."""
         return self.twilio_auth_token is None
+
+
+class ConfigError(Exception):
+    """The configuration cannot run the service; the message is one line for the operator."""
+
+
+def load_settings() -> Settings:
+    """Read and check the settings; a bad value or a missing key is one clear line."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(str(p) for p in first["loc"]).upper() or "settings"
+        raise ConfigError(f"{name}: {first['msg']}") from None
+    if settings.realtime_api_key is None and settings.together_api_key is None:
+        raise ConfigError(
+            "REALTIME_API_KEY (or OPENAI_API_KEY) is not set, and no TOGETHER_API_KEY "
+            "for the chained engine: no model can answer calls"
+        )
+    if settings.agent_mode == "chained" and settings.together_api_key is None:
+        raise ConfigError("AGENT_MODE=chained needs TOGETHER_API_KEY")
+    return settings

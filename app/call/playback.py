@@ -1,0 +1,179 @@
+"""Playback: paces agent audio to Twilio and knows what the caller has heard.
+
+Twilio plays whatever we send as fast as real time allows and buffers the rest; audio
+in that buffer keeps playing after an interruption until `clear` arrives. So we hold
+the agent's audio here and release it on a monotonic clock, keeping at most `lead_ms`
+queued at Twilio. After every chunk we send a `mark`; Twilio echoes it when the chunk
+has played, which tells us how much of each response item the caller heard.
+
+Model deltas are forwarded byte for byte. A long delta is split on base64 quantum
+boundaries (no decode, no re-encode) so that no chunk exceeds `MAX_CHUNK_CHARS`:
+finer marks mean a truer truncation point and a smaller buffer at Twilio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from app.telephony import messages
+
+log = structlog.get_logger(__name__)
+
+MAX_CHUNK_CHARS = 640  # 480 mu-law bytes: 60 ms
+
+
+def payload_ms(payload: str) -> float:
+    """Duration of a base64 mu-law payload (8 bytes per ms) without decoding it."""
+    padding = len(payload) - len(payload.rstrip("="))
+    return (len(payload) // 4 * 3 - padding) / 8.0
+
+
+def split_payload(payload: str) -> list[str]:
+    """Cut a base64 string into pieces that decode to consecutive slices of its bytes."""
+    if len(payload) <= MAX_CHUNK_CHARS:
+        return [payload]
+    return [payload[i : i + MAX_CHUNK_CHARS] for i in range(0, len(payload), MAX_CHUNK_CHARS)]
+
+
+@dataclass(slots=True)
+class _Chunk:
+    item_id: str
+    payload: str
+    ms: float
+    end_ms: float  # the item's audio up to the end of this chunk
+    mark: str = ""
+    started_at: float = 0.0  # when Twilio should begin playing it (estimate)
+
+
+@dataclass(frozen=True, slots=True)
+class Heard:
+    """How much of a response item the caller heard when it was interrupted."""
+
+    item_id: str
+    audio_end_ms: int
+
+
+class Playback:
+    """One call's agent-audio queue towards Twilio."""
+
+    def __init__(
+        self,
+        stream_sid: str,
+        send: Callable[[str], Awaitable[None]],
+        lead_ms: float = 250.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_heard: Callable[[str], None] | None = None,
+    ) -> None:
+        self._stream_sid = stream_sid
+        self._send = send
+        self._lead = lead_ms / 1000.0
+        self._clock = clock
+        self._on_heard = on_heard
+        self._queue: deque[_Chunk] = deque()
+        self._in_flight: deque[_Chunk] = deque()
+        self._item_ms: dict[str, float] = {}
+        self._acked_ms: dict[str, float] = {}
+        self._last_ack_at = 0.0
+        self._play_end = 0.0
+        self._marks = itertools.count(1)
+        self._wake = asyncio.Event()
+        self.sent_ms = 0.0
+
+    @property
+    def playing(self) -> bool:
+        """Agent audio is queued here or not yet confirmed played by Twilio."""
+        return bool(self._queue or self._in_flight)
+
+    def item_ms(self, item_id: str) -> float:
+        """Audio received from the model for `item_id`, in ms."""
+        return self._item_ms.get(item_id, 0.0)
+
+    def enqueue(self, item_id: str, payload: str) -> None:
+        """Queue a model audio delta for `item_id`."""
+        total = self._item_ms.get(item_id, 0.0)
+        for piece in split_payload(payload):
+            ms = payload_ms(piece)
+            total += ms
+            self._queue.append(_Chunk(item_id, piece, ms, total))
+        self._item_ms[item_id] = total
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Release queued audio to Twilio, never more than `lead_ms` ahead of playback."""
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            chunk = self._queue[0]
+            now = self._clock()
+            ahead = self._play_end - now
+            wait = ahead + chunk.ms / 1000.0 - self._lead
+            if wait > 0 and ahead > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                continue
+            self._queue.popleft()
+            chunk.mark = str(next(self._marks))
+            chunk.started_at = max(now, self._play_end)
+            self._play_end = chunk.started_at + chunk.ms / 1000.0
+            self._in_flight.append(chunk)
+            self.sent_ms += chunk.ms
+            await self._send(messages.media(self._stream_sid, chunk.payload))
+            await self._send(messages.mark(self._stream_sid, chunk.mark))
+
+    def on_mark(self, name: str) -> None:
+        """Twilio played everything up to mark `name`."""
+        if not any(chunk.mark == name for chunk in self._in_flight):
+            return  # a mark echoed by a clear, or not ours
+        now = self._clock()
+        while self._in_flight:
+            chunk = self._in_flight.popleft()
+            first_heard = chunk.item_id not in self._acked_ms
+            self._acked_ms[chunk.item_id] = chunk.end_ms
+            self._last_ack_at = now
+            if first_heard and self._on_heard is not None:
+                self._on_heard(chunk.item_id)
+            if chunk.mark == name:
+                break
+
+    def heard(self) -> Heard | None:
+        """What the caller has heard of the item now playing, or None if nothing plays.
+
+        Acknowledged marks, plus the time the next chunk has been playing since,
+        clamped to the audio the model sent for that item.
+        """
+        if self._in_flight:
+            chunk = self._in_flight[0]
+            since = max(self._last_ack_at, chunk.started_at)
+            elapsed = min(max(self._clock() - since, 0.0) * 1000.0, chunk.ms)
+            heard = chunk.end_ms - chunk.ms + elapsed
+            item_id = chunk.item_id
+        elif self._queue:
+            item_id = self._queue[0].item_id
+            heard = self._acked_ms.get(item_id, 0.0)
+        else:
+            return None
+        heard = min(heard, self._item_ms.get(item_id, 0.0))
+        return Heard(item_id, int(heard))
+
+    async def interrupt(self) -> Heard | None:
+        """Stop the agent: drop our queue, tell Twilio to clear its buffer.
+
+        Returns what the caller heard of the interrupted item, for truncation.
+        """
+        heard = self.heard()
+        self._queue.clear()
+        self._in_flight.clear()
+        self._play_end = self._clock()
+        await self._send(messages.clear(self._stream_sid))
+        return heard

@@ -1,0 +1,236 @@
+"""CallSession: everything one call owns, from Twilio's `start` to the last socket closed.
+
+The session reads Twilio messages (fed by the server's WebSocket handler), forwards the
+caller's audio to its engine, pumps the engine's events back (audio to Playback,
+transcripts to the call's record) and decides interruptions. Nothing here is shared
+with another call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from app.call.playback import Playback
+from app.config import Settings
+from app.engines.base import (
+    AgentSetup,
+    AudioOut,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    ResponseDone,
+    ResponseStarted,
+    SpeechStarted,
+    SpeechStopped,
+    ToolCall,
+    Transcript,
+    Turn,
+)
+from app.personas import Persona
+from app.telephony.messages import Dtmf, Mark, Media, Start, Stop, TwilioMessage
+
+log = structlog.get_logger(__name__)
+
+EngineFactory = Callable[[str], Engine]
+
+
+@dataclass(slots=True)
+class CallInfo:
+    """What an operator sees of a call."""
+
+    call_sid: str
+    stream_sid: str
+    from_number: str
+    to_number: str
+    persona: str
+    mode: str
+    voice: str
+    started_at: float = field(default_factory=time.time)
+    last_turn_latency_ms: float | None = None
+    barge_ins: int = 0
+
+
+class CallSession:
+    """One live call."""
+
+    def __init__(
+        self,
+        start: Start,
+        settings: Settings,
+        persona: Persona,
+        make_engine: EngineFactory,
+        send: Callable[[str], Awaitable[None]],
+        hang_up_stream: Callable[[], Awaitable[None]],
+    ) -> None:
+        params = start.parameters
+        self.settings = settings
+        self.persona = persona
+        self.info = CallInfo(
+            call_sid=start.call_sid,
+            stream_sid=start.stream_sid,
+            from_number=params.get("From", ""),
+            to_number=params.get("To", ""),
+            persona=persona.name,
+            mode=params.get("mode") or settings.agent_mode,
+            voice=persona.voice,
+        )
+        self.transcript: list[Turn] = []
+        self._make_engine = make_engine
+        self._send_lock = asyncio.Lock()
+        self._send_raw = send
+        self._hang_up_stream = hang_up_stream
+        self.playback = Playback(start.stream_sid, self._send, lead_ms=settings.playback_lead_ms)
+        self.engine: Engine | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._muted = False
+        self._interrupted_items: set[str] = set()
+        self._speech_ended_at: float | None = None
+        self._closed = asyncio.Event()
+        self.log = log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
+
+    @property
+    def setup(self) -> AgentSetup:
+        """The persona as the engines need it."""
+        voice = self.info.voice
+        if self.info.mode == "chained":
+            voice = self.persona.tts_voice or self.settings.tts_voice
+        return AgentSetup(
+            instructions=self.persona.instructions, voice=voice, greeting=self.persona.greeting
+        )
+
+    async def _send(self, frame: str) -> None:
+        async with self._send_lock:
+            await self._send_raw(frame)
+
+    async def start(self) -> bool:
+        """Open the engine and greet. False when no engine could be started."""
+        engine = self._make_engine(self.info.mode)
+        try:
+            await engine.start(self.setup, self.transcript, greet=True)
+        except EngineUnavailable as exc:
+            self.log.error("call.engine_unavailable", engine=engine.name, error=str(exc))
+            await engine.close()
+            return False
+        self.engine = engine
+        self._tasks = [
+            asyncio.create_task(self._pump(engine), name=f"pump-{self.info.call_sid}"),
+            asyncio.create_task(self.playback.run(), name=f"playback-{self.info.call_sid}"),
+        ]
+        self.log.info(
+            "call.started",
+            persona=self.info.persona,
+            mode=self.info.mode,
+            from_number=self.info.from_number,
+            to_number=self.info.to_number,
+        )
+        return True
+
+    async def handle(self, message: TwilioMessage) -> None:
+        """One message from Twilio, after `start`."""
+        if isinstance(message, Media):
+            if self.engine is not None:
+                await self.engine.send_audio(message.payload)
+        elif isinstance(message, Mark):
+            self.playback.on_mark(message.name)
+        elif isinstance(message, Dtmf):
+            await self._on_dtmf(message.digit)
+        elif isinstance(message, Stop):
+            self.log.info("call.stop_received")
+        elif isinstance(message, Start):
+            self.log.warning("twilio.duplicate_start")
+
+    async def _on_dtmf(self, digit: str) -> None:
+        self.log.info("call.dtmf", digit=digit)
+        if digit == self.settings.interrupt_dtmf_digit:
+            await self.interrupt("dtmf")
+        elif self.engine is not None:
+            await self.engine.send_text(f"The caller pressed {digit} on the keypad.")
+
+    async def interrupt(self, reason: str) -> bool:
+        """Stop the agent: clear Twilio, cancel the response, truncate what was not heard.
+
+        Returns False when nothing was playing (so a second trigger of the same
+        interruption, e.g. the model's VAD after ours, does nothing).
+        """
+        if not self.playback.playing or self.engine is None:
+            return False
+        heard = await self.playback.interrupt()
+        self._muted = True
+        await self.engine.cancel_response()
+        if heard is not None and heard.audio_end_ms > 0:
+            await self.engine.truncate(heard.item_id, heard.audio_end_ms)
+        if heard is not None:
+            self._interrupted_items.add(heard.item_id)
+        self.info.barge_ins += 1
+        self.log.info(
+            "call.barge_in",
+            reason=reason,
+            item_id=heard.item_id if heard else None,
+            audio_end_ms=heard.audio_end_ms if heard else None,
+        )
+        return True
+
+    async def _pump(self, engine: Engine) -> None:
+        """Engine events to Twilio and to the call's record, until the engine ends."""
+        async for event in engine.events():
+            if isinstance(event, AudioOut):
+                if self._muted:
+                    continue
+                if self._speech_ended_at is not None:
+                    latency = (time.monotonic() - self._speech_ended_at) * 1000.0
+                    self.info.last_turn_latency_ms = round(latency, 1)
+                    self.log.info("turn.first_audio", latency_ms=round(latency, 1))
+                    self._speech_ended_at = None
+                self.playback.enqueue(event.item_id, event.payload)
+            elif isinstance(event, ResponseStarted):
+                self._muted = False
+            elif isinstance(event, SpeechStarted):
+                await self.interrupt("model_vad")
+            elif isinstance(event, SpeechStopped):
+                self._speech_ended_at = time.monotonic()
+            elif isinstance(event, Transcript):
+                self._record(event)
+            elif isinstance(event, ResponseDone):
+                self.log.debug("response.done", status=event.status)
+            elif isinstance(event, ToolCall):
+                self.log.warning("call.unknown_tool", tool=event.name)
+                await engine.tool_result(event.call_id, '{"error": "unknown tool"}')
+            elif isinstance(event, EngineError):
+                self.log.warning(
+                    "engine.error", engine=engine.name, code=event.code, message=event.message
+                )
+        if not self._closed.is_set():
+            self.log.error("call.engine_lost", engine=engine.name)
+            await self._hang_up_stream()
+
+    def _record(self, event: Transcript) -> None:
+        if not event.text:
+            return
+        interrupted = event.item_id in self._interrupted_items
+        self.transcript.append(Turn(event.role, event.text, interrupted))
+        self.log.info("transcript", role=event.role, text=event.text, interrupted=interrupted)
+
+    async def close(self) -> None:
+        """Close every task and socket of the call; idempotent."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.engine is not None:
+            await self.engine.close()
+        self.log.info(
+            "call.ended",
+            duration_s=round(time.time() - self.info.started_at, 1),
+            turns=len(self.transcript),
+            barge_ins=self.info.barge_ins,
+        )

@@ -1,0 +1,46 @@
+"""Personas: one TOML file per agent in PROMPTS_DIR, written for the ear."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Persona:
+    """Who the agent is on a call."""
+
+    name: str
+    voice: str
+    greeting: str
+    instructions: str
+    tts_voice: str | None = None
+    transfer_numbers: tuple[str, ...] = ()
+
+
+class PersonaError(ValueError):
+    """A persona file is missing or malformed."""
+
+
+def load_personas(directory: Path) -> dict[str, Persona]:
+    """Read every `*.toml` persona in `directory`; any defect stops start-up."""
+    if not directory.is_dir():
+        raise PersonaError(f"PROMPTS_DIR {directory} is not a directory")
+    personas: dict[str, Persona] = {}
+    for path in sorted(directory.glob("*.toml")):
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            personas[path.stem] = Persona(
+                name=path.stem,
+                voice=str(data["voice"]),
+                greeting=str(data["greeting"]).strip(),
+                instructions=str(data["instructions"]).strip(),
+                tts_voice=str(data["tts_voice"]) if "tts_voice" in data else None,
+                transfer_numbers=tuple(str(n) for n in data.get("transfer_numbers", ())),
+            )
+        except (tomllib.TOMLDecodeError, KeyError, OSError) as exc:
+            raise PersonaError(f"persona file {path} is invalid: {exc!r}") from exc
+    if not personas:
+        raise PersonaError(f"no persona files (*.toml) in {directory}")
+    return personas

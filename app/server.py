@@ -1,0 +1,176 @@
+"""The aiohttp application: Twilio webhook, media stream socket, probes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import WSMsgType, web
+
+from app.call.session import CallSession
+from app.config import Settings
+from app.engines.base import Engine
+from app.engines.realtime import RealtimeEngine
+from app.personas import Persona, load_personas
+from app.telephony import messages, signature, twiml
+
+log = structlog.get_logger(__name__)
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
+PERSONAS: web.AppKey[dict[str, Persona]] = web.AppKey("personas", dict)
+CALLS: web.AppKey[dict[str, CallSession]] = web.AppKey("calls", dict)
+
+
+def make_engine(settings: Settings, mode: str) -> Engine:
+    """A fresh engine for `mode`."""
+    return RealtimeEngine(settings)
+
+
+def _authorized(request: web.Request, url: str, params: dict[str, str]) -> bool:
+    """Twilio's signature when a token is set; loopback only in dev mode."""
+    settings = request.app[SETTINGS]
+    if settings.twilio_auth_token is None:
+        return signature.is_loopback(request)
+    return signature.is_valid(
+        settings.twilio_auth_token.get_secret_value(),
+        url,
+        params,
+        request.headers.get("X-Twilio-Signature"),
+    )
+
+
+async def twiml_webhook(request: web.Request) -> web.Response:
+    """Answer Twilio's call webhook with a `<Connect><Stream>` to our socket."""
+    settings = request.app[SETTINGS]
+    form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+    origin = signature.public_origin(request, settings.public_url)
+    if not _authorized(request, origin + request.path_qs, form):
+        log.warning("twiml.forbidden", remote=request.remote)
+        raise web.HTTPForbidden(text="invalid Twilio signature")
+    personas = request.app[PERSONAS]
+    persona = request.query.get("persona") or settings.persona
+    if persona not in personas:
+        log.warning("twiml.unknown_persona", persona=persona, using=settings.persona)
+        persona = settings.persona
+    mode = request.query.get("mode", "")
+    if mode and mode not in ("realtime", "chained"):
+        log.warning("twiml.unknown_mode", mode=mode, using=settings.agent_mode)
+        mode = ""
+    stream_url = signature.websocket_origin(origin) + "/media-stream"
+    body = twiml.connect_stream(
+        stream_url,
+        {
+            "persona": persona,
+            "mode": mode,
+            "From": form.get("From", ""),
+            "To": form.get("To", ""),
+        },
+    )
+    log.info("twiml.answered", call_sid=form.get("CallSid"), persona=persona, mode=mode or None)
+    return web.Response(text=body, content_type="text/xml")
+
+
+async def media_stream(request: web.Request) -> web.StreamResponse:
+    """One Twilio Media Stream: parse, drop what is bad, drive the call's session."""
+    settings = request.app[SETTINGS]
+    origin = signature.websocket_origin(signature.public_origin(request, settings.public_url))
+    if not _authorized(request, origin + request.path_qs, {}):
+        log.warning("media_stream.forbidden", remote=request.remote)
+        raise web.HTTPForbidden(text="invalid Twilio signature")
+    ws = web.WebSocketResponse(max_msg_size=4 * messages.MAX_FRAME_BYTES, autoping=True)
+    await ws.prepare(request)
+    session: CallSession | None = None
+    calls = request.app[CALLS]
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                if msg.type == WSMsgType.BINARY:
+                    log.warning("twilio.binary_frame_dropped", size=len(msg.data))
+                    continue
+                break
+            try:
+                message = messages.parse(msg.data)
+            except messages.BadMessage as exc:
+                (session.log if session else log).warning("twilio.frame_dropped", reason=str(exc))
+                continue
+            if session is not None:
+                await session.handle(message)
+            elif isinstance(message, messages.Start):
+                session = _new_session(request, message, ws)
+                structlog.contextvars.bind_contextvars(
+                    call_sid=message.call_sid, stream_sid=message.stream_sid
+                )
+                calls[message.call_sid] = session
+                if not await session.start():
+                    break
+            elif not isinstance(message, messages.Connected):
+                log.warning("twilio.before_start_dropped", event=type(message).__name__)
+    finally:
+        if session is not None:
+            calls.pop(session.info.call_sid, None)
+            await session.close()
+        await ws.close()
+    return ws
+
+
+def _new_session(
+    request: web.Request, start: messages.Start, ws: web.WebSocketResponse
+) -> CallSession:
+    settings = request.app[SETTINGS]
+    personas = request.app[PERSONAS]
+    name = start.parameters.get("persona") or settings.persona
+    if name not in personas:
+        log.warning("call.unknown_persona", persona=name, using=settings.persona)
+        name = settings.persona
+
+    async def hang_up_stream() -> None:
+        await ws.close()
+
+    return CallSession(
+        start,
+        settings,
+        personas[name],
+        lambda mode: make_engine(settings, mode),
+        ws.send_str,
+        hang_up_stream,
+    )
+
+
+async def health(_: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: we can take calls."""
+    settings = request.app[SETTINGS]
+    engines = {
+        "realtime": settings.realtime_api_key is not None,
+        "chained": settings.together_api_key is not None,
+    }
+    status = 200 if any(engines.values()) else 503
+    return web.json_response(
+        {"ready": status == 200, "engines": engines, "calls": len(request.app[CALLS])},
+        status=status,
+    )
+
+
+async def _close_calls(app: web.Application) -> AsyncIterator[None]:
+    yield
+    sessions = list(app[CALLS].values())
+    await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the service; personas are loaded (and checked) here, once."""
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[PERSONAS] = load_personas(settings.prompts_dir)
+    app[CALLS] = {}
+    app.router.add_post("/twiml", twiml_webhook)
+    app.router.add_get("/media-stream", media_stream)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.cleanup_ctx.append(_close_calls)
+    return app

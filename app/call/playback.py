@@ -50,7 +50,8 @@ class _Chunk:
     ms: float
     end_ms: float  # the item's audio up to the end of this chunk
     mark: str = ""
-    started_at: float = 0.0  # when Twilio should begin playing it (estimate)
+    sent_at: float = 0.0
+    started_at: float = 0.0  # when Twilio should begin playing it, had nothing else queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,7 @@ class Playback:
                 continue
             self._queue.popleft()
             chunk.mark = str(next(self._marks))
+            chunk.sent_at = now
             chunk.started_at = max(now, self._play_end)
             self._play_end = chunk.started_at + chunk.ms / 1000.0
             self._in_flight.append(chunk)
@@ -145,6 +147,8 @@ class Playback:
                 self._on_heard(chunk.item_id)
             if chunk.mark == name:
                 break
+        # Twilio's buffer now holds exactly the unacknowledged chunks: re-anchor pacing.
+        self._play_end = now + sum(chunk.ms for chunk in self._in_flight) / 1000.0
 
     def heard(self) -> Heard | None:
         """What the caller has heard of the item now playing, or None if nothing plays.
@@ -154,7 +158,9 @@ class Playback:
         """
         if self._in_flight:
             chunk = self._in_flight[0]
-            since = max(self._last_ack_at, chunk.started_at)
+            # Queued at Twilio before the last mark came back: it began playing then.
+            queued = chunk.sent_at <= self._last_ack_at
+            since = self._last_ack_at if queued else chunk.started_at
             elapsed = min(max(self._clock() - since, 0.0) * 1000.0, chunk.ms)
             heard = chunk.end_ms - chunk.ms + elapsed
             item_id = chunk.item_id

@@ -1,0 +1,112 @@
+"""Playback: pacing towards Twilio, marks, and what the caller heard."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+
+from app.call.playback import Playback, payload_ms, split_payload
+
+
+class Twilio:
+    """Collects what Playback sends, like Twilio's side of the socket."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict[str, object]] = []
+
+    async def send(self, frame: str) -> None:
+        self.frames.append(orjson.loads(frame))
+
+    def media_ms(self) -> float:
+        return sum(
+            payload_ms(f["media"]["payload"])  # type: ignore[index]
+            for f in self.frames
+            if f["event"] == "media"
+        )
+
+    def marks(self) -> list[str]:
+        return [f["mark"]["name"] for f in self.frames if f["event"] == "mark"]  # type: ignore[index]
+
+
+def audio(ms: int, seed: int = 0) -> str:
+    return base64.b64encode(bytes((i * 7 + seed) % 256 for i in range(ms * 8))).decode()
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[tuple[Playback, Twilio]]:
+    twilio = Twilio()
+    playback = Playback("MZ1", twilio.send, lead_ms=250)
+    task = asyncio.create_task(playback.run())
+    yield playback, twilio
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def test_payload_ms_counts_padding() -> None:
+    for size in (1, 2, 3, 160, 161, 800):
+        payload = base64.b64encode(bytes(size)).decode()
+        assert payload_ms(payload) == size / 8
+
+
+def test_split_keeps_bytes_exact() -> None:
+    original = audio(1000)
+    pieces = split_payload(original)
+    assert len(pieces) > 1
+    assert b"".join(base64.b64decode(p) for p in pieces) == base64.b64decode(original)
+    assert all(payload_ms(p) <= 60 for p in pieces)
+
+
+async def test_paces_to_the_lead(running: tuple[Playback, Twilio]) -> None:
+    playback, twilio = running
+    playback.enqueue("item_1", audio(2000))
+    await asyncio.sleep(0.05)
+    assert 180 <= twilio.media_ms() <= 250
+    await asyncio.sleep(0.5)
+    # real time has let another ~500 ms through, never more than the lead ahead
+    assert 550 <= twilio.media_ms() <= 250 + 550 + 60
+    frames = [f["event"] for f in twilio.frames]
+    assert frames[:4] == ["media", "mark", "media", "mark"]
+
+
+async def test_heard_follows_marks_and_is_clamped(running: tuple[Playback, Twilio]) -> None:
+    playback, twilio = running
+    playback.enqueue("item_1", audio(300))
+    await asyncio.sleep(0.02)
+    heard = playback.heard()
+    assert heard is not None and heard.item_id == "item_1" and heard.audio_end_ms <= 30
+    marks = twilio.marks()
+    playback.on_mark(marks[1])  # two chunks (120 ms) played
+    heard = playback.heard()
+    assert heard is not None and 120 <= heard.audio_end_ms <= 125
+    await asyncio.sleep(0.03)
+    heard = playback.heard()
+    assert heard is not None and 140 <= heard.audio_end_ms <= 180
+    await asyncio.sleep(0.4)
+    for name in twilio.marks():
+        playback.on_mark(name)
+    assert not playback.playing
+    assert playback.heard() is None
+
+
+async def test_interrupt_clears_and_ignores_late_marks(running: tuple[Playback, Twilio]) -> None:
+    playback, twilio = running
+    playback.enqueue("item_1", audio(1000))
+    await asyncio.sleep(0.02)
+    marks = twilio.marks()
+    playback.on_mark(marks[0])
+    heard = await playback.interrupt()
+    assert heard is not None and heard.item_id == "item_1" and heard.audio_end_ms >= 60
+    assert twilio.frames[-1] == {"event": "clear", "streamSid": "MZ1"}
+    assert not playback.playing
+    sent = twilio.media_ms()
+    for name in marks:  # Twilio echoes the cleared marks
+        playback.on_mark(name)
+    await asyncio.sleep(0.1)
+    assert twilio.media_ms() == sent
+    assert playback.heard() is None

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 from aiohttp import WSMsgType, web
 
-from app.call.session import CallSession
+from app.call.observer import CallObserver
+from app.call.session import CallInfo, CallSession
 from app.config import Settings
 from app.engines.base import Engine
 from app.engines.realtime import RealtimeEngine
@@ -20,6 +21,8 @@ log = structlog.get_logger(__name__)
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 PERSONAS: web.AppKey[dict[str, Persona]] = web.AppKey("personas", dict)
 CALLS: web.AppKey[dict[str, CallSession]] = web.AppKey("calls", dict)
+# Each factory makes one observer per call (recorder, metrics): see app.call.observer.
+OBSERVERS: web.AppKey[list[Callable[[CallInfo], CallObserver]]] = web.AppKey("observers", list)
 
 
 def make_engine(settings: Settings, mode: str) -> Engine:
@@ -127,7 +130,7 @@ def _new_session(
     async def hang_up_stream() -> None:
         await ws.close()
 
-    return CallSession(
+    session = CallSession(
         start,
         settings,
         personas[name],
@@ -135,6 +138,9 @@ def _new_session(
         ws.send_str,
         hang_up_stream,
     )
+    for factory in request.app[OBSERVERS]:
+        session.observers.add(factory(session.info))
+    return session
 
 
 async def health(_: web.Request) -> web.Response:
@@ -168,6 +174,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[PERSONAS] = load_personas(settings.prompts_dir)
     app[CALLS] = {}
+    app[OBSERVERS] = []
     app.router.add_post("/twiml", twiml_webhook)
     app.router.add_get("/media-stream", media_stream)
     app.router.add_get("/health", health)

@@ -21,11 +21,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import structlog
-
+from app.call.observer import CallObserver
 from app.telephony import messages
-
-log = structlog.get_logger(__name__)
 
 MAX_CHUNK_CHARS = 640  # 480 mu-law bytes: 60 ms
 
@@ -71,13 +68,17 @@ class Playback:
         send: Callable[[str], Awaitable[None]],
         lead_ms: float = 250.0,
         clock: Callable[[], float] = time.monotonic,
+        on_sent: Callable[[str], None] | None = None,
         on_heard: Callable[[str], None] | None = None,
+        observer: CallObserver | None = None,
     ) -> None:
         self._stream_sid = stream_sid
         self._send = send
         self._lead = lead_ms / 1000.0
         self._clock = clock
+        self._on_sent = on_sent
         self._on_heard = on_heard
+        self._observer = observer or CallObserver()
         self._queue: deque[_Chunk] = deque()
         self._in_flight: deque[_Chunk] = deque()
         self._item_ms: dict[str, float] = {}
@@ -129,7 +130,10 @@ class Playback:
             chunk.started_at = max(now, self._play_end)
             self._play_end = chunk.started_at + chunk.ms / 1000.0
             self._in_flight.append(chunk)
+            if self._on_sent is not None and chunk.end_ms == chunk.ms:
+                self._on_sent(chunk.item_id)
             self.sent_ms += chunk.ms
+            self._observer.agent_audio(chunk.payload, chunk.started_at)
             await self._send(messages.media(self._stream_sid, chunk.payload))
             await self._send(messages.mark(self._stream_sid, chunk.mark))
 
@@ -181,5 +185,6 @@ class Playback:
         self._queue.clear()
         self._in_flight.clear()
         self._play_end = self._clock()
+        self._observer.agent_cleared(self._play_end)
         await self._send(messages.clear(self._stream_sid))
         return heard

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from app.call.observer import Observers
 from app.call.playback import Playback
 from app.config import Settings
 from app.engines.base import (
@@ -67,6 +68,7 @@ class CallSession:
         make_engine: EngineFactory,
         send: Callable[[str], Awaitable[None]],
         hang_up_stream: Callable[[], Awaitable[None]],
+        observers: Observers | None = None,
     ) -> None:
         params = start.parameters
         self.settings = settings
@@ -81,16 +83,26 @@ class CallSession:
             voice=persona.voice,
         )
         self.transcript: list[Turn] = []
+        self.observers = observers or Observers()
+        self.outcome = "completed"
         self._make_engine = make_engine
         self._send_lock = asyncio.Lock()
         self._send_raw = send
         self._hang_up_stream = hang_up_stream
-        self.playback = Playback(start.stream_sid, self._send, lead_ms=settings.playback_lead_ms)
+        self.playback = Playback(
+            start.stream_sid,
+            self._send,
+            lead_ms=settings.playback_lead_ms,
+            on_sent=lambda _: self._span("first_audio_sent"),
+            on_heard=lambda _: self._span("first_audio_heard"),
+            observer=self.observers,
+        )
         self.engine: Engine | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._muted = False
         self._interrupted_items: set[str] = set()
         self._speech_ended_at: float | None = None
+        self._turn_spans: set[str] = set()
         self._closed = asyncio.Event()
         self.log = log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
 
@@ -116,6 +128,7 @@ class CallSession:
         except EngineUnavailable as exc:
             self.log.error("call.engine_unavailable", engine=engine.name, error=str(exc))
             await engine.close()
+            self.outcome = "no_engine"
             return False
         self.engine = engine
         self._tasks = [
@@ -134,6 +147,7 @@ class CallSession:
     async def handle(self, message: TwilioMessage) -> None:
         """One message from Twilio, after `start`."""
         if isinstance(message, Media):
+            self.observers.caller_audio(message.payload, message.timestamp_ms)
             if self.engine is not None:
                 await self.engine.send_audio(message.payload)
         elif isinstance(message, Mark):
@@ -168,6 +182,9 @@ class CallSession:
         if heard is not None:
             self._interrupted_items.add(heard.item_id)
         self.info.barge_ins += 1
+        self.observers.barge_in(
+            reason, heard.item_id if heard else None, heard.audio_end_ms if heard else None
+        )
         self.log.info(
             "call.barge_in",
             reason=reason,
@@ -182,11 +199,7 @@ class CallSession:
             if isinstance(event, AudioOut):
                 if self._muted:
                     continue
-                if self._speech_ended_at is not None:
-                    latency = (time.monotonic() - self._speech_ended_at) * 1000.0
-                    self.info.last_turn_latency_ms = round(latency, 1)
-                    self.log.info("turn.first_audio", latency_ms=round(latency, 1))
-                    self._speech_ended_at = None
+                self._span("first_model_audio")
                 self.playback.enqueue(event.item_id, event.payload)
             elif isinstance(event, ResponseStarted):
                 self._muted = False
@@ -194,6 +207,7 @@ class CallSession:
                 await self.interrupt("model_vad")
             elif isinstance(event, SpeechStopped):
                 self._speech_ended_at = time.monotonic()
+                self._turn_spans.clear()
             elif isinstance(event, Transcript):
                 self._record(event)
             elif isinstance(event, ResponseDone):
@@ -202,18 +216,33 @@ class CallSession:
                 self.log.warning("call.unknown_tool", tool=event.name)
                 await engine.tool_result(event.call_id, '{"error": "unknown tool"}')
             elif isinstance(event, EngineError):
+                self.observers.provider_error(engine.name, event.code)
                 self.log.warning(
                     "engine.error", engine=engine.name, code=event.code, message=event.message
                 )
         if not self._closed.is_set():
             self.log.error("call.engine_lost", engine=engine.name)
+            self.outcome = "engine_lost"
             await self._hang_up_stream()
+
+    def _span(self, span: str) -> None:
+        """Log a latency span of the current turn, measured from the caller's speech end."""
+        if self._speech_ended_at is None or span in self._turn_spans:
+            return
+        self._turn_spans.add(span)
+        ms = round((time.monotonic() - self._speech_ended_at) * 1000.0, 1)
+        self.observers.latency(span, ms)
+        self.log.info("turn.latency", span=span, ms=ms)
+        if span == "first_audio_sent":
+            self.info.last_turn_latency_ms = ms
 
     def _record(self, event: Transcript) -> None:
         if not event.text:
             return
         interrupted = event.item_id in self._interrupted_items
-        self.transcript.append(Turn(event.role, event.text, interrupted))
+        turn = Turn(event.role, event.text, interrupted)
+        self.transcript.append(turn)
+        self.observers.turn(turn, time.monotonic())
         self.log.info("transcript", role=event.role, text=event.text, interrupted=interrupted)
 
     async def close(self) -> None:
@@ -228,8 +257,10 @@ class CallSession:
                 await task
         if self.engine is not None:
             await self.engine.close()
+        self.observers.ended(self.outcome)
         self.log.info(
             "call.ended",
+            outcome=self.outcome,
             duration_s=round(time.time() - self.info.started_at, 1),
             turns=len(self.transcript),
             barge_ins=self.info.barge_ins,

@@ -1,0 +1,100 @@
+"""What a call tells the world about itself: recordings, metrics and logs listen here.
+
+A `CallObserver` is handed each notable moment of a call as it happens. The call never
+waits on an observer and an observer's failure never reaches the call: `Observers`
+logs and swallows it, so a full disk or a broken metric cannot drop a caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import structlog
+
+from app.engines.base import Turn
+
+log = structlog.get_logger(__name__)
+
+
+class CallObserver:
+    """Hooks with no-op defaults; subclasses override what they need.
+
+    Times are `time.monotonic()` seconds; `timestamp_ms` is Twilio's media clock.
+    """
+
+    def caller_audio(self, payload: str, timestamp_ms: int) -> None:
+        """20 ms of caller audio, base64 mu-law as Twilio sent it."""
+
+    def agent_audio(self, payload: str, starts_at: float) -> None:
+        """Agent audio handed to Twilio, expected to start playing at `starts_at`."""
+
+    def agent_cleared(self, at: float) -> None:
+        """Twilio's buffer was cleared: agent audio scheduled after `at` was not heard."""
+
+    def turn(self, turn: Turn, at: float) -> None:
+        """A final transcript of one utterance."""
+
+    def barge_in(self, reason: str, item_id: str | None, audio_end_ms: int | None) -> None:
+        """The caller interrupted the agent."""
+
+    def engine_switched(self, old: str, new: str, reason: str) -> None:
+        """The call moved to another engine (failover or operator toggle)."""
+
+    def provider_error(self, engine: str, code: str) -> None:
+        """A model provider reported an error."""
+
+    def latency(self, span: str, ms: float) -> None:
+        """A per-turn latency span, e.g. `first_audio_sent`."""
+
+    def steered(self, kind: str, detail: str, state: str) -> None:
+        """An operator steer changed state (pending, applied, failed)."""
+
+    def ended(self, outcome: str) -> None:
+        """The call is over; `outcome` is e.g. completed, no_engine, error."""
+
+
+class Observers(CallObserver):
+    """Fans each hook out to many observers, isolating their failures."""
+
+    def __init__(self, observers: Iterable[CallObserver] = ()) -> None:
+        self._observers = list(observers)
+
+    def add(self, observer: CallObserver) -> None:
+        self._observers.append(observer)
+
+    def _each(self, hook: str, *args: object) -> None:
+        for observer in self._observers:
+            try:
+                getattr(observer, hook)(*args)
+            except Exception:
+                log.exception("observer.failed", observer=type(observer).__name__, hook=hook)
+
+    def caller_audio(self, payload: str, timestamp_ms: int) -> None:
+        self._each("caller_audio", payload, timestamp_ms)
+
+    def agent_audio(self, payload: str, starts_at: float) -> None:
+        self._each("agent_audio", payload, starts_at)
+
+    def agent_cleared(self, at: float) -> None:
+        self._each("agent_cleared", at)
+
+    def turn(self, turn: Turn, at: float) -> None:
+        self._each("turn", turn, at)
+
+    def barge_in(self, reason: str, item_id: str | None, audio_end_ms: int | None) -> None:
+        self._each("barge_in", reason, item_id, audio_end_ms)
+
+    def engine_switched(self, old: str, new: str, reason: str) -> None:
+        self._each("engine_switched", old, new, reason)
+
+    def provider_error(self, engine: str, code: str) -> None:
+        self._each("provider_error", engine, code)
+
+    def latency(self, span: str, ms: float) -> None:
+        self._each("latency", span, ms)
+
+    def steered(self, kind: str, detail: str, state: str) -> None:
+        self._each("steered", kind, detail, state)
+
+    def ended(self, outcome: str) -> None:
+        self._each("ended", outcome)

@@ -11,8 +11,7 @@ from aiohttp import WSMsgType, web
 from app.call.observer import CallObserver
 from app.call.session import CallInfo, CallSession
 from app.config import Settings
-from app.engines.base import Engine
-from app.engines.realtime import RealtimeEngine
+from app.engines.factory import Engines
 from app.personas import Persona, load_personas
 from app.telephony import messages, signature, twiml
 
@@ -21,13 +20,9 @@ log = structlog.get_logger(__name__)
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 PERSONAS: web.AppKey[dict[str, Persona]] = web.AppKey("personas", dict)
 CALLS: web.AppKey[dict[str, CallSession]] = web.AppKey("calls", dict)
+ENGINES: web.AppKey[Engines] = web.AppKey("engines", Engines)
 # Each factory makes one observer per call (recorder, metrics): see app.call.observer.
 OBSERVERS: web.AppKey[list[Callable[[CallInfo], CallObserver]]] = web.AppKey("observers", list)
-
-
-def make_engine(settings: Settings, mode: str) -> Engine:
-    """A fresh engine for `mode`."""
-    return RealtimeEngine(settings)
 
 
 def _authorized(request: web.Request, url: str, params: dict[str, str]) -> bool:
@@ -134,7 +129,7 @@ def _new_session(
         start,
         settings,
         personas[name],
-        lambda mode: make_engine(settings, mode),
+        request.app[ENGINES],
         ws.send_str,
         hang_up_stream,
     )
@@ -150,11 +145,7 @@ async def health(_: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     """Readiness: we can take calls."""
-    settings = request.app[SETTINGS]
-    engines = {
-        "realtime": settings.realtime_api_key is not None,
-        "chained": settings.together_api_key is not None,
-    }
+    engines = request.app[ENGINES].available()
     status = 200 if any(engines.values()) else 503
     return web.json_response(
         {"ready": status == 200, "engines": engines, "calls": len(request.app[CALLS])},
@@ -174,6 +165,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[PERSONAS] = load_personas(settings.prompts_dir)
     app[CALLS] = {}
+    app[ENGINES] = Engines(settings)
     app[OBSERVERS] = []
     app.router.add_post("/twiml", twiml_webhook)
     app.router.add_get("/media-stream", media_stream)

@@ -33,12 +33,11 @@ from app.engines.base import (
     Transcript,
     Turn,
 )
+from app.engines.factory import Engines
 from app.personas import Persona
 from app.telephony.messages import Dtmf, Mark, Media, Start, Stop, TwilioMessage
 
 log = structlog.get_logger(__name__)
-
-EngineFactory = Callable[[str], Engine]
 
 
 @dataclass(slots=True)
@@ -65,7 +64,7 @@ class CallSession:
         start: Start,
         settings: Settings,
         persona: Persona,
-        make_engine: EngineFactory,
+        engines: Engines,
         send: Callable[[str], Awaitable[None]],
         hang_up_stream: Callable[[], Awaitable[None]],
         observers: Observers | None = None,
@@ -85,7 +84,9 @@ class CallSession:
         self.transcript: list[Turn] = []
         self.observers = observers or Observers()
         self.outcome = "completed"
-        self._make_engine = make_engine
+        self._engines = engines
+        self._switch_lock = asyncio.Lock()
+        self._held_audio: list[str] | None = None
         self._send_lock = asyncio.Lock()
         self._send_raw = send
         self._hang_up_stream = hang_up_stream
@@ -98,7 +99,8 @@ class CallSession:
             observer=self.observers,
         )
         self.engine: Engine | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._pump_task: asyncio.Task[None] | None = None
+        self._playback_task: asyncio.Task[None] | None = None
         self._muted = False
         self._interrupted_items: set[str] = set()
         self._speech_ended_at: float | None = None
@@ -106,11 +108,10 @@ class CallSession:
         self._closed = asyncio.Event()
         self.log = log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
 
-    @property
-    def setup(self) -> AgentSetup:
-        """The persona as the engines need it."""
+    def setup_for(self, mode: str) -> AgentSetup:
+        """The persona as an engine of `mode` needs it."""
         voice = self.info.voice
-        if self.info.mode == "chained":
+        if mode == "chained":
             voice = self.persona.tts_voice or self.settings.tts_voice
         return AgentSetup(
             instructions=self.persona.instructions, voice=voice, greeting=self.persona.greeting
@@ -121,34 +122,88 @@ class CallSession:
             await self._send_raw(frame)
 
     async def start(self) -> bool:
-        """Open the engine and greet. False when no engine could be started."""
-        engine = self._make_engine(self.info.mode)
-        try:
-            await engine.start(self.setup, self.transcript, greet=True)
-        except EngineUnavailable as exc:
-            self.log.error("call.engine_unavailable", engine=engine.name, error=str(exc))
-            await engine.close()
-            self.outcome = "no_engine"
-            return False
-        self.engine = engine
-        self._tasks = [
-            asyncio.create_task(self._pump(engine), name=f"pump-{self.info.call_sid}"),
-            asyncio.create_task(self.playback.run(), name=f"playback-{self.info.call_sid}"),
-        ]
-        self.log.info(
-            "call.started",
-            persona=self.info.persona,
-            mode=self.info.mode,
-            from_number=self.info.from_number,
-            to_number=self.info.to_number,
+        """Open an engine (the call's mode first, then any other) and greet.
+
+        False when no engine could be started: the caller then hears the TwiML apology.
+        """
+        self._playback_task = asyncio.create_task(
+            self.playback.run(), name=f"playback-{self.info.call_sid}"
         )
+        for mode in self._engines.order(self.info.mode):
+            if await self._activate(mode, greet=True, reason="start"):
+                self.log.info(
+                    "call.started",
+                    persona=self.info.persona,
+                    mode=self.info.mode,
+                    from_number=self.info.from_number,
+                    to_number=self.info.to_number,
+                )
+                return True
+        self.outcome = "no_engine"
+        return False
+
+    async def switch_engine(self, mode: str, reason: str) -> bool:
+        """Move the live call to a new engine of `mode`, carrying the conversation.
+
+        Caller audio that arrives while the new engine opens is held and replayed to
+        it, so nothing the caller says during the switch is lost. The old engine is
+        closed once the new one is serving.
+        """
+        async with self._switch_lock:
+            self._held_audio = []
+            try:
+                return await self._activate(mode, greet=False, reason=reason)
+            finally:
+                self._held_audio = None
+
+    async def _activate(self, mode: str, *, greet: bool, reason: str) -> bool:
+        engine = self._engines.create(mode)
+        try:
+            await engine.start(self.setup_for(mode), list(self.transcript), greet=greet)
+        except EngineUnavailable as exc:
+            self.log.error("call.engine_unavailable", engine=mode, error=str(exc))
+            self.observers.provider_error(mode, "unavailable")
+            self._engines.report(mode, ok=False)
+            await engine.close()
+            return False
+        self._engines.report(mode, ok=True)
+        old, old_pump = self.engine, self._pump_task
+        self.engine = engine
+        previous_mode, self.info.mode = self.info.mode, mode
+        self._pump_task = asyncio.create_task(
+            self._pump(engine), name=f"pump-{mode}-{self.info.call_sid}"
+        )
+        for payload in self._held_audio or ():
+            await engine.send_audio(payload)
+        if self._held_audio:
+            self._held_audio.clear()
+        if old is not None:
+            if old_pump is not None and old_pump is not asyncio.current_task():
+                old_pump.cancel()
+            await old.close()
+            self.observers.engine_switched(previous_mode, mode, reason)
+            self.log.info("call.engine_switched", old=previous_mode, new=mode, reason=reason)
         return True
+
+    async def _fail_over(self, lost: Engine) -> None:
+        """The engine died mid-call: carry on with another, or end our side cleanly."""
+        self._engines.report(lost.name, ok=False)
+        for mode in self._engines.alternatives(lost.name):
+            if await self.switch_engine(mode, reason="failover"):
+                assert self.engine is not None
+                await self.engine.respond()
+                return
+        self.log.error("call.no_engine_left", engine=lost.name)
+        self.outcome = "engine_lost"
+        await self._hang_up_stream()
 
     async def handle(self, message: TwilioMessage) -> None:
         """One message from Twilio, after `start`."""
         if isinstance(message, Media):
             self.observers.caller_audio(message.payload, message.timestamp_ms)
-            if self.engine is not None:
+            if self._held_audio is not None:
+                self._held_audio.append(message.payload)
+            elif self.engine is not None:
                 await self.engine.send_audio(message.payload)
         elif isinstance(message, Mark):
             self.playback.on_mark(message.name)
@@ -220,10 +275,9 @@ class CallSession:
                 self.log.warning(
                     "engine.error", engine=engine.name, code=event.code, message=event.message
                 )
-        if not self._closed.is_set():
+        if engine is self.engine and not self._closed.is_set():
             self.log.error("call.engine_lost", engine=engine.name)
-            self.outcome = "engine_lost"
-            await self._hang_up_stream()
+            await self._fail_over(engine)
 
     def _span(self, span: str) -> None:
         """Log a latency span of the current turn, measured from the caller's speech end."""
@@ -250,11 +304,13 @@ class CallSession:
         if self._closed.is_set():
             return
         self._closed.set()
-        for task in self._tasks:
+        tasks = [t for t in (self._pump_task, self._playback_task) if t is not None]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in tasks:
+            if task is not asyncio.current_task():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.engine is not None:
             await self.engine.close()
         self.observers.ended(self.outcome)

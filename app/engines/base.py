@@ -145,6 +145,9 @@ class Engine(Protocol):
         """The local VAD decided the caller finished a turn (engines with their own
         turn detection ignore it)."""
 
+    async def respond(self) -> None:
+        """Reply to the conversation so far (after a failover, the caller's last words)."""
+
     async def send_text(self, text: str) -> None:
         """Add a caller text item (e.g. a DTMF key) and ask for a response."""
 

@@ -200,6 +200,9 @@ class RealtimeEngine:
     async def end_of_turn(self) -> None:
         """The model's server VAD decides turn ends."""
 
+    async def respond(self) -> None:
+        await self._send({"type": "response.create"})
+
     async def send_text(self, text: str) -> None:
         await self._send(
             {

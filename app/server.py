@@ -14,6 +14,8 @@ from app.config import Settings
 from app.engines.factory import Engines
 from app.personas import Persona, load_personas
 from app.telephony import messages, signature, twiml
+from app.vad.batcher import VadBatcher
+from app.vad.silero import get_vad
 
 log = structlog.get_logger(__name__)
 
@@ -21,6 +23,7 @@ SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 PERSONAS: web.AppKey[dict[str, Persona]] = web.AppKey("personas", dict)
 CALLS: web.AppKey[dict[str, CallSession]] = web.AppKey("calls", dict)
 ENGINES: web.AppKey[Engines] = web.AppKey("engines", Engines)
+VAD: web.AppKey[VadBatcher] = web.AppKey("vad", VadBatcher)
 # Each factory makes one observer per call (recorder, metrics): see app.call.observer.
 OBSERVERS: web.AppKey[list[Callable[[CallInfo], CallObserver]]] = web.AppKey("observers", list)
 
@@ -130,6 +133,7 @@ def _new_session(
         settings,
         personas[name],
         request.app[ENGINES],
+        request.app[VAD],
         ws.send_str,
         hang_up_stream,
     )
@@ -153,10 +157,13 @@ async def ready(request: web.Request) -> web.Response:
     )
 
 
-async def _close_calls(app: web.Application) -> AsyncIterator[None]:
+async def _lifetime(app: web.Application) -> AsyncIterator[None]:
+    """The VAD batcher lives as long as the app; calls still open at exit are closed."""
+    app[VAD] = VadBatcher(get_vad(app[SETTINGS].vad_model_path))
     yield
     sessions = list(app[CALLS].values())
     await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+    await app[VAD].close()
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -171,5 +178,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/media-stream", media_stream)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
-    app.cleanup_ctx.append(_close_calls)
+    app.cleanup_ctx.append(_lifetime)
     return app

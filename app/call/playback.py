@@ -14,6 +14,7 @@ finer marks mean a truer truncation point and a smaller buffer at Twilio.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import time
@@ -87,6 +88,7 @@ class Playback:
         self._play_end = 0.0
         self._marks = itertools.count(1)
         self._wake = asyncio.Event()
+        self._paused = False
         self.sent_ms = 0.0
 
     @property
@@ -111,7 +113,7 @@ class Playback:
     async def run(self) -> None:
         """Release queued audio to Twilio, never more than `lead_ms` ahead of playback."""
         while True:
-            if not self._queue:
+            if not self._queue or self._paused:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -176,6 +178,37 @@ class Playback:
         heard = min(heard, self._item_ms.get(item_id, 0.0))
         return Heard(item_id, int(heard))
 
+    async def pause(self) -> None:
+        """Silence the agent at once but keep what it had left to say.
+
+        Twilio's buffer is cleared; the chunks it had not yet played go back to the
+        front of our queue, the partly played one cut where the caller stopped
+        hearing it, so `resume` picks up mid-word rather than repeating or skipping.
+        """
+        if self._paused or not self.playing:
+            return
+        self._paused = True
+        heard = self.heard()
+        unplayed = list(self._in_flight)
+        self._in_flight.clear()
+        if unplayed and heard is not None and unplayed[0].item_id == heard.item_id:
+            first = unplayed[0]
+            self._acked_ms[first.item_id] = heard.audio_end_ms
+            played = round((heard.audio_end_ms - (first.end_ms - first.ms)) * 8)
+            if played > 0:
+                rest = base64.b64decode(first.payload)[played:]
+                first.payload = base64.b64encode(rest).decode()
+                first.ms = len(rest) / 8.0
+            if first.ms <= 0:
+                unplayed.pop(0)
+        self._queue.extendleft(reversed(unplayed))
+        await self._clear()
+
+    def resume(self) -> None:
+        """Carry on speaking after a pause."""
+        self._paused = False
+        self._wake.set()
+
     async def interrupt(self) -> Heard | None:
         """Stop the agent: drop our queue, tell Twilio to clear its buffer.
 
@@ -184,7 +217,11 @@ class Playback:
         heard = self.heard()
         self._queue.clear()
         self._in_flight.clear()
+        self._paused = False
+        await self._clear()
+        return heard
+
+    async def _clear(self) -> None:
         self._play_end = self._clock()
         self._observer.agent_cleared(self._play_end)
         await self._send(messages.clear(self._stream_sid))
-        return heard

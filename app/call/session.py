@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from app.call.bargein import BargeIn
 from app.call.observer import Observers
 from app.call.playback import Playback
 from app.config import Settings
@@ -36,6 +37,7 @@ from app.engines.base import (
 from app.engines.factory import Engines
 from app.personas import Persona
 from app.telephony.messages import Dtmf, Mark, Media, Start, Stop, TwilioMessage
+from app.vad.batcher import VadBatcher
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +67,7 @@ class CallSession:
         settings: Settings,
         persona: Persona,
         engines: Engines,
+        vad: VadBatcher,
         send: Callable[[str], Awaitable[None]],
         hang_up_stream: Callable[[], Awaitable[None]],
         observers: Observers | None = None,
@@ -98,9 +101,12 @@ class CallSession:
             on_heard=lambda _: self._span("first_audio_heard"),
             observer=self.observers,
         )
+        self.bargein = BargeIn(settings, vad, self)
+        self.observers.add(self.bargein)
         self.engine: Engine | None = None
         self._pump_task: asyncio.Task[None] | None = None
         self._playback_task: asyncio.Task[None] | None = None
+        self._bargein_task: asyncio.Task[None] | None = None
         self._muted = False
         self._interrupted_items: set[str] = set()
         self._speech_ended_at: float | None = None
@@ -128,6 +134,9 @@ class CallSession:
         """
         self._playback_task = asyncio.create_task(
             self.playback.run(), name=f"playback-{self.info.call_sid}"
+        )
+        self._bargein_task = asyncio.create_task(
+            self.bargein.run(), name=f"bargein-{self.info.call_sid}"
         )
         for mode in self._engines.order(self.info.mode):
             if await self._activate(mode, greet=True, reason="start"):
@@ -201,10 +210,8 @@ class CallSession:
         """One message from Twilio, after `start`."""
         if isinstance(message, Media):
             self.observers.caller_audio(message.payload, message.timestamp_ms)
-            if self._held_audio is not None:
-                self._held_audio.append(message.payload)
-            elif self.engine is not None:
-                await self.engine.send_audio(message.payload)
+            await self._forward(message.payload)
+            self.bargein.push(message.payload)
         elif isinstance(message, Mark):
             self.playback.on_mark(message.name)
         elif isinstance(message, Dtmf):
@@ -213,6 +220,42 @@ class CallSession:
             self.log.info("call.stop_received")
         elif isinstance(message, Start):
             self.log.warning("twilio.duplicate_start")
+
+    async def _forward(self, payload: str) -> None:
+        """Caller audio to the engine, unless a switch or a barge-in decision holds it."""
+        if self._held_audio is not None:
+            self._held_audio.append(payload)
+        elif self.bargein.holding:
+            self.bargein.hold(payload)
+        elif self.engine is not None:
+            await self.engine.send_audio(payload)
+
+    # -- the Floor that BargeIn steers ---------------------------------------------
+
+    @property
+    def agent_playing(self) -> bool:
+        """Agent audio is queued or playing at Twilio."""
+        return self.playback.playing
+
+    async def pause_agent(self) -> None:
+        await self.playback.pause()
+
+    def resume_agent(self) -> None:
+        self.playback.resume()
+
+    async def release_held(self, payloads: list[str]) -> None:
+        for payload in payloads:
+            await self._forward(payload)
+
+    async def end_of_turn(self) -> None:
+        """Our VAD heard the caller finish a turn (the chained engine acts on it)."""
+        if self.engine is not None and self.engine.name == "chained":
+            self._turn_ended()
+            await self.engine.end_of_turn()
+
+    def _turn_ended(self) -> None:
+        self._speech_ended_at = time.monotonic()
+        self._turn_spans.clear()
 
     async def _on_dtmf(self, digit: str) -> None:
         self.log.info("call.dtmf", digit=digit)
@@ -228,6 +271,7 @@ class CallSession:
         interruption, e.g. the model's VAD after ours, does nothing).
         """
         if not self.playback.playing or self.engine is None:
+            await self.bargein.settle()
             return False
         heard = await self.playback.interrupt()
         self._muted = True
@@ -237,6 +281,7 @@ class CallSession:
         if heard is not None:
             self._interrupted_items.add(heard.item_id)
         self.info.barge_ins += 1
+        await self.bargein.settle()
         self.observers.barge_in(
             reason, heard.item_id if heard else None, heard.audio_end_ms if heard else None
         )
@@ -259,10 +304,13 @@ class CallSession:
             elif isinstance(event, ResponseStarted):
                 self._muted = False
             elif isinstance(event, SpeechStarted):
-                await self.interrupt("model_vad")
+                # Our VAD decides unless it heard speech too: the model's VAD may be
+                # hearing our own voice come back from a speakerphone.
+                bargein = self.bargein
+                if not (bargein.holding or bargein.deciding) and bargein.recent_speech(0.5):
+                    await self.interrupt("model_vad")
             elif isinstance(event, SpeechStopped):
-                self._speech_ended_at = time.monotonic()
-                self._turn_spans.clear()
+                self._turn_ended()
             elif isinstance(event, Transcript):
                 self._record(event)
             elif isinstance(event, ResponseDone):
@@ -304,7 +352,9 @@ class CallSession:
         if self._closed.is_set():
             return
         self._closed.set()
-        tasks = [t for t in (self._pump_task, self._playback_task) if t is not None]
+        tasks = [
+            t for t in (self._pump_task, self._playback_task, self._bargein_task) if t is not None
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:

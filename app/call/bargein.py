@@ -1,0 +1,232 @@
+"""BargeIn: decides from the caller's audio when the caller takes the floor.
+
+Each 20 ms caller frame is decoded and scored by the process-wide Silero batcher in a
+task of its own, so the relay never waits for the VAD. The policy, per 32 ms window:
+
+- Echo gate: while the agent speaks, a window counts as speech only if the caller is
+  no quieter than the agent's recent level plus `vad_echo_gate_db`. A speakerphone
+  returns our own voice tens of dB down; a caller talking over us is about as loud.
+- Onset: `vad_min_speech_ms` of ungated speech while the agent plays. From the first
+  speech window the caller's audio is held back from the model, so the model's own
+  VAD cannot act on a half-heard "mhm".
+- Backchannel window: at onset the agent is paused at once (Twilio `clear`, its
+  unplayed audio kept). If the caller stops within `backchannel_ms`, it was an "mhm":
+  the agent resumes where it stopped and the held audio is dropped. If the caller
+  goes on, the interruption is committed (cancel, truncate) and the held audio goes to
+  the model, so nothing the caller said is lost. With `backchannel_ms = 0` onset
+  interrupts at once.
+- Turn end (for engines without their own turn detection): `turn_silence_ms` of
+  silence after at least `turn_min_speech_ms` of speech.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import structlog
+
+from app.audio.g711 import ulaw_decode
+from app.call.observer import CallObserver
+from app.config import Settings
+from app.vad.batcher import VadBatcher
+from app.vad.silero import VadStream
+
+log = structlog.get_logger(__name__)
+
+WINDOW_MS = 32.0
+_ECHO_MEMORY_S = 0.3  # how long agent audio can take to come back as echo
+_SETTLE_MS = 160.0  # silence that ends a short utterance inside the backchannel window
+
+
+class Floor(Protocol):
+    """What BargeIn may do to its call."""
+
+    @property
+    def agent_playing(self) -> bool: ...
+
+    async def pause_agent(self) -> None: ...
+
+    def resume_agent(self) -> None: ...
+
+    async def interrupt(self, reason: str) -> bool: ...
+
+    async def end_of_turn(self) -> None: ...
+
+    async def release_held(self, payloads: list[str]) -> None: ...
+
+
+def frame_dbfs(pcm: np.ndarray) -> float:
+    """RMS level of int16 samples in dB relative to full scale."""
+    if pcm.size == 0:
+        return -120.0
+    power = float(np.mean(np.square(pcm, dtype=np.float64))) / (32768.0 * 32768.0)
+    return 10.0 * math.log10(power) if power > 1e-12 else -120.0
+
+
+class BargeIn(CallObserver):
+    """One call's barge-in and turn-end policy; an observer to learn the agent's level."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        batcher: VadBatcher,
+        floor: Floor,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._batcher = batcher
+        self._floor = floor
+        self._clock = clock
+        self._stream = VadStream()
+        self._frames: asyncio.Queue[str] = asyncio.Queue()
+        self._agent_levels: deque[tuple[float, float, float]] = deque()  # start, end, dBFS
+        self._levels: deque[float] = deque(maxlen=2)  # caller frames of the current window
+        self._held: list[str] | None = None
+        self._paused_at: float | None = None
+        self._speech_run = 0.0
+        self._silence_run = 0.0
+        self._utterance_ms = 0.0
+        self._in_utterance = False
+        self._last_speech_at = -math.inf
+        self.onsets = 0
+        self.backchannels = 0
+
+    # -- fed by the call -------------------------------------------------------------
+
+    @property
+    def holding(self) -> bool:
+        """Caller audio is being held back from the model while we decide."""
+        return self._held is not None
+
+    def hold(self, payload: str) -> None:
+        """Keep a caller frame until the decision."""
+        if self._held is not None:
+            self._held.append(payload)
+
+    def push(self, payload: str) -> None:
+        """Queue a caller frame for scoring; never blocks the relay."""
+        self._frames.put_nowait(payload)
+
+    def recent_speech(self, within_s: float = 0.3) -> bool:
+        """Our VAD heard ungated caller speech lately (to corroborate the model's VAD)."""
+        return self._clock() - self._last_speech_at <= within_s
+
+    @property
+    def deciding(self) -> bool:
+        """Inside the backchannel window: the agent is paused, the outcome open."""
+        return self._paused_at is not None
+
+    def agent_audio(self, payload: str, starts_at: float) -> None:
+        """Remember how loud the agent is, to tell its echo from the caller."""
+        pcm = ulaw_decode(base64.b64decode(payload))
+        frames = pcm[: pcm.size // 160 * 160].reshape(-1, 160) if pcm.size >= 160 else [pcm]
+        level = max(frame_dbfs(f) for f in frames)
+        self._agent_levels.append((starts_at, starts_at + pcm.size / 8000.0, level))
+
+    def agent_cleared(self, at: float) -> None:
+        while self._agent_levels and self._agent_levels[-1][0] >= at:
+            self._agent_levels.pop()
+
+    async def run(self) -> None:
+        """Score caller frames as they come, and act on the decisions."""
+        while True:
+            payload = await self._frames.get()
+            pcm = ulaw_decode(base64.b64decode(payload))
+            self._levels.append(frame_dbfs(pcm))
+            for prob in await self._batcher.feed(self._stream, pcm):
+                await self._window(prob, max(self._levels))
+
+    # -- policy ----------------------------------------------------------------------
+
+    def _agent_level(self, now: float) -> float | None:
+        """The loudest agent audio that may be echoing back now."""
+        levels = self._agent_levels
+        while levels and levels[0][1] < now - _ECHO_MEMORY_S:
+            levels.popleft()
+        heard = [db for start, _, db in levels if start <= now]
+        return max(heard) if heard else None
+
+    def _is_speech(self, prob: float, level: float, now: float) -> bool:
+        if prob < self._settings.vad_start_threshold:
+            return False
+        agent = self._agent_level(now) if self._floor.agent_playing else None
+        return agent is None or level >= agent + self._settings.vad_echo_gate_db
+
+    async def _window(self, prob: float, level: float) -> None:
+        settings = self._settings
+        now = self._clock()
+        playing = self._floor.agent_playing
+        if self._is_speech(prob, level, now):
+            self._last_speech_at = now
+            self._speech_run += WINDOW_MS
+            self._utterance_ms += WINDOW_MS if self._in_utterance else 0.0
+            self._silence_run = 0.0
+            if playing and self._held is None and not self._in_utterance:
+                self._held = []
+        else:
+            self._silence_run += WINDOW_MS
+            if self._silence_run >= 2 * WINDOW_MS:
+                self._speech_run = 0.0
+                if not self._in_utterance and self._paused_at is None:
+                    await self._release()
+
+        if not self._in_utterance and self._speech_run >= settings.vad_min_speech_ms:
+            self._in_utterance = True
+            self._utterance_ms = self._speech_run
+            if playing:
+                await self._onset(now)
+            else:
+                await self._release()
+        elif self._paused_at is not None:
+            if (now - self._paused_at) * 1000.0 >= settings.backchannel_ms and self._speech_run:
+                await self._commit("vad")
+            elif self._silence_run >= _SETTLE_MS:
+                await self._backchannel()
+
+        if self._in_utterance and self._silence_run >= settings.turn_silence_ms:
+            self._in_utterance = False
+            if self._utterance_ms >= settings.turn_min_speech_ms:
+                await self._floor.end_of_turn()
+            self._utterance_ms = 0.0
+
+    async def _onset(self, now: float) -> None:
+        self.onsets += 1
+        if self._settings.backchannel_ms > 0:
+            self._paused_at = now
+            await self._floor.pause_agent()
+            log.info("bargein.paused")
+        else:
+            await self._commit("vad")
+
+    async def _commit(self, reason: str) -> None:
+        self._paused_at = None
+        await self._floor.interrupt(reason)
+
+    async def _backchannel(self) -> None:
+        self.backchannels += 1
+        self._paused_at = None
+        dropped = len(self._held or ())
+        self._held = None
+        self._in_utterance = False
+        self._utterance_ms = 0.0
+        self._floor.resume_agent()
+        log.info("bargein.backchannel", dropped_ms=dropped * 20)
+
+    async def _release(self) -> None:
+        """Send held caller audio to the model, in order."""
+        held, self._held = self._held, None
+        if held:
+            await self._floor.release_held(held)
+
+    async def settle(self) -> None:
+        """An interruption was committed (by us, DTMF or the model): stop deciding and
+        hand the held caller audio to the model."""
+        self._paused_at = None
+        await self._release()

@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     twilio_account_sid: str | None = None
     twilio_auth_token: SecretStr | None = None
     twilio_api_base: str = "https://api.twilio.com"
+    twilio_from_number: str | None = None
 
     agent_mode: Literal["realtime", "chained"] = "realtime"
     realtime_url: str = "wss://api.openai.com/v1/realtime"
@@ -89,14 +90,19 @@ class ConfigError(Exception):
     """The configuration cannot run the service; the message is one line for the operator."""
 
 
-def load_settings() -> Settings:
-    """Read and check the settings; a bad value or a missing key is one clear line."""
+def load_settings(*, serving: bool = True) -> Settings:
+    """Read and check the settings; a bad value or a missing key is one clear line.
+
+    `serving=False` skips the model-key checks, for commands that answer no call (dial).
+    """
     try:
         settings = Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
         name = ".".join(str(p) for p in first["loc"]).upper() or "settings"
         raise ConfigError(f"{name}: {first['msg']}") from None
+    if not serving:
+        return settings
     if settings.realtime_api_key is None and settings.together_api_key is None:
         raise ConfigError(
             "REALTIME_API_KEY (or OPENAI_API_KEY) is not set, and no TOGETHER_API_KEY "

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 
 import structlog
 from aiohttp import WSMsgType, web
 
+from app.archive.recorder import CallRecorder
 from app.call.observer import CallObserver
 from app.call.session import CallInfo, CallSession
 from app.config import Settings
+from app.drain import DRAIN, Drain
 from app.engines.factory import Engines
+from app.metrics import METRICS, Metrics, metrics_endpoint
 from app.personas import Persona, load_personas
 from app.telephony import messages, signature, twiml
 from app.vad.batcher import VadBatcher
@@ -43,6 +47,10 @@ def _authorized(request: web.Request, url: str, params: dict[str, str]) -> bool:
 
 async def twiml_webhook(request: web.Request) -> web.Response:
     """Answer Twilio's call webhook with a `<Connect><Stream>` to our socket."""
+    if request.app[DRAIN].active:
+        # Twilio moves to the number's fallback URL; the load balancer to another instance.
+        log.info("twiml.refused_draining")
+        raise web.HTTPServiceUnavailable(text="draining")
     settings = request.app[SETTINGS]
     form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
     origin = signature.public_origin(request, settings.public_url)
@@ -85,6 +93,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     calls = request.app[CALLS]
     try:
         async for msg in ws:
+            received_at = time.monotonic()
             if msg.type != WSMsgType.TEXT:
                 if msg.type == WSMsgType.BINARY:
                     log.warning("twilio.binary_frame_dropped", size=len(msg.data))
@@ -97,11 +106,14 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
                 continue
             if session is not None:
                 await session.handle(message)
+                if isinstance(message, messages.Media):
+                    session.observers.relay_lag(time.monotonic() - received_at)
             elif isinstance(message, messages.Start):
-                session = _new_session(request, message, ws)
+                # Every log line of this call, in this task and those it starts, carries these.
                 structlog.contextvars.bind_contextvars(
                     call_sid=message.call_sid, stream_sid=message.stream_sid
                 )
+                session = _new_session(request, message, ws)
                 calls[message.call_sid] = session
                 if not await session.start():
                     break
@@ -148,11 +160,17 @@ async def health(_: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Readiness: we can take calls."""
+    """Readiness: we can take calls (an engine is available and we are not draining)."""
     engines = request.app[ENGINES].available()
-    status = 200 if any(engines.values()) else 503
+    draining = request.app[DRAIN].active
+    status = 200 if any(engines.values()) and not draining else 503
     return web.json_response(
-        {"ready": status == 200, "engines": engines, "calls": len(request.app[CALLS])},
+        {
+            "ready": status == 200,
+            "draining": draining,
+            "engines": engines,
+            "calls": len(request.app[CALLS]),
+        },
         status=status,
     )
 
@@ -173,10 +191,18 @@ def create_app(settings: Settings) -> web.Application:
     app[PERSONAS] = load_personas(settings.prompts_dir)
     app[CALLS] = {}
     app[ENGINES] = Engines(settings)
-    app[OBSERVERS] = []
+    app[DRAIN] = Drain(app[CALLS])
+    metrics = Metrics(lambda: len(app[CALLS]), lambda: app[DRAIN].active)
+    app[METRICS] = metrics
+    observers: list[Callable[[CallInfo], CallObserver]] = [
+        lambda info: CallRecorder(info, settings.archive_dir),
+        metrics.observer,
+    ]
+    app[OBSERVERS] = observers
     app.router.add_post("/twiml", twiml_webhook)
     app.router.add_get("/media-stream", media_stream)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.cleanup_ctx.append(_lifetime)
     return app

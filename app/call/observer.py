@@ -25,6 +25,9 @@ class CallObserver:
     def caller_audio(self, payload: str, timestamp_ms: int) -> None:
         """20 ms of caller audio, base64 mu-law as Twilio sent it."""
 
+    def relay_lag(self, seconds: float) -> None:
+        """A caller frame went to the engine `seconds` after it reached the call."""
+
     def agent_audio(self, payload: str, starts_at: float) -> None:
         """Agent audio handed to Twilio, expected to start playing at `starts_at`."""
 
@@ -71,6 +74,9 @@ class Observers(CallObserver):
 
     def caller_audio(self, payload: str, timestamp_ms: int) -> None:
         self._each("caller_audio", payload, timestamp_ms)
+
+    def relay_lag(self, seconds: float) -> None:
+        self._each("relay_lag", seconds)
 
     def agent_audio(self, payload: str, starts_at: float) -> None:
         self._each("agent_audio", payload, starts_at)

@@ -1,0 +1,98 @@
+"""Graceful drain: on SIGTERM or SIGINT stop taking calls, let live ones finish, then exit.
+
+While draining, `/ready` answers 503 (the load balancer stops routing here) and new
+`POST /twiml` webhooks answer 503 (Twilio goes to the fallback URL), but the media
+stream socket still opens: a call whose webhook was answered just before the signal
+must not be dropped. Live calls run until they end or DRAIN_TIMEOUT passes; a second
+signal ends the wait at once. `/health` stays 200 throughout: the process is alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Sized
+
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger(__name__)
+
+POLL_S = 0.1
+# After the drain, calls still open (only when DRAIN_TIMEOUT passed) get this long to
+# close their sockets before aiohttp cancels their handlers.
+SHUTDOWN_GRACE_S = 2.0
+
+
+class Drain:
+    """The drain state of one app, and the calls it waits for."""
+
+    def __init__(self, calls: Sized) -> None:
+        self._calls = calls
+        self.started_at: float | None = None
+        self._stop_waiting = asyncio.Event()
+
+    @property
+    def active(self) -> bool:
+        return self.started_at is not None
+
+    @property
+    def live_calls(self) -> int:
+        return len(self._calls)
+
+    def begin(self) -> None:
+        """Refuse new calls from now on; a second call stops waiting for live ones."""
+        if self.active:
+            log.warning("drain.forced", live_calls=self.live_calls)
+            self._stop_waiting.set()
+            return
+        self.started_at = time.monotonic()
+        log.info("drain.started", live_calls=self.live_calls)
+
+    async def calls_ended(self) -> bool:
+        """Wait until no call is live (True) or the drain is forced (False)."""
+        while self.live_calls:
+            if self._stop_waiting.is_set():
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_waiting.wait(), POLL_S)
+        return True
+
+
+DRAIN: web.AppKey[Drain] = web.AppKey("drain", Drain)
+
+
+async def serve(app: web.Application, host: str, port: int, drain_timeout: float) -> None:
+    """Serve `app` until SIGTERM or SIGINT, then drain and shut down."""
+    drain = app[DRAIN]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: signal.Signals) -> None:
+        log.info("signal", signal=signum.name)
+        drain.begin()
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        log.info("serving", host=host, port=port)
+        await stop.wait()
+        started = time.monotonic()
+        ended = False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(drain_timeout):
+                ended = await drain.calls_ended()
+        if ended:
+            log.info("drain.done", seconds=round(time.monotonic() - started, 1))
+        else:
+            log.warning("drain.incomplete", live_calls=drain.live_calls, timeout_s=drain_timeout)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()

@@ -1,0 +1,121 @@
+"""Prometheus metrics: one registry per app, fed by each call's observer hooks.
+
+A registry per application (not the process-wide default) lets tests and tools run
+several apps in one process without "duplicated timeseries" errors. Labels are bounded
+sets (outcomes, reasons, engine names, provider error codes, span names): no call ids
+and no phone numbers, so cardinality stays flat however many calls pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+from app.call.observer import CallObserver
+from app.call.session import CallInfo
+
+# Caller speech end to first agent audio: conversational latency lives in 0.2-3 s.
+TURN_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+# Our own relay work per frame: the target is under 2 ms at p99.
+RELAY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class Metrics:
+    """The service's metrics and their registry."""
+
+    def __init__(self, live_calls: Callable[[], int], draining: Callable[[], bool]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Gauge("phone_agent_calls_live", "Calls in progress.", registry=r).set_function(live_calls)
+        Gauge(
+            "phone_agent_draining", "1 while the process drains before exit.", registry=r
+        ).set_function(lambda: float(draining()))
+        self.calls = Counter(
+            "phone_agent_calls", "Calls ended, by outcome.", ["outcome"], registry=r
+        )
+        self.barge_ins = Counter(
+            "phone_agent_barge_ins", "Caller interruptions, by trigger.", ["reason"], registry=r
+        )
+        self.engine_switches = Counter(
+            "phone_agent_engine_switches",
+            "A live call moved to another engine (failover or operator toggle).",
+            ["old", "new", "reason"],
+            registry=r,
+        )
+        self.provider_errors = Counter(
+            "phone_agent_provider_errors",
+            "Errors reported by model providers.",
+            ["engine", "code"],
+            registry=r,
+        )
+        self.steers = Counter(
+            "phone_agent_steers",
+            "Operator steering, by kind and state.",
+            ["kind", "state"],
+            registry=r,
+        )
+        self.turn_latency = Histogram(
+            "phone_agent_turn_latency_seconds",
+            "Per-turn latency from the caller's end of speech, by span.",
+            ["span"],
+            buckets=TURN_BUCKETS,
+            registry=r,
+        )
+        self.relay_lag = Histogram(
+            "phone_agent_relay_lag_seconds",
+            "From a Twilio media frame reaching the call to its forward to the engine.",
+            buckets=RELAY_BUCKETS,
+            registry=r,
+        )
+
+    def observer(self, info: CallInfo) -> CallMetrics:
+        """The per-call observer; a factory for the server's OBSERVERS list."""
+        return CallMetrics(self)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class CallMetrics(CallObserver):
+    """One call's contribution to the metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+        self._relay_lag = metrics.relay_lag  # the hot path: one attribute lookup less
+        self._ended = False
+
+    def relay_lag(self, seconds: float) -> None:
+        self._relay_lag.observe(seconds)
+
+    def latency(self, span: str, ms: float) -> None:
+        self._m.turn_latency.labels(span).observe(ms / 1000.0)
+
+    def barge_in(self, reason: str, item_id: str | None, audio_end_ms: int | None) -> None:
+        self._m.barge_ins.labels(reason).inc()
+
+    def engine_switched(self, old: str, new: str, reason: str) -> None:
+        self._m.engine_switches.labels(old, new, reason).inc()
+
+    def provider_error(self, engine: str, code: str) -> None:
+        self._m.provider_errors.labels(engine, code).inc()
+
+    def steered(self, kind: str, detail: str, state: str) -> None:
+        self._m.steers.labels(kind, state).inc()
+
+    def ended(self, outcome: str) -> None:
+        if not self._ended:
+            self._ended = True
+            self._m.calls.labels(outcome).inc()
+
+
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """`GET /metrics`: the Prometheus text exposition."""
+    return web.Response(
+        body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )

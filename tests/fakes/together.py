@@ -1,0 +1,368 @@
+"""Fake Together services on 127.0.0.1, in one aiohttp app, for the chained engine's tests.
+
+- STT socket `/v1/realtime`: `session.created` first, records the PCM16 it is appended,
+  answers each `input_audio_buffer.commit` after `stt_finalize_delay_s` with a delta and a
+  `completed` carrying the next scripted transcript (`.failed` for `stt_fail_next` commits).
+- Chat `/v1/chat/completions`: OpenAI-style SSE, one word per chunk, after
+  `llm_first_token_delay_s`; a scripted reply may end in a tool call. Failure injection:
+  statuses queued in `chat_failures` (500, 429, ...) answer the next requests.
+- TTS socket `/v1/audio/speech/websocket`: one item per commit, spoken in order; the audio
+  is a real 24 kHz PCM16 tone, `tts_ms_per_char` long per character, in 100 ms deltas
+  every `tts_chunk_interval_s`, the first led by a WAV header when `tts_wav_header`.
+  `clear` drops committed items not yet started (the docs say only text already being
+  spoken survives it); `tts_fail_next` commits answer `conversation.item.tts.failed`.
+
+Everything received is recorded (headers, queries, audio, texts with their voice, chat
+bodies) and the open sockets are counted, so tests can check what was sent and that
+nothing is left open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import math
+import time
+import wave
+from collections import deque
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+TTS_RATE = 24_000
+TTS_CHUNK_SAMPLES = TTS_RATE // 10  # 100 ms per delta
+DEFAULT_TRANSCRIPT = "Hello there."
+DEFAULT_REPLY = "Sure, I can help with that. What day works best for you?"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolReply:
+    """A scripted chat reply that says `text` (maybe empty), then calls a tool."""
+
+    text: str
+    name: str
+    arguments: dict[str, Any]
+    call_id: str = "call_1"
+
+
+@dataclass(slots=True)
+class SttConnection:
+    headers: dict[str, str]
+    query: dict[str, str]
+    audio: bytearray = field(default_factory=bytearray)  # all PCM16 appended
+    commits: list[int] = field(default_factory=list)  # bytes in the buffer at each commit
+    ws: web.WebSocketResponse | None = None
+
+
+@dataclass(slots=True)
+class TtsConnection:
+    headers: dict[str, str]
+    query: dict[str, str]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    ws: web.WebSocketResponse | None = None
+
+
+@dataclass(slots=True)
+class TtsItem:
+    """A committed text, the voice it was spoken with, and the audio sent for it."""
+
+    text: str
+    voice: str
+    samples_sent: int = 0
+    done: bool = False
+
+
+def tone(samples: int, start: int = 0, rate: int = TTS_RATE) -> np.ndarray[Any, Any]:
+    """A 440 Hz tone at -12 dBFS, continuing from sample `start`."""
+    t = (np.arange(samples) + start) / rate
+    return np.round(8000 * np.sin(2 * math.pi * 440 * t)).astype(np.int16)
+
+
+def wav_header(rate: int = TTS_RATE) -> bytes:
+    """A streamed WAV header (placeholder sizes, as TTS servers send it)."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+    return buf.getvalue()
+
+
+class FakeTogether:
+    """The three Together services on one port; `base_url` is TOGETHER_BASE_URL."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str = "test-key",
+        stt_finalize_delay_s: float = 0.05,
+        llm_first_token_delay_s: float = 0.0,
+        llm_token_delay_s: float = 0.01,
+        tts_first_audio_delay_s: float = 0.02,
+        tts_ms_per_char: float = 60.0,
+        tts_chunk_interval_s: float = 0.005,
+        tts_wav_header: bool = True,
+    ) -> None:
+        self.api_key = api_key
+        self.stt_finalize_delay_s = stt_finalize_delay_s
+        self.llm_first_token_delay_s = llm_first_token_delay_s
+        self.llm_token_delay_s = llm_token_delay_s
+        self.tts_first_audio_delay_s = tts_first_audio_delay_s
+        self.tts_ms_per_char = tts_ms_per_char
+        self.tts_chunk_interval_s = tts_chunk_interval_s
+        self.tts_wav_header = tts_wav_header
+        self.transcripts: deque[str] = deque()  # next commits' transcripts
+        self.replies: deque[str | ToolReply] = deque()  # next chat replies
+        self.chat_failures: deque[int] = deque()  # statuses for the next chat requests
+        self.tts_fail_next = 0
+        self.stt_fail_next = 0
+        self.stt: list[SttConnection] = []
+        self.tts: list[TtsConnection] = []
+        self.tts_items: list[TtsItem] = []
+        self.chat_requests: list[dict[str, Any]] = []
+        self.chat_headers: list[dict[str, str]] = []
+        self.chat_finished_at: list[float] = []  # monotonic time each chat stream ended
+        self.open_sockets = 0
+        self._runner: web.AppRunner | None = None
+        self._port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._port}/v1"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/v1/realtime", self._stt_socket)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/audio/speech/websocket", self._tts_socket)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self._port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeTogether:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def drop_stt(self) -> None:
+        """Close the live STT sockets abruptly, as a network failure would."""
+        for conn in self.stt:
+            if conn.ws is not None and not conn.ws.closed:
+                await conn.ws.close(code=1011, message=b"dropped by the fake")
+
+    async def wait_until(self, condition: Any, within_s: float = 5.0, what: str = "it") -> None:
+        deadline = time.monotonic() + within_s
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.01)
+
+    def _authorized(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {self.api_key}"
+
+    # STT
+
+    async def _stt_socket(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return web.json_response({"error": {"code": "invalid_api_key"}}, status=401)
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        conn = SttConnection(dict(request.headers), dict(request.query), ws=ws)
+        self.stt.append(conn)
+        self.open_sockets += 1
+        buffered = bytearray()
+        finals: asyncio.Queue[int] = asyncio.Queue()
+        worker = asyncio.create_task(self._stt_finalize(ws, finals))
+        try:
+            await ws.send_json({"type": "session.created", "session": {"id": "stt_1"}})
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                event = json.loads(msg.data)
+                if event["type"] == "input_audio_buffer.append":
+                    chunk = base64.b64decode(event["audio"])
+                    conn.audio += chunk
+                    buffered += chunk
+                elif event["type"] == "input_audio_buffer.commit":
+                    conn.commits.append(len(buffered))
+                    buffered.clear()
+                    finals.put_nowait(len(conn.commits))
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+            conn.ws = None
+            self.open_sockets -= 1
+        return ws
+
+    async def _stt_finalize(self, ws: web.WebSocketResponse, finals: asyncio.Queue[int]) -> None:
+        while True:
+            await finals.get()
+            await asyncio.sleep(self.stt_finalize_delay_s)
+            text = self.transcripts.popleft() if self.transcripts else DEFAULT_TRANSCRIPT
+            if self.stt_fail_next:
+                self.stt_fail_next -= 1
+                error = {"message": "fake transcription failure", "code": "stt_error"}
+                failed = {"type": "conversation.item.input_audio_transcription.failed"}
+                await ws.send_json({**failed, "error": error})
+                continue
+            with contextlib.suppress(ConnectionError):
+                await ws.send_json(
+                    {
+                        "type": "conversation.item.input_audio_transcription.delta",
+                        "delta": text.split(" ")[0],
+                    }
+                )
+                await ws.send_json(
+                    {
+                        "type": "conversation.item.input_audio_transcription.completed",
+                        "transcript": text,
+                    }
+                )
+
+    # Chat
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.chat_requests.append(body)
+        self.chat_headers.append(dict(request.headers))
+        if not self._authorized(request):
+            return web.json_response({"error": {"code": "invalid_api_key"}}, status=401)
+        if self.chat_failures:
+            status = self.chat_failures.popleft()
+            error = {"message": f"fake failure {status}", "type": "server_error", "code": None}
+            return web.json_response({"error": error}, status=status)
+        reply = self.replies.popleft() if self.replies else DEFAULT_REPLY
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await asyncio.sleep(self.llm_first_token_delay_s)
+        text = reply.text if isinstance(reply, ToolReply) else reply
+        words = text.split(" ") if text else []
+        for index, word in enumerate(words):
+            piece = word if index == 0 else " " + word
+            await self._sse(resp, {"content": piece}, None)
+            await asyncio.sleep(self.llm_token_delay_s)
+        if isinstance(reply, ToolReply):
+            arguments = json.dumps(reply.arguments)
+            half = len(arguments) // 2
+            first = {"index": 0, "id": reply.call_id, "type": "function"}
+            first["function"] = {"name": reply.name, "arguments": arguments[:half]}
+            await self._sse(resp, {"tool_calls": [first]}, None)
+            rest = {"index": 0, "function": {"arguments": arguments[half:]}}
+            await self._sse(resp, {"tool_calls": [rest]}, "tool_calls")
+        else:
+            await self._sse(resp, {}, "stop")
+        await resp.write(b"data: [DONE]\n\n")
+        self.chat_finished_at.append(time.monotonic())
+        await resp.write_eof()
+        return resp
+
+    @staticmethod
+    async def _sse(resp: web.StreamResponse, delta: dict[str, Any], finish: str | None) -> None:
+        chunk = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+    # TTS
+
+    async def _tts_socket(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return web.json_response({"error": {"code": "invalid_api_key"}}, status=401)
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        conn = TtsConnection(dict(request.headers), dict(request.query), ws=ws)
+        self.tts.append(conn)
+        self.open_sockets += 1
+        voice = request.query.get("voice", "")
+        text = ""
+        queue: deque[TtsItem] = deque()
+        wake = asyncio.Event()
+        worker = asyncio.create_task(self._tts_speak(ws, queue, wake))
+        try:
+            await ws.send_json({"type": "session.created", "session": {"voice": voice}})
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                event = json.loads(msg.data)
+                conn.events.append(event)
+                kind = event["type"]
+                if kind == "input_text_buffer.append":
+                    text += event["text"]
+                elif kind == "input_text_buffer.commit" and text:
+                    item = TtsItem(text, voice)
+                    self.tts_items.append(item)
+                    queue.append(item)
+                    text = ""
+                    wake.set()
+                elif kind == "input_text_buffer.clear":
+                    text = ""
+                    queue.clear()
+                elif kind == "tts_session.updated":
+                    voice = event["session"]["voice"]
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+            conn.ws = None
+            self.open_sockets -= 1
+        return ws
+
+    async def _tts_speak(
+        self, ws: web.WebSocketResponse, queue: deque[TtsItem], wake: asyncio.Event
+    ) -> None:
+        count = 0
+        while True:
+            await wake.wait()
+            wake.clear()
+            while queue:
+                item = queue.popleft()
+                count += 1
+                item_id = f"tts_{count}"
+                await asyncio.sleep(self.tts_first_audio_delay_s)
+                if self.tts_fail_next:
+                    self.tts_fail_next -= 1
+                    error = {"message": "fake synthesis failure", "code": "tts_error"}
+                    await ws.send_json({"type": "conversation.item.tts.failed", "error": error})
+                    continue
+                total = int(len(item.text) * self.tts_ms_per_char * TTS_RATE / 1000)
+                while item.samples_sent < total:
+                    n = min(TTS_CHUNK_SAMPLES, total - item.samples_sent)
+                    data = tone(n, item.samples_sent).astype("<i2").tobytes()
+                    if item.samples_sent == 0 and self.tts_wav_header:
+                        data = wav_header() + data
+                    item.samples_sent += n
+                    await ws.send_json(
+                        {
+                            "type": "conversation.item.audio_output.delta",
+                            "item_id": item_id,
+                            "delta": base64.b64encode(data).decode(),
+                        }
+                    )
+                    await asyncio.sleep(self.tts_chunk_interval_s)
+                item.done = True
+                await ws.send_json(
+                    {"type": "conversation.item.audio_output.done", "item_id": item_id}
+                )

@@ -1,0 +1,610 @@
+"""The chained engine (Together STT -> chat -> TTS) against fake Together services."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app.audio.g711 import ulaw_decode
+from app.engines.base import (
+    AgentSetup,
+    AudioOut,
+    EngineError,
+    EngineEvent,
+    EngineUnavailable,
+    ResponseDone,
+    ResponseStarted,
+    ToolCall,
+    ToolSpec,
+    Transcript,
+    Turn,
+)
+from app.engines.chained.engine import APOLOGY, ChainedEngine
+from app.engines.chained.history import Conversation, ToolCallRequest, heard_text
+from app.engines.chained.sentences import SentenceSplitter
+from app.engines.chained.tts import _PcmTo8k
+from tests.conftest import FIXTURES, make_settings
+from tests.fakes.together import TTS_RATE, FakeTogether, ToolReply, tone, wav_header
+
+LABELS = json.loads((FIXTURES / "labels.json").read_text())
+SETUP = AgentSetup(
+    instructions="You are Sam, a receptionist.", voice="af_heart", greeting="Hi, this is Sam."
+)
+
+# Sentence splitting
+
+
+def split_streamed(text: str, step: int = 1) -> list[str]:
+    """Split `text` delivered `step` characters at a time, as a model streams it."""
+    splitter = SentenceSplitter()
+    out: list[str] = []
+    for i in range(0, len(text), step):
+        out += splitter.push(text[i : i + step])
+    if rest := splitter.flush():
+        out.append(rest)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("text", "sentences"),
+    [
+        ("Hello there. How are you?", ["Hello there.", "How are you?"]),
+        ("Wow! Really? Yes.", ["Wow!", "Really?", "Yes."]),
+        ("Dr. Smith paid 3.5 dollars. Next", ["Dr. Smith paid 3.5 dollars.", "Next"]),
+        ("We open at 10:30 today.", ["We open at 10:30 today."]),
+        ("First; second: third\nfourth", ["First;", "second:", "third", "fourth"]),
+        ("See J. Smith, e.g. on Monday. Ok.", ["See J. Smith, e.g. on Monday.", "Ok."]),
+        ("1. Call us. 2. Visit us.", ["1. Call us.", "2. Visit us."]),
+        ("Wait... what?! Fine.", ["Wait...", "what?!", "Fine."]),
+        ('He said "stop." Then left.', ['He said "stop."', "Then left."]),
+        ("No. I mean yes.", ["No.", "I mean yes."]),
+        ("  \n\nHi.\n\n", ["Hi."]),
+    ],
+)
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_splitter_sentences(text: str, sentences: list[str], step: int) -> None:
+    assert split_streamed(text, step) == sentences
+
+
+def test_splitter_yields_a_sentence_before_the_reply_ends() -> None:
+    splitter = SentenceSplitter()
+    assert splitter.push("Sure, I can") == []
+    assert splitter.push(" help. And then") == ["Sure, I can help."]
+    assert splitter.push(" 3.") == []  # "3." may still become "3.5"
+    assert splitter.push("5 more") == []
+    assert splitter.flush() == "And then 3.5 more"
+
+
+def test_splitter_cuts_a_runaway_sentence_at_a_space() -> None:
+    words = " ".join(["word"] * 100)  # 499 characters, no boundary
+    pieces = split_streamed(words, 7)
+    assert len(pieces) == 2
+    assert max(len(p) for p in pieces) <= 250
+    assert " ".join(pieces) == words
+
+
+# History
+
+
+def test_heard_text_keeps_whole_sentences_then_a_share_of_words() -> None:
+    spoken = [("One two three four.", 1000.0), ("Five six seven eight.", 1000.0)]
+    assert heard_text(spoken, 2500) == "One two three four. Five six seven eight."
+    assert heard_text(spoken, 1500) == "One two three four. Five six"
+    assert heard_text(spoken, 1000) == "One two three four."
+    assert heard_text(spoken, 200) == ""
+    assert heard_text([("Never voiced.", 0.0)], 500) == ""
+
+
+def test_conversation_is_bounded_and_keeps_tool_calls_with_their_results() -> None:
+    conversation = Conversation(max_messages=4)
+    for n in range(6):
+        conversation.add_caller(f"caller {n}")
+    call = ToolCallRequest("call_9", "book", '{"day": "Monday"}')
+    conversation.add_agent("item_1", "Let me check.", [call])
+    conversation.add_caller("hello?")
+    # The call waits for its result: it is left out, its text kept.
+    messages = conversation.messages("system")
+    assert [m["role"] for m in messages] == ["system", "user", "user", "assistant", "user"]
+    assert conversation.pending_tool_calls() == {"call_9"}
+    assert conversation.add_tool_result("call_9", '{"ok": true}')
+    assert not conversation.add_tool_result("call_unknown", "{}")
+    messages = conversation.messages("system")
+    tool_at = [m["role"] for m in messages].index("tool")
+    assert messages[tool_at - 1]["tool_calls"][0]["id"] == "call_9"
+    assert messages[tool_at]["tool_call_id"] == "call_9"
+
+
+# Audio conversion
+
+
+def test_tts_audio_strips_a_wav_header_and_resamples_to_8k() -> None:
+    pcm = tone(TTS_RATE // 2).astype("<i2").tobytes()  # 500 ms
+    plain, headed = _PcmTo8k(), _PcmTo8k()
+    out_plain = [plain.convert(pcm[:4801]), plain.convert(pcm[4801:]), plain.flush()]
+    out_headed = [headed.convert(wav_header() + pcm[:4801]), headed.convert(pcm[4801:])]
+    out_headed.append(headed.flush())
+    assert out_plain == out_headed  # the header never reaches the caller as noise
+    payloads = [c for c in out_plain if c is not None]
+    assert sum(ms for _, ms in payloads) == pytest.approx(500.0, abs=1.0)
+    audio = ulaw_decode(b"".join(base64.b64decode(p) for p, _ in payloads))
+    assert dominant_hz(audio) == pytest.approx(440, abs=10)
+
+
+# The engine against the fake services
+
+
+def dominant_hz(pcm: np.ndarray[Any, Any], rate: int = 8000) -> float:
+    spectrum = np.abs(np.fft.rfft(pcm.astype(np.float64)))
+    return float(np.argmax(spectrum) * rate / len(pcm))
+
+
+def caller_frames(name: str) -> list[str]:
+    """A fixture's mu-law as Twilio media payloads: base64, 20 ms each."""
+    data = (FIXTURES / f"{name}.ulaw").read_bytes()
+    return [base64.b64encode(data[i : i + 160]).decode() for i in range(0, len(data), 160)]
+
+
+class Call:
+    """An engine with its events collected as they arrive (with arrival times)."""
+
+    def __init__(self, engine: ChainedEngine) -> None:
+        self.engine = engine
+        self.events: list[EngineEvent] = []
+        self.times: list[float] = []
+        self.ended = False
+        self._task = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        async for event in self.engine.events():
+            self.events.append(event)
+            self.times.append(time.monotonic())
+        self.ended = True
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    async def until(self, condition: Callable[[], bool], within_s: float = 5.0) -> None:
+        deadline = time.monotonic() + within_s
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out; events: {self.events}"
+            await asyncio.sleep(0.005)
+
+    async def responses_done(self, count: int) -> list[ResponseDone]:
+        await self.until(lambda: len(self.of(ResponseDone)) >= count)
+        return self.of(ResponseDone)
+
+    async def speak(self, name: str = "book_cleaning") -> None:
+        for payload in caller_frames(name):
+            await self.engine.send_audio(payload)
+        await self.engine.end_of_turn()
+
+    def audio_ms(self, item_id: str) -> float:
+        return sum(
+            len(base64.b64decode(e.payload)) / 8 for e in self.of(AudioOut) if e.item_id == item_id
+        )
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeTogether]:
+    async with FakeTogether() as server:
+        yield server
+
+
+@pytest.fixture
+async def open_call(fake: FakeTogether) -> AsyncIterator[Callable[..., Any]]:
+    """Start engines on the fake; every one is closed after the test."""
+    calls: list[Call] = []
+
+    async def start(
+        setup: AgentSetup = SETUP, history: list[Turn] | None = None, greet: bool = False, **kw: Any
+    ) -> Call:
+        settings = make_settings(together_api_key="test-key", together_base_url=fake.base_url)
+        options = {"llm_backoff_s": 0.01, **kw}
+        engine = ChainedEngine(settings, **options)
+        await engine.start(setup, history or [], greet)
+        calls.append(Call(engine))
+        return calls[-1]
+
+    yield start
+    for call in calls:
+        await call.engine.close()
+
+
+async def test_full_turn_streams_the_reply_sentence_by_sentence(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    caller_text = LABELS["book_cleaning"]["text"]
+    reply = "Sure, I can book that. Which time on Tuesday works for you? We open at nine."
+    fake.transcripts.append(caller_text)
+    fake.replies.append(reply)
+    fake.llm_token_delay_s = 0.04  # the reply takes ~0.6 s to write
+    call = await open_call()
+
+    await call.speak("book_cleaning")
+    (done,) = await call.responses_done(1)
+
+    assert done.status == "completed"
+    caller, agent = call.of(Transcript)
+    assert (caller.role, caller.text) == ("caller", caller_text)
+    assert (agent.role, agent.text) == ("agent", reply)
+    started = call.of(ResponseStarted)[0]
+    assert started.response_id == done.response_id
+    order = [type(e) for e in call.events]
+    assert order.index(ResponseStarted) < order.index(AudioOut) < order.index(ResponseDone)
+    audio = call.of(AudioOut)
+    assert {a.item_id for a in audio} == {agent.item_id}
+
+    # The caller's audio reached STT as 16 kHz PCM16, all of it, with the right auth.
+    stt = fake.stt[0]
+    assert stt.headers["Authorization"] == "Bearer test-key"
+    assert stt.query == {
+        "model": "openai/whisper-large-v3",
+        "input_audio_format": "pcm_s16le_16000",
+        "turn_detection": "none",
+    }
+    sent_ms = len((FIXTURES / "book_cleaning.ulaw").read_bytes()) / 8
+    assert len(stt.commits) == 1
+    assert stt.commits[0] / 32 == pytest.approx(sent_ms, abs=150)  # soxr holds ~100 ms
+    heard = np.frombuffer(bytes(stt.audio), dtype="<i2").astype(np.float64)
+    original = ulaw_decode((FIXTURES / "book_cleaning.ulaw").read_bytes()).astype(np.float64)
+    assert np.sqrt(np.mean(heard**2)) == pytest.approx(np.sqrt(np.mean(original**2)), rel=0.1)
+
+    # The chat request: persona as the system message, the caller's words last.
+    body = fake.chat_requests[0]
+    assert body["stream"] is True and body["model"] == "Qwen/Qwen2.5-7B-Instruct-Turbo"
+    assert body["messages"][0] == {"role": "system", "content": SETUP.instructions}
+    assert body["messages"][-1] == {"role": "user", "content": caller_text}
+    assert "tools" not in body
+
+    # One TTS item per sentence; the agent audio is their 24 kHz audio, at 8 kHz mu-law.
+    assert [item.text for item in fake.tts_items] == [
+        "Sure, I can book that.",
+        "Which time on Tuesday works for you?",
+        "We open at nine.",
+    ]
+    assert fake.tts[0].query == {"model": "hexgrad/Kokoro-82M", "voice": "af_heart"}
+    produced_ms = sum(item.samples_sent for item in fake.tts_items) / (TTS_RATE / 1000)
+    assert call.audio_ms(agent.item_id) == pytest.approx(produced_ms, abs=2.0)
+    pcm = ulaw_decode(b"".join(base64.b64decode(a.payload) for a in audio))
+    assert dominant_hz(pcm) == pytest.approx(440, abs=10)
+
+    # Sentence streaming: the caller hears the first sentence while the model still writes.
+    first_audio_at = call.times[order.index(AudioOut)]
+    assert first_audio_at < fake.chat_finished_at[0] - 0.2
+
+
+async def test_greeting_is_spoken_like_a_response(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    call = await open_call(greet=True)
+    (done,) = await call.responses_done(1)
+    assert done.status == "completed"
+    (agent,) = call.of(Transcript)
+    assert (agent.role, agent.text) == ("agent", SETUP.greeting)
+    assert call.audio_ms(agent.item_id) > 0
+    assert [item.text for item in fake.tts_items] == [SETUP.greeting]
+    assert fake.chat_requests == []
+    # The greeting is part of the conversation the model sees next.
+    await call.engine.send_text("The caller pressed 1 on the keypad.")
+    await call.responses_done(2)
+    messages = fake.chat_requests[0]["messages"]
+    assert messages[1:] == [
+        {"role": "assistant", "content": SETUP.greeting},
+        {"role": "user", "content": "The caller pressed 1 on the keypad."},
+    ]
+    assert len(call.of(Transcript)) == 2  # a text turn has no caller transcript
+
+
+async def test_cancel_mid_reply_stops_the_model_and_the_audio(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    fake.llm_token_delay_s = 0.05
+    fake.replies.append("This is the first sentence. " + "And here is yet more. " * 10)
+    fake.replies.append("Short answer.")
+    call = await open_call()
+    await call.speak("opening_hours")
+    await call.until(lambda: bool(call.of(AudioOut)))
+
+    await call.engine.cancel_response()
+
+    (done,) = call.of(ResponseDone)  # emitted before cancel_response returned
+    assert done.status == "cancelled"
+    first_item = call.of(AudioOut)[0].item_id
+    audio_count = len(call.of(AudioOut))
+    await asyncio.sleep(0.3)
+    assert len(call.of(AudioOut)) == audio_count  # nothing after the cancel
+    assert fake.chat_finished_at == []  # the chat stream was dropped, not read to the end
+    assert len(fake.tts_items) < 11
+    assert {"type": "input_text_buffer.clear"} in fake.tts[-1].events
+
+    # The next turn is clean: only its own audio, fully.
+    await call.speak("yes")
+    second = (await call.responses_done(2))[1]
+    assert second.status == "completed"
+    agent = call.of(Transcript)[-1]
+    assert agent.text == "Short answer."
+    assert agent.item_id != first_item
+    expected_ms = len("Short answer.") * fake.tts_ms_per_char
+    assert call.audio_ms(agent.item_id) == pytest.approx(expected_ms, abs=2.0)
+
+
+async def test_truncate_keeps_only_what_the_caller_heard(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    fake.replies.extend(["One two three four. Five six seven eight.", "Okay."])
+    call = await open_call()
+    await call.speak("opening_hours")
+    await call.responses_done(1)
+    agent = call.of(Transcript)[-1]
+    first_ms = len("One two three four.") * fake.tts_ms_per_char
+    second_ms = len("Five six seven eight.") * fake.tts_ms_per_char
+
+    await call.engine.truncate(agent.item_id, int(first_ms + second_ms / 2) + 1)
+
+    await call.speak("wait_stop")
+    await call.responses_done(2)
+    assistant = [m for m in fake.chat_requests[1]["messages"] if m["role"] == "assistant"]
+    assert assistant == [{"role": "assistant", "content": "One two three four. Five six ..."}]
+
+
+async def test_truncate_after_a_cancel_cuts_the_stopped_reply(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    fake.tts_chunk_interval_s = 0.05  # a sentence's audio streams in over ~0.7 s
+    fake.replies.extend(["Alpha beta gamma delta. Epsilon zeta eta theta. Iota kappa.", "Ok."])
+    call = await open_call()
+    await call.speak("opening_hours")
+    first_ms = len("Alpha beta gamma delta.") * fake.tts_ms_per_char
+    second_ms = len("Epsilon zeta eta theta.") * fake.tts_ms_per_char
+    await call.until(lambda: bool(call.of(AudioOut)))
+    item_id = call.of(AudioOut)[0].item_id
+    await call.until(lambda: call.audio_ms(item_id) > first_ms + 150)
+    assert fake.tts_items[1].samples_sent * 1000 / TTS_RATE < second_ms  # still arriving
+
+    await call.engine.cancel_response()
+    # The caller heard the first sentence and 60% of the second, whose audio was still
+    # arriving: its length is estimated from the pace of the first.
+    await call.engine.truncate(item_id, int(first_ms + second_ms * 0.6))
+
+    await call.speak("yes")
+    await call.responses_done(2)
+    assistant = [m for m in fake.chat_requests[1]["messages"] if m["role"] == "assistant"]
+    content = "Alpha beta gamma delta. Epsilon zeta ..."
+    assert assistant == [{"role": "assistant", "content": content}]
+
+
+@pytest.mark.parametrize("status", [500, 429])
+async def test_a_failed_chat_request_is_retried(
+    fake: FakeTogether, open_call: Callable[..., Any], status: int
+) -> None:
+    fake.chat_failures.append(status)
+    call = await open_call()
+    await call.speak("opening_hours")
+    (done,) = await call.responses_done(1)
+    assert done.status == "completed"
+    assert len(fake.chat_requests) == 2
+    assert call.of(EngineError) == []
+    assert all(h["Authorization"] == "Bearer test-key" for h in fake.chat_headers)
+
+
+async def test_a_persistent_failure_is_answered_with_an_apology(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    fake.chat_failures.extend([500] * 3)
+    call = await open_call(llm_retries=2)
+    await call.speak("opening_hours")
+    failed, apology = await call.responses_done(2)
+    assert (failed.status, apology.status) == ("failed", "completed")
+    (error,) = call.of(EngineError)
+    assert not error.fatal
+    assert error.code == "server_error"
+    agent = call.of(Transcript)[-1]
+    assert (agent.role, agent.text) == ("agent", APOLOGY)
+    assert call.audio_ms(agent.item_id) > 0
+    assert len(fake.chat_requests) == 3
+
+
+async def test_a_tts_failure_is_answered_with_an_apology(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    fake.tts_fail_next = 1
+    call = await open_call()
+    await call.speak("opening_hours")
+    failed, apology = await call.responses_done(2)
+    assert (failed.status, apology.status) == ("failed", "completed")
+    assert call.of(EngineError)[0].code == "tts_error"
+    assert call.of(Transcript)[-1].text == APOLOGY
+
+
+async def test_a_failed_transcription_is_answered_with_an_apology(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    fake.stt_fail_next = 1
+    call = await open_call()
+    await call.speak("opening_hours")
+    (apology,) = await call.responses_done(1)
+    assert apology.status == "completed"
+    assert call.of(EngineError)[0].code == "stt_error"
+    assert [(t.role, t.text) for t in call.of(Transcript)] == [("agent", APOLOGY)]
+    assert fake.chat_requests == []
+
+
+async def test_a_refused_reconnect_ends_the_engine_with_a_fatal_error(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    call = await open_call()
+    fake.api_key = "rotated-key"  # our key is no longer accepted
+    await fake.drop_stt()
+    await call.until(lambda: call.ended)
+    (error,) = call.of(EngineError)
+    assert error.fatal and error.code == "http_401"
+
+
+async def test_stt_drop_mid_turn_loses_nothing_and_later_turns_work(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    fake.transcripts.extend(["What are your opening hours on Saturday?", "Yes."])
+    call = await open_call()
+    frames = caller_frames("opening_hours")
+    half = len(frames) // 2
+    for payload in frames[:half]:
+        await call.engine.send_audio(payload)
+    await fake.wait_until(lambda: len(fake.stt[0].audio) > 0, what="first audio")
+
+    await fake.drop_stt()
+    for payload in frames[half:]:  # the caller goes on talking while we reconnect
+        await call.engine.send_audio(payload)
+    await fake.wait_until(lambda: len(fake.stt) == 2, what="the STT socket to reopen")
+    await call.engine.end_of_turn()
+
+    await call.responses_done(1)
+    assert call.of(Transcript)[0].text == "What are your opening hours on Saturday?"
+    sent_ms = len(frames) * 20
+    assert fake.stt[1].commits[0] / 32 == pytest.approx(sent_ms, abs=150)  # the whole turn
+
+    await call.speak("yes")
+    await call.responses_done(2)
+    assert [t.text for t in call.of(Transcript) if t.role == "caller"][-1] == "Yes."
+    assert call.of(EngineError) == []
+
+
+async def test_a_voice_change_applies_at_the_next_response(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    fake.llm_token_delay_s = 0.03
+    fake.replies.extend(["First one here. Second one here. Third one here.", "New voice now."])
+    call = await open_call()
+    await call.speak("opening_hours")
+    await call.until(lambda: bool(call.of(AudioOut)))
+
+    await call.engine.update(voice="am_adam", instructions="Be brief.")
+
+    await call.responses_done(1)
+    await call.speak("yes")
+    await call.responses_done(2)
+    voices = [(item.text, item.voice) for item in fake.tts_items]
+    assert voices == [
+        ("First one here.", "af_heart"),
+        ("Second one here.", "af_heart"),
+        ("Third one here.", "af_heart"),
+        ("New voice now.", "am_adam"),
+    ]
+    update = {"type": "tts_session.updated", "session": {"voice": "am_adam"}}
+    assert fake.tts[0].events.count(update) == 1
+    assert fake.chat_requests[1]["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+async def test_tool_calls_are_emitted_and_the_reply_continues_after_the_result(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    tool = ToolSpec(
+        "book_slot",
+        "Book an appointment slot.",
+        {"type": "object", "properties": {"day": {"type": "string"}}},
+    )
+    setup = AgentSetup(SETUP.instructions, SETUP.voice, SETUP.greeting, tools=(tool,))
+    fake.replies.extend(
+        [ToolReply("Let me check.", "book_slot", {"day": "Tuesday"}), "You are booked."]
+    )
+    call = await open_call(setup=setup)
+    await call.speak("book_cleaning")
+    await call.responses_done(1)
+    (request,) = call.of(ToolCall)
+    assert (request.call_id, request.name, request.arguments) == (
+        "call_1",
+        "book_slot",
+        {"day": "Tuesday"},
+    )
+    assert fake.chat_requests[0]["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "book_slot",
+                "description": "Book an appointment slot.",
+                "parameters": tool.parameters,
+            },
+        }
+    ]
+
+    await call.engine.tool_result("call_1", '{"booked": true}')
+
+    await call.responses_done(2)
+    assert call.of(Transcript)[-1].text == "You are booked."
+    messages = fake.chat_requests[1]["messages"]
+    assert messages[-2]["tool_calls"][0]["function"] == {
+        "name": "book_slot",
+        "arguments": '{"day": "Tuesday"}',
+    }
+    assert messages[-2]["content"] == "Let me check."
+    assert messages[-1] == {"role": "tool", "tool_call_id": "call_1", "content": '{"booked": true}'}
+
+
+async def test_history_is_seeded_and_an_empty_transcript_gets_no_reply(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    fake.transcripts.extend(["", "Thanks."])
+    history = [Turn("caller", "Hi."), Turn("agent", "Hello, how can I", interrupted=True)]
+    call = await open_call(history=history)
+    await call.speak("nonspeech_hum")
+    await call.speak("thats_all")
+    await call.responses_done(1)
+    assert len(fake.chat_requests) == 1
+    assert fake.chat_requests[0]["messages"][1:] == [
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "Hello, how can I ..."},
+        {"role": "user", "content": "Thanks."},
+    ]
+    assert [t.text for t in call.of(Transcript) if t.role == "caller"] == ["Thanks."]
+
+
+async def test_respond_answers_the_conversation_so_far(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    call = await open_call(history=[Turn("caller", "Are you open on Sunday?")])
+    await call.engine.respond()
+    (done,) = await call.responses_done(1)
+    assert done.status == "completed"
+    assert fake.chat_requests[0]["messages"][-1]["content"] == "Are you open on Sunday?"
+
+
+async def test_close_leaves_no_socket_or_task(fake: FakeTogether) -> None:
+    before = asyncio.all_tasks()
+    settings = make_settings(together_api_key="test-key", together_base_url=fake.base_url)
+    engine = ChainedEngine(settings)
+    await engine.start(SETUP, [], greet=True)
+    call = Call(engine)
+    await call.responses_done(1)
+    await call.speak("yes")
+    await call.until(lambda: bool(call.of(ResponseStarted)[1:]))
+    assert fake.open_sockets == 2
+
+    await engine.close()
+    await engine.close()  # idempotent
+
+    await call.until(lambda: call.ended)
+    await fake.wait_until(lambda: fake.open_sockets == 0, what="sockets to close")
+    current = asyncio.current_task()
+    await fake.wait_until(
+        lambda: not [t for t in asyncio.all_tasks() - before if t is not current and not t.done()],
+        what="the engine's tasks to end",
+    )
+
+
+async def test_start_fails_without_a_key_or_a_reachable_service(fake: FakeTogether) -> None:
+    with pytest.raises(EngineUnavailable):
+        await ChainedEngine(make_settings()).start(SETUP, [], greet=False)
+    settings = make_settings(together_api_key="wrong-key", together_base_url=fake.base_url)
+    engine = ChainedEngine(settings)
+    with pytest.raises(EngineUnavailable):
+        await engine.start(SETUP, [], greet=False)
+    assert fake.open_sockets == 0
+    dead = make_settings(together_api_key="test-key", together_base_url="http://127.0.0.1:9/v1")
+    with pytest.raises(EngineUnavailable):
+        await ChainedEngine(dead, connect_timeout_s=1.0).start(SETUP, [], greet=False)

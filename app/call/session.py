@@ -275,11 +275,11 @@ class CallSession:
             return False
         heard = await self.playback.interrupt()
         self._muted = True
+        if heard is not None:  # before the cancel: its transcript may come back at once
+            self._interrupted_items.add(heard.item_id)
         await self.engine.cancel_response()
         if heard is not None and heard.audio_end_ms > 0:
             await self.engine.truncate(heard.item_id, heard.audio_end_ms)
-        if heard is not None:
-            self._interrupted_items.add(heard.item_id)
         self.info.barge_ins += 1
         await self.bargein.settle()
         self.observers.barge_in(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from app.config import Settings
 from app.engines.base import Engine
 from app.engines.breaker import Breaker
+from app.engines.chained.engine import ChainedEngine
 from app.engines.realtime import RealtimeEngine
 
 MODES = ("realtime", "chained")
@@ -45,8 +46,6 @@ class Engines:
     def create(self, mode: str) -> Engine:
         """A fresh, unstarted engine."""
         if mode == "chained":
-            from app.engines.chained.engine import ChainedEngine
-
             return ChainedEngine(self._settings)
         return RealtimeEngine(self._settings)
 

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 
 import structlog
-from aiohttp import web
 
 from app import log as logging_setup
 from app import simulator
 from app.config import ConfigError, load_settings
-from app.personas import PersonaError
+from app.personas import PersonaError, load_personas
 
 
 def _serve(_: argparse.Namespace) -> int:
+    from app import drain
     from app.server import create_app
 
     try:
@@ -30,8 +31,28 @@ def _serve(_: argparse.Namespace) -> int:
             "dev_mode",
             detail="TWILIO_AUTH_TOKEN unset: unsigned requests accepted from loopback only",
         )
-    log.info("serving", host=settings.host, port=settings.port, mode=settings.agent_mode)
-    web.run_app(app, host=settings.host, port=settings.port, print=None)
+    log.info("starting", mode=settings.agent_mode, drain_timeout_s=settings.drain_timeout)
+    asyncio.run(drain.serve(app, settings.host, settings.port, settings.drain_timeout))
+    return 0
+
+
+def _dial(args: argparse.Namespace) -> int:
+    from app.admin.dial import DialError, DialRequest, place_call
+
+    try:
+        settings = load_settings(serving=False)
+        logging_setup.configure(settings.log_format, settings.log_level)
+        # Check the persona here when this machine has the prompts; the server checks again.
+        personas = load_personas(settings.prompts_dir) if settings.prompts_dir.is_dir() else None
+        req = DialRequest.parse(args.to, args.persona, args.mode, args.caller_id, personas)
+        sid = place_call(settings, req.to, req.persona, req.mode, caller_id=req.caller_id)
+    except (ConfigError, PersonaError) as exc:
+        print(f"phone-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except DialError as exc:
+        print(f"phone-agent: dial failed: {exc}", file=sys.stderr)
+        return 1
+    print(sid)
     return 0
 
 
@@ -43,6 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     call = commands.add_parser("call", help="hold a simulated call with a WAV clip")
     simulator.configure_parser(call)
     call.set_defaults(run=simulator.run)
+    dial = commands.add_parser(
+        "dial", help="call a number through Twilio; the answer runs the usual stream"
+    )
+    dial.add_argument("to", help="the number to call, E.164 (+15551234567)")
+    dial.add_argument("--persona", help="persona for the call (default: PERSONA)")
+    dial.add_argument("--mode", choices=("realtime", "chained"), help="default: AGENT_MODE")
+    dial.add_argument(
+        "--from", dest="caller_id", help="caller ID, E.164 (default: TWILIO_FROM_NUMBER)"
+    )
+    dial.set_defaults(run=_dial)
     args = parser.parse_args(argv)
     code: int = args.run(args)
     return code

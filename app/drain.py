@@ -3,8 +3,9 @@
 While draining, `/ready` answers 503 (the load balancer stops routing here) and new
 `POST /twiml` webhooks answer 503 (Twilio goes to the fallback URL), but the media
 stream socket still opens: a call whose webhook was answered just before the signal
-must not be dropped. Live calls run until they end or DRAIN_TIMEOUT passes; a second
-signal ends the wait at once. `/health` stays 200 throughout: the process is alive.
+must not be dropped. Live calls run until they end or DRAIN_TIMEOUT passes, after which
+they are ended (the caller hears the TwiML's apology); a second signal ends the wait at
+once. `/health` stays 200 throughout: the process is alive.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Sized
+from collections.abc import Mapping
+from typing import Protocol
 
 import structlog
 from aiohttp import web
@@ -21,15 +23,22 @@ from aiohttp import web
 log = structlog.get_logger(__name__)
 
 POLL_S = 0.1
-# After the drain, calls still open (only when DRAIN_TIMEOUT passed) get this long to
-# close their sockets before aiohttp cancels their handlers.
+# Calls still live when the drain gives up are ended; their streams get this long to close
+# before aiohttp cancels what is left.
 SHUTDOWN_GRACE_S = 2.0
+OUTCOME = "drain_timeout"
+
+
+class Call(Protocol):
+    """What the drain needs of a live call (a CallSession)."""
+
+    async def end(self, outcome: str) -> None: ...
 
 
 class Drain:
     """The drain state of one app, and the calls it waits for."""
 
-    def __init__(self, calls: Sized) -> None:
+    def __init__(self, calls: Mapping[str, Call]) -> None:
         self._calls = calls
         self.started_at: float | None = None
         self._stop_waiting = asyncio.Event()
@@ -49,7 +58,11 @@ class Drain:
             self._stop_waiting.set()
             return
         self.started_at = time.monotonic()
-        log.info("drain.started", live_calls=self.live_calls)
+        log.info(
+            "drain.started",
+            live_calls=self.live_calls,
+            detail="new calls refused; signal again to end live calls now",
+        )
 
     async def calls_ended(self) -> bool:
         """Wait until no call is live (True) or the drain is forced (False)."""
@@ -59,6 +72,15 @@ class Drain:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_waiting.wait(), POLL_S)
         return True
+
+    async def end_calls(self) -> None:
+        """End the calls still live; their stream handlers then close them, which the
+        runner's shutdown waits for."""
+        sessions = list(self._calls.values())
+        log.warning("drain.ending_calls", live_calls=len(sessions))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SHUTDOWN_GRACE_S):
+                await asyncio.gather(*(s.end(OUTCOME) for s in sessions), return_exceptions=True)
 
 
 DRAIN: web.AppKey[Drain] = web.AppKey("drain", Drain)
@@ -92,6 +114,7 @@ async def serve(app: web.Application, host: str, port: int, drain_timeout: float
             log.info("drain.done", seconds=round(time.monotonic() - started, 1))
         else:
             log.warning("drain.incomplete", live_calls=drain.live_calls, timeout_s=drain_timeout)
+            await drain.end_calls()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

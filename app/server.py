@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import structlog
 from aiohttp import WSMsgType, web
 
+from app.admin import dial
 from app.archive.recorder import CallRecorder
 from app.call.observer import CallObserver
 from app.call.session import CallInfo, CallSession
@@ -189,10 +190,11 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application()
     app[SETTINGS] = settings
     app[PERSONAS] = load_personas(settings.prompts_dir)
-    app[CALLS] = {}
+    calls: dict[str, CallSession] = {}
+    app[CALLS] = calls
     app[ENGINES] = Engines(settings)
-    app[DRAIN] = Drain(app[CALLS])
-    metrics = Metrics(lambda: len(app[CALLS]), lambda: app[DRAIN].active)
+    app[DRAIN] = drain = Drain(calls)
+    metrics = Metrics(lambda: len(calls), lambda: drain.active)
     app[METRICS] = metrics
     observers: list[Callable[[CallInfo], CallObserver]] = [
         lambda info: CallRecorder(info, settings.archive_dir),
@@ -204,5 +206,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_endpoint)
+    personas: dict[str, Persona] = app[PERSONAS]
+    dial.add_routes(app, settings, personas)
     app.cleanup_ctx.append(_lifetime)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ def make_settings(**overrides: Any) -> Settings:
         "realtime_url": "ws://127.0.0.1:9/v1/realtime",
         "together_base_url": "http://127.0.0.1:9/v1",
         "realtime_connect_timeout": 2.0,
+        # Calls a test drives are recorded out of the working tree.
+        "archive_dir": Path(tempfile.gettempdir()) / "phone-agent-tests" / "calls",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)

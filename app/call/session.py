@@ -347,6 +347,12 @@ class CallSession:
         self.observers.turn(turn, time.monotonic())
         self.log.info("transcript", role=event.role, text=event.text, interrupted=interrupted)
 
+    async def end(self, outcome: str) -> None:
+        """End the call from our side (e.g. at shutdown): Twilio goes on to the TwiML after
+        the stream, the apology; `close` follows from the server's stream handler."""
+        self.outcome = outcome
+        await self._hang_up_stream()
+
     async def close(self) -> None:
         """Close every task and socket of the call; idempotent."""
         if self._closed.is_set():

@@ -1,0 +1,135 @@
+"""Process-wide VAD batcher: many calls' windows in one inference, off the event loop.
+
+Every call feeds its 20 ms frames; a feed that completes a 32 ms window joins the next batch.
+Feeds arriving in the same event-loop tick, or while a batch is running, form the next batch,
+so the batch size grows with the load. Calls' frames arrive spread over each 20 ms, so few
+share a tick: `linger_ms` holds a batch open a little longer to gather more of them, trading
+a few ms of latency for CPU. Inference runs on one dedicated thread so the loop only splits
+windows and gathers results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from app.vad.silero import SileroVad, VadStream
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class _Feed:
+    stream: VadStream
+    windows: npt.NDArray[np.float32]
+    future: asyncio.Future[list[float]] = field(repr=False)
+
+
+class VadBatcher:
+    """Runs `feed`s of all calls through one model; `batched=False` runs each feed alone.
+
+    `linger_ms` is how long a batch waits for more feeds after its first (0: the same tick).
+    """
+
+    def __init__(self, vad: SileroVad, *, batched: bool = True, linger_ms: float = 0.0) -> None:
+        self.vad = vad
+        self.batched = batched
+        self.linger = linger_ms / 1000.0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
+        self._queue: list[_Feed] = []
+        self._dispatch_scheduled = False
+        self._running: asyncio.Future[list[list[float]]] | None = None
+        self._closed = False
+
+    async def feed(self, stream: VadStream, pcm: npt.NDArray[np.int16]) -> list[float]:
+        """Speech probability of each 32 ms window this 8 kHz audio completes, in order."""
+        if self._closed:
+            raise RuntimeError("VadBatcher is closed")
+        windows = stream.take_windows(pcm)
+        if not len(windows):
+            return []
+        loop = asyncio.get_running_loop()
+        if not self.batched:
+            results = await loop.run_in_executor(self._executor, self._infer, [(stream, windows)])
+            return results[0]
+        future: asyncio.Future[list[float]] = loop.create_future()
+        self._queue.append(_Feed(stream, windows, future))
+        if not self._dispatch_scheduled and self._running is None:
+            self._dispatch_scheduled = True
+            if self.linger > 0:
+                loop.call_later(self.linger, self._dispatch)
+            else:
+                loop.call_soon(self._dispatch)
+        return await future
+
+    async def close(self) -> None:
+        """Finish the running batch, fail queued feeds, stop the thread."""
+        self._closed = True
+        if self._running is not None:
+            await asyncio.wait([self._running])
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(RuntimeError("VadBatcher is closed"))
+        self._queue.clear()
+        self._executor.shutdown(wait=True)
+        log.info("vad_batcher_closed")
+
+    def _dispatch(self) -> None:
+        self._dispatch_scheduled = False
+        if self._running is not None or not self._queue:
+            return
+        batch, self._queue = self._queue, []
+        running = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._infer, [(item.stream, item.windows) for item in batch]
+        )
+        self._running = running
+        running.add_done_callback(lambda done: self._complete(batch, done))
+
+    def _complete(self, batch: list[_Feed], done: asyncio.Future[list[list[float]]]) -> None:
+        self._running = None
+        error = done.exception()
+        for index, item in enumerate(batch):
+            if item.future.done():  # the caller went away (cancelled)
+                continue
+            if error is not None:
+                item.future.set_exception(error)
+            else:
+                item.future.set_result(done.result()[index])
+        if self._queue and not self._closed:
+            self._dispatch()
+
+    def _infer(self, feeds: list[tuple[VadStream, npt.NDArray[np.float32]]]) -> list[list[float]]:
+        """Runs on the VAD thread. A stream's windows go in order, one per inference round;
+        a stream fed twice before a batch ran is one entry with its windows concatenated.
+        """
+        order: dict[int, int] = {}
+        streams: list[VadStream] = []
+        chunks: list[list[npt.NDArray[np.float32]]] = []
+        for stream, windows in feeds:
+            slot = order.setdefault(id(stream), len(streams))
+            if slot == len(streams):
+                streams.append(stream)
+                chunks.append([])
+            chunks[slot].append(windows)
+        per_stream = [np.concatenate(c) if len(c) > 1 else c[0] for c in chunks]
+        probs: list[list[float]] = [[] for _ in streams]
+        for round_ in range(max(len(w) for w in per_stream)):
+            active = [i for i, w in enumerate(per_stream) if len(w) > round_]
+            out = self.vad.infer(
+                [streams[i] for i in active], np.stack([per_stream[i][round_] for i in active])
+            )
+            for i, p in zip(active, out.tolist(), strict=True):
+                probs[i].append(p)
+        # Hand each feed its own slice of its stream's probabilities.
+        results: list[list[float]] = []
+        taken = [0] * len(streams)
+        for stream, windows in feeds:
+            slot = order[id(stream)]
+            results.append(probs[slot][taken[slot] : taken[slot] + len(windows)])
+            taken[slot] += len(windows)
+        return results

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,10 @@ import structlog
 from app.archive.recorder import BYTES_PER_MS, CallRecorder
 from app.call.observer import CallObserver, Observers
 from app.call.session import CallInfo
+from app.config import Settings
 from app.engines.base import Turn
+from app.simulator import Clip, simulate_call
+from tests.fakes.realtime import FakeRealtime
 
 SILENCE = 0xFF
 T0 = 1000.0  # the fake monotonic clock when the recorder is made
@@ -231,3 +236,56 @@ def test_disk_trouble_disables_the_recorder_once(tmp_path: Path, obstacle: str) 
     assert disabled[0]["log_level"] == "error"
     assert disabled[0]["call_sid"] == info().call_sid
     assert [e for e in logs if e["log_level"] in ("error", "critical")] == disabled
+
+
+def caller_clip() -> Clip:
+    """Line silence while the greeting plays, a short caller turn, silence for the reply."""
+    speech = bytes([0x20, 0xA0]) * (300 * 4)
+    return Clip(ulaw=b"\xff" * 8000 + speech + b"\xff" * 12000, speech_ends_ms=(1300,))
+
+
+async def test_a_real_call_is_archived(
+    tmp_path: Path, serve: Callable[[Settings], Any], settings_factory: Callable[..., Settings]
+) -> None:
+    async with FakeRealtime() as fake:
+        server = await serve(settings_factory(realtime_url=fake.url, archive_dir=tmp_path))
+        url = str(server.make_url("")).rstrip("/")
+        result = await simulate_call(caller_clip(), url=url, tail_s=0.5, persona="receptionist")
+        directory = tmp_path / result.call_sid
+        for _ in range(100):  # the server finishes the call just after the caller hangs up
+            if load(directory / "call.json")["outcome"]:
+                break
+            await asyncio.sleep(0.02)
+
+    left, right = read_wav(directory / "recording.wav")
+    sent = b"".join(base64.b64decode(p) for p in result.sent_payloads)
+    assert left[: len(sent)] == sent
+    assert set(left[len(sent) :]) <= {SILENCE}
+    heard = bytes(b for b in right if b != SILENCE)
+    received = bytes(b for b in result.received_bytes if b != SILENCE)
+    assert heard == received, "the agent channel holds every byte played, in order"
+    record = load(directory / "call.json")
+    assert (record["persona"], record["outcome"]) == ("receptionist", "completed")
+    assert record["latency"] and "first_audio_sent" in record["latency"][0]["spans"]
+    speakers = [t["speaker"] for t in load(directory / "transcript.json")["turns"]]
+    assert speakers[:1] == ["agent"] and "caller" in speakers
+
+
+async def test_a_call_survives_an_unusable_archive(
+    tmp_path: Path, serve: Callable[[Settings], Any], settings_factory: Callable[..., Settings]
+) -> None:
+    blocker = tmp_path / "calls"
+    blocker.write_text("a file where the archive directory should be")
+    async with FakeRealtime() as fake:
+        server = await serve(settings_factory(realtime_url=fake.url, archive_dir=blocker))
+        url = str(server.make_url("")).rstrip("/")
+        with structlog.testing.capture_logs() as logs:
+            result = await simulate_call(caller_clip(), url=url, tail_s=0.5)
+            for _ in range(100):  # the engine closes before its server does
+                if any(e["event"] == "call.ended" for e in logs):
+                    break
+                await asyncio.sleep(0.02)
+    assert result.protocol_errors == []
+    assert result.ended_by == "caller"
+    assert result.received_ms == 2 * 1024, "greeting and reply"
+    assert [e["event"] for e in logs].count("archive.disabled") == 1

@@ -196,6 +196,20 @@ def test_call_record(tmp_path: Path) -> None:
     assert transcript["turns"][0]["interrupted"] is True
 
 
+def test_implausible_timestamp_goes_by_our_clock(tmp_path: Path) -> None:
+    clock = Clock()
+    rec = CallRecorder(info(), tmp_path, clock=clock)
+    clock.now = ARRIVAL
+    rec.caller_audio(b64(audio(20, 1)), 0)
+    clock.now = ARRIVAL + 0.02
+    rec.caller_audio(b64(audio(20, 2)), 2_000_000_000)  # a month ahead: not buffered
+    rec.ended("completed")
+    rec.caller_audio(b64(audio(20, 3)), 40)  # after the end: ignored
+    left, _ = read_wav(tmp_path / info().call_sid / "recording.wav")
+    assert len(left) <= (20 + 5000 + 20) * BYTES_PER_MS
+    assert left.startswith(audio(20, 1)) and left.endswith(audio(20, 2))
+
+
 def test_second_stream_of_a_call_keeps_the_first(tmp_path: Path) -> None:
     CallRecorder(info(), tmp_path).ended("completed")
     second = CallRecorder(info(stream_sid="MZsecond"), tmp_path)

@@ -47,9 +47,12 @@ log = structlog.get_logger(__name__)
 BYTES_PER_MS = 8  # G.711 at 8 kHz, one byte per sample
 SILENCE = 0xFF  # mu-law zero
 FLUSH_INTERVAL_S = 2.0
-# Audio this close to the present may still change: a clear cuts agent audio queued ahead
-# of "now" (the playback lead), and caller frames arrive with network jitter.
+# Audio is final once it is this far behind the present. A clear only cuts agent audio
+# scheduled after the moment it happens, so the margin is for caller frames that arrive late.
 SETTLE_MS = 1000
+# A caller timestamp further ahead of our clock than this is not believed (it would make
+# us buffer the gap): the frame goes where our clock says it belongs.
+MAX_AHEAD_MS = 5000
 # Agent chunks are paced back to back; rounding to whole samples must not open a gap.
 _SNAP_BYTES = 2 * BYTES_PER_MS
 
@@ -89,7 +92,7 @@ class CallRecorder(CallObserver):
         self._wall = wall
         self._flush_interval = flush_interval
         self.log = log.bind(call_sid=info.call_sid, stream_sid=info.stream_sid)
-        self.enabled = True
+        self.enabled = True  # False once the call ended, or when the disk failed us
         self.directory = self._directory_for(archive_dir, info)
         # Our clock -> Twilio's media clock. Until the first media frame, the start of the
         # stream (now) stands for media time 0.
@@ -114,6 +117,7 @@ class CallRecorder(CallObserver):
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._wav = MulawWavWriter(self.directory / "recording.wav", channels=2)
+            self._wav.flush()
             self._write_json()
         except OSError as exc:
             self._disable(exc)
@@ -152,7 +156,8 @@ class CallRecorder(CallObserver):
         now = self._clock()
         if not self._anchored:
             self._anchor, self._anchor_media_ms, self._anchored = now, float(timestamp_ms), True
-        offset = timestamp_ms * BYTES_PER_MS - self._written
+        at_ms = min(timestamp_ms, self._media_ms(now) + MAX_AHEAD_MS)
+        offset = round(at_ms * BYTES_PER_MS) - self._written
         _place(self._caller, offset, binascii.a2b_base64(payload))
         if now >= self._next_flush:
             self._flush(now)
@@ -212,7 +217,8 @@ class CallRecorder(CallObserver):
         self._dirty = True
 
     def ended(self, outcome: str) -> None:
-        if not self.enabled or self._outcome is not None:
+        """Write the rest and close the files; the hooks do nothing after this."""
+        if not self.enabled:
             return
         self._outcome = outcome
         self._ended_at = self._wall()
@@ -224,6 +230,7 @@ class CallRecorder(CallObserver):
         except OSError as exc:
             self._disable(exc)
             return
+        self.enabled = False
         self.log.info("archive.written", directory=str(self.directory), seconds=self._seconds())
 
     # Writing ---------------------------------------------------------------------------

@@ -10,11 +10,13 @@ task of its own, so the relay never waits for the VAD. The policy, per 32 ms win
   speech window the caller's audio is held back from the model, so the model's own
   VAD cannot act on a half-heard "mhm".
 - Backchannel window: at onset the agent is paused at once (Twilio `clear`, its
-  unplayed audio kept). If the caller stops within `backchannel_ms`, it was an "mhm":
-  the agent resumes where it stopped and the held audio is dropped. If the caller
-  goes on, the interruption is committed (cancel, truncate) and the held audio goes to
-  the model, so nothing the caller said is lost. With `backchannel_ms = 0` onset
-  interrupts at once.
+  unplayed audio kept). If the caller is quiet again when `backchannel_ms` has
+  passed, it was an "mhm": the agent resumes where it stopped, and the held audio is
+  dropped unless the caller goes on within a second (then it was a pause between
+  words, and everything held goes to the model). If the caller is still talking, the
+  interruption is committed (cancel, truncate) and the held audio goes to the model,
+  so nothing the caller said is lost. With `backchannel_ms = 0` onset interrupts at
+  once.
 - Turn end (for engines without their own turn detection): `turn_silence_ms` of
   silence after at least `turn_min_speech_ms` of speech.
 """
@@ -41,8 +43,11 @@ from app.vad.silero import VadStream
 log = structlog.get_logger(__name__)
 
 WINDOW_MS = 32.0
-_ECHO_MEMORY_S = 0.3  # how long agent audio can take to come back as echo
-_SETTLE_MS = 160.0  # silence that ends a short utterance inside the backchannel window
+# The agent's loudest recent audio is the echo reference: long enough to cover the echo
+# path and the pauses between the agent's sentences, when echo of the last one lingers.
+_ECHO_MEMORY_S = 2.0
+_STILL_TALKING_S = 0.1  # speech this recent at the end of the window commits the interruption
+_LINGER_S = 1.0  # how long a backchannel's audio is kept in case the caller goes on
 
 
 class Floor(Protocol):
@@ -59,7 +64,7 @@ class Floor(Protocol):
 
     async def end_of_turn(self) -> None: ...
 
-    async def release_held(self, payloads: list[str]) -> None: ...
+    async def send_held(self, payload: str) -> None: ...
 
 
 def frame_dbfs(pcm: np.ndarray) -> float:
@@ -90,6 +95,7 @@ class BargeIn(CallObserver):
         self._levels: deque[float] = deque(maxlen=2)  # caller frames of the current window
         self._held: list[str] | None = None
         self._paused_at: float | None = None
+        self._linger_until: float | None = None
         self._speech_run = 0.0
         self._silence_run = 0.0
         self._utterance_ms = 0.0
@@ -174,21 +180,27 @@ class BargeIn(CallObserver):
             self._silence_run += WINDOW_MS
             if self._silence_run >= 2 * WINDOW_MS:
                 self._speech_run = 0.0
-                if not self._in_utterance and self._paused_at is None:
-                    await self._release()
+            if not self._in_utterance and self._paused_at is None and self._held is not None:
+                if self._linger_until is None:
+                    await self._release()  # a blip that never became speech
+                elif now >= self._linger_until:
+                    self._drop_backchannel()
 
         if not self._in_utterance and self._speech_run >= settings.vad_min_speech_ms:
             self._in_utterance = True
             self._utterance_ms = self._speech_run
+            self._linger_until = None
             if playing:
                 await self._onset(now)
             else:
                 await self._release()
-        elif self._paused_at is not None:
-            if (now - self._paused_at) * 1000.0 >= settings.backchannel_ms and self._speech_run:
+        elif self._paused_at is not None and (now - self._paused_at) * 1000.0 >= (
+            settings.backchannel_ms
+        ):
+            if now - self._last_speech_at <= _STILL_TALKING_S:
                 await self._commit("vad")
-            elif self._silence_run >= _SETTLE_MS:
-                await self._backchannel()
+            else:
+                self._backchannel(now)
 
         if self._in_utterance and self._silence_run >= settings.turn_silence_ms:
             self._in_utterance = False
@@ -207,26 +219,45 @@ class BargeIn(CallObserver):
 
     async def _commit(self, reason: str) -> None:
         self._paused_at = None
+        self._linger_until = None
         await self._floor.interrupt(reason)
 
-    async def _backchannel(self) -> None:
+    def _backchannel(self, now: float) -> None:
+        """The caller went quiet within the window: let the agent carry on.
+
+        The held audio is kept a little longer: if the caller goes on after all (a
+        pause between words, not an "mhm"), it reaches the model with what follows.
+        """
         self.backchannels += 1
         self._paused_at = None
-        dropped = len(self._held or ())
-        self._held = None
         self._in_utterance = False
         self._utterance_ms = 0.0
+        self._linger_until = now + _LINGER_S
         self._floor.resume_agent()
-        log.info("bargein.backchannel", dropped_ms=dropped * 20)
+        log.info("bargein.backchannel")
+
+    def _drop_backchannel(self) -> None:
+        dropped = len(self._held or ())
+        self._held = None
+        self._linger_until = None
+        log.info("bargein.backchannel_dropped", dropped_ms=dropped * 20)
 
     async def _release(self) -> None:
-        """Send held caller audio to the model, in order."""
-        held, self._held = self._held, None
-        if held:
-            await self._floor.release_held(held)
+        """Send held caller audio to the model, in order.
+
+        Frames that arrive while the backlog drains join its end, and holding stops
+        only once it is empty, so no frame overtakes an older one.
+        """
+        held = self._held
+        if held is None:
+            return
+        while held:
+            await self._floor.send_held(held.pop(0))
+        self._held = None
 
     async def settle(self) -> None:
         """An interruption was committed (by us, DTMF or the model): stop deciding and
         hand the held caller audio to the model."""
         self._paused_at = None
+        self._linger_until = None
         await self._release()

@@ -217,8 +217,9 @@ class Playback:
         heard = self.heard()
         self._queue.clear()
         self._in_flight.clear()
+        if not self._paused:  # a pause already cleared Twilio and sent nothing since
+            await self._clear()
         self._paused = False
-        await self._clear()
         return heard
 
     async def _clear(self) -> None:

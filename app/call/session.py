@@ -223,12 +223,10 @@ class CallSession:
 
     async def _forward(self, payload: str) -> None:
         """Caller audio to the engine, unless a switch or a barge-in decision holds it."""
-        if self._held_audio is not None:
-            self._held_audio.append(payload)
-        elif self.bargein.holding:
+        if self.bargein.holding:
             self.bargein.hold(payload)
-        elif self.engine is not None:
-            await self.engine.send_audio(payload)
+        else:
+            await self.send_held(payload)
 
     # -- the Floor that BargeIn steers ---------------------------------------------
 
@@ -243,9 +241,12 @@ class CallSession:
     def resume_agent(self) -> None:
         self.playback.resume()
 
-    async def release_held(self, payloads: list[str]) -> None:
-        for payload in payloads:
-            await self._forward(payload)
+    async def send_held(self, payload: str) -> None:
+        """A caller frame that BargeIn held back, now released to the engine."""
+        if self._held_audio is not None:
+            self._held_audio.append(payload)
+        elif self.engine is not None:
+            await self.engine.send_audio(payload)
 
     async def end_of_turn(self) -> None:
         """Our VAD heard the caller finish a turn (the chained engine acts on it)."""

@@ -119,6 +119,7 @@ class RealtimeEngine:
         self._events: asyncio.Queue[EngineEvent | None] = asyncio.Queue()
         self._setup: AgentSetup | None = None
         self._active_response: str | None = None
+        self._response_wanted = False
         self._audio_sent = False
         self._closed = False
 
@@ -201,7 +202,15 @@ class RealtimeEngine:
         """The model's server VAD decides turn ends."""
 
     async def respond(self) -> None:
-        await self._send({"type": "response.create"})
+        await self._request_response()
+
+    async def _request_response(self) -> None:
+        """Ask for a response now, or once the one in progress is done: the provider
+        refuses a second (`conversation_already_has_active_response`)."""
+        if self._active_response is None:
+            await self._send({"type": "response.create"})
+        else:
+            self._response_wanted = True
 
     async def send_text(self, text: str) -> None:
         await self._send(
@@ -214,7 +223,7 @@ class RealtimeEngine:
                 },
             }
         )
-        await self._send({"type": "response.create"})
+        await self._request_response()
 
     async def cancel_response(self) -> None:
         if self._active_response is not None:
@@ -237,7 +246,7 @@ class RealtimeEngine:
                 "item": {"type": "function_call_output", "call_id": call_id, "output": output},
             }
         )
-        await self._send({"type": "response.create"})
+        await self._request_response()
 
     async def update(self, instructions: str | None = None, voice: str | None = None) -> None:
         """Change instructions now; a voice only before the model has spoken.
@@ -285,6 +294,9 @@ class RealtimeEngine:
                 if not isinstance(event, dict):
                     continue
                 out = self._translate(event)
+                if isinstance(out, ResponseDone) and self._response_wanted:
+                    self._response_wanted = False
+                    await self._send({"type": "response.create"})
                 if out is not None:
                     self._events.put_nowait(out)
                     if isinstance(out, EngineError) and out.fatal:

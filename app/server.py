@@ -106,7 +106,11 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
                 (session.log if session else log).warning("twilio.frame_dropped", reason=str(exc))
                 continue
             if session is not None:
-                await session.handle(message)
+                try:
+                    await session.handle(message)
+                except Exception:  # one bad moment must not end the call
+                    session.log.exception("call.message_failed", message=type(message).__name__)
+                    continue
                 if isinstance(message, messages.Media):
                     session.observers.relay_lag(time.monotonic() - received_at)
             elif isinstance(message, messages.Start):
@@ -119,7 +123,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
                 if not await session.start():
                     break
             elif not isinstance(message, messages.Connected):
-                log.warning("twilio.before_start_dropped", event=type(message).__name__)
+                log.warning("twilio.before_start_dropped", message=type(message).__name__)
     finally:
         if session is not None:
             calls.pop(session.info.call_sid, None)

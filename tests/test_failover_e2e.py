@@ -116,10 +116,15 @@ async def test_chained_call_answers_the_caller(rig: Callable[..., Awaitable[Rig]
     assert len(r.together.stt[0].audio) >= (6700 - 500) * 32
 
 
-async def test_refused_realtime_starts_the_call_chained(
-    rig: Callable[..., Awaitable[Rig]],
+@pytest.mark.parametrize(
+    "failure",
+    [{"refuse_status": 503}, {"refuse_status": 401}, {"connect_delay_s": 3.0}],
+    ids=["http-503", "http-401", "timeout"],
+)
+async def test_unreachable_realtime_starts_the_call_chained(
+    rig: Callable[..., Awaitable[Rig]], failure: dict[str, Any]
 ) -> None:
-    r = await rig(refuse_status=503)
+    r = await rig(settings={"realtime_connect_timeout": 0.5}, **failure)
     result = await simulate_call(clip_after(0, "yes"), url=r.url, tail_s=1.5)
     await r.settled()
     assert r.realtime.attempts == 1

@@ -34,7 +34,7 @@ from app.engines.base import (
     Transcript,
     Turn,
 )
-from app.engines.factory import Engines
+from app.engines.factory import MODES, Engines
 from app.personas import Persona
 from app.telephony.messages import Dtmf, Mark, Media, Start, Stop, TwilioMessage
 from app.vad.batcher import VadBatcher
@@ -73,6 +73,10 @@ class CallSession:
         observers: Observers | None = None,
     ) -> None:
         params = start.parameters
+        mode = params.get("mode") or settings.agent_mode
+        if mode not in MODES:
+            log.warning("call.unknown_mode", mode=mode, using=settings.agent_mode)
+            mode = settings.agent_mode
         self.settings = settings
         self.persona = persona
         self.info = CallInfo(
@@ -81,7 +85,7 @@ class CallSession:
             from_number=params.get("From", ""),
             to_number=params.get("To", ""),
             persona=persona.name,
-            mode=params.get("mode") or settings.agent_mode,
+            mode=mode,
             voice=persona.voice,
         )
         self.transcript: list[Turn] = []

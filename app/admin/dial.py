@@ -2,32 +2,26 @@
 
 Twilio fetches `<PUBLIC_URL>/twiml?persona=...&mode=...` once the callee picks up, so an
 outbound call is the same webhook, stream and session as an inbound one. The `twilio`
-client is synchronous: the admin endpoint runs it in a thread.
+client is synchronous: the admin API (`POST /admin/dial`) runs it in a thread.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlencode
 
 import structlog
-from aiohttp import web
 from twilio.base.exceptions import TwilioException, TwilioRestException
-from twilio.http.http_client import TwilioHttpClient
-from twilio.rest import Client
 
 from app.config import Settings
+from app.telephony import rest
 
 log = structlog.get_logger(__name__)
 
 E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 MODES = ("realtime", "chained")
-TWILIO_TIMEOUT_S = 15.0
 
 
 class DialError(Exception):
@@ -109,16 +103,9 @@ def place_call(
         }
         missing = ", ".join(name for name, value in needed.items() if not value)
         raise DialSetupError(f"outbound calls need {missing}")
-    client = Client(
-        account,
-        token.get_secret_value(),
-        http_client=TwilioHttpClient(timeout=TWILIO_TIMEOUT_S),
-    )
-    # The REST base is configurable (TWILIO_API_BASE) for a regional edge or a test fake.
-    client.api.base_url = settings.twilio_api_base.rstrip("/")
     url = answer_url(public_url, persona, mode)
     try:
-        call = client.calls.create(to=to, from_=from_number, url=url, method="POST")
+        call = rest.client(settings).calls.create(to=to, from_=from_number, url=url, method="POST")
     except TwilioRestException as exc:
         raise DialError(
             f"Twilio refused the call (HTTP {exc.status}, code {exc.code}): {exc.msg}"
@@ -128,49 +115,3 @@ def place_call(
     sid: str = call.sid
     log.info("dial.placed", call_sid=sid, to=to, persona=persona, mode=mode)
     return sid
-
-
-def _authorize(request: web.Request, settings: Settings) -> None:
-    """The admin rule: 404 while ADMIN_TOKEN is unset, 401 for a wrong bearer token."""
-    if settings.admin_token is None:
-        raise web.HTTPNotFound()
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    expected = settings.admin_token.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-        raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
-def add_routes(app: web.Application, settings: Settings, personas: Collection[str]) -> None:
-    """`POST /admin/dial` {"to", "persona"?, "mode"?, "from"?} -> 201 {"call_sid", ...}."""
-
-    async def dial(request: web.Request) -> web.Response:
-        _authorize(request, settings)
-        try:
-            body: Any = await request.json()
-        except ValueError:
-            return _error(400, "the body must be a JSON object")
-        if not isinstance(body, dict):
-            return _error(400, "the body must be a JSON object")
-        try:
-            req = DialRequest.parse(
-                body.get("to"), body.get("persona"), body.get("mode"), body.get("from"), personas
-            )
-            sid = await asyncio.to_thread(
-                place_call, settings, req.to, req.persona, req.mode, caller_id=req.caller_id
-            )
-        except DialRequestError as exc:
-            return _error(400, str(exc))
-        except DialSetupError as exc:
-            return _error(503, str(exc))
-        except DialError as exc:
-            log.warning("dial.failed", to=body.get("to"), error=str(exc))
-            return _error(502, str(exc))
-        return web.json_response(
-            {"call_sid": sid, "to": req.to, "persona": req.persona, "mode": req.mode}, status=201
-        )
-
-    app.router.add_post("/admin/dial", dial)

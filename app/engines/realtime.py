@@ -341,14 +341,19 @@ class RealtimeEngine:
             return Transcript(
                 "agent", str(event.get("transcript", "")).strip(), str(event.get("item_id", ""))
             )
-        if kind == "response.function_call_arguments.done":
+        if kind == "response.output_item.done":
+            # The finished item names the function in both dialects (beta's
+            # `function_call_arguments.done` does not); a cut-off call is not run.
+            item = event.get("item") or {}
+            if item.get("type") != "function_call" or item.get("status") != "completed":
+                return None
             try:
-                arguments = orjson.loads(event.get("arguments") or "{}")
+                arguments = orjson.loads(item.get("arguments") or "{}")
             except orjson.JSONDecodeError:
                 arguments = {}
             return ToolCall(
-                str(event.get("call_id", "")),
-                str(event.get("name", "")),
+                str(item.get("call_id", "")),
+                str(item.get("name", "")),
                 arguments if isinstance(arguments, dict) else {},
             )
         if kind == "error":

@@ -20,7 +20,8 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
@@ -176,6 +177,15 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
             base[key] = copy.deepcopy(value)
 
 
+@dataclass(frozen=True)
+class FakeToolCall:
+    """A function call the model makes at the end of a response (after its audio)."""
+
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    call_id: str = field(default_factory=lambda: _new_id("call"))
+
+
 class _Dropped(Exception):
     """The fake cut the connection on purpose; stop whatever was sending."""
 
@@ -186,6 +196,7 @@ class _Response:
     item_id: str
     task: asyncio.Task[None] | None = None
     transcript: str = ""
+    tool_items: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -664,7 +675,7 @@ class _Session:
             "id": response.id,
             "object": "realtime.response",
             "status": status,
-            "output": [item] if item else [],
+            "output": ([item] if item else []) + response.tool_items,
         }
         if reason is not None:
             body["status_details"] = {"type": status, "reason": reason}
@@ -783,9 +794,72 @@ class _Session:
                     "part": {"type": "audio", "transcript": response.transcript},
                 }
             )
+            if self.fake.tool_calls:
+                call = self.fake.tool_calls.popleft()
+                if call is not None:
+                    await self._function_call(response, call)
             await self.finish(response, "completed", None)
         except _Dropped:
             pass
+
+    async def _function_call(self, response: _Response, call: FakeToolCall) -> None:
+        """The function call output item, streamed as OpenAI does, after the audio."""
+        arguments = json.dumps(call.arguments)
+        item: dict[str, Any] = {
+            "id": _new_id("item"),
+            "object": "realtime.item",
+            "type": "function_call",
+            "status": "in_progress",
+            "call_id": call.call_id,
+            "name": call.name,
+            "arguments": "",
+        }
+        ids = {"response_id": response.id, "item_id": item["id"], "output_index": 1}
+        previous = self.last_item_id
+        self.rec.items[item["id"]] = item
+        self.last_item_id = item["id"]
+        await self.send(
+            {
+                "type": "response.output_item.added",
+                "response_id": response.id,
+                "output_index": 1,
+                "item": dict(item),
+            }
+        )
+        for out in self.item_event(dict(item), previous):
+            if out["type"] != "conversation.item.done":
+                await self.send(out)
+        await self.send(
+            {
+                "type": "response.function_call_arguments.delta",
+                **ids,
+                "call_id": call.call_id,
+                "delta": arguments,
+            }
+        )
+        done = {
+            "type": "response.function_call_arguments.done",
+            **ids,
+            "call_id": call.call_id,
+            "arguments": arguments,
+        }
+        if self._ga:  # the beta event does not name the function
+            done["name"] = call.name
+        await self.send(done)
+        item.update(status="completed", arguments=arguments)
+        response.tool_items.append(item)
+        await self.send(
+            {
+                "type": "response.output_item.done",
+                "response_id": response.id,
+                "output_index": 1,
+                "item": item,
+            }
+        )
+        if self._ga:
+            await self.send(
+                {"type": "conversation.item.done", "previous_item_id": previous, "item": item}
+            )
 
     async def finish(self, response: _Response, status: str, reason: str | None) -> None:
         item = self._assistant_item(
@@ -850,6 +924,10 @@ class FakeRealtime:
     upgrade attempts, so a test can check that a reconnect or failover then succeeds;
     None applies them to all. Event counts for failures are server events sent on the
     connection (session.created is the first).
+
+    `tool_calls` scripts function calls: one entry per response, across connections, in
+    order; a `FakeToolCall` ends that response with a function call item (after its
+    audio), None leaves it plain. Without it no response calls a function.
     """
 
     def __init__(
@@ -869,6 +947,7 @@ class FakeRealtime:
         drop_after_events: int | None = None,
         fatal_error_after_events: int | None = None,
         faulty_connections: int | None = None,
+        tool_calls: Sequence[FakeToolCall | None] = (),
     ) -> None:
         if dialect not in ("ga", "beta"):
             raise ValueError(f"dialect must be 'ga' or 'beta', not {dialect!r}")
@@ -888,6 +967,9 @@ class FakeRealtime:
         self.drop_after_events = drop_after_events
         self.fatal_error_after_events = fatal_error_after_events
         self.faulty_connections = faulty_connections
+        # One entry per response, across connections, in order: a function call that
+        # response ends with, or None for a plain response.
+        self.tool_calls: deque[FakeToolCall | None] = deque(tool_calls)
         self.attempts = 0  # upgrade requests, refused ones included
         self.refused: list[dict[str, str]] = []  # headers of refused upgrade requests
         self.connections: list[RealtimeConnection] = []

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
 
     admin_token: SecretStr | None = None
     redis_url: str | None = None
+    call_registry_ttl: float = Field(15.0, gt=0)
     archive_dir: Path = Path("calls")
     drain_timeout: float = Field(600.0, ge=0)
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import structlog
 from aiohttp import WSMsgType, web
 
-from app.admin import dial
+from app.admin import api
 from app.archive.recorder import CallRecorder
 from app.call.observer import CallObserver
 from app.call.session import CallInfo, CallSession
@@ -211,6 +211,6 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_endpoint)
     personas: dict[str, Persona] = app[PERSONAS]
-    dial.add_routes(app, settings, personas)
+    api.add_routes(app, settings, calls, personas, observers)
     app.cleanup_ctx.append(_lifetime)
     return app

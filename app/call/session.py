@@ -19,6 +19,9 @@ import structlog
 from app.call.bargein import BargeIn
 from app.call.observer import Observers
 from app.call.playback import Playback
+from app.call.steering import Steering
+from app.call.tools import CallTools, tool_specs
+from app.call.turns import TurnState
 from app.config import Settings
 from app.engines.base import (
     AgentSetup,
@@ -107,6 +110,10 @@ class CallSession:
         )
         self.bargein = BargeIn(settings, vad, self)
         self.observers.add(self.bargein)
+        self.turn = TurnState(self.playback, self.bargein)
+        self.steering = Steering(self)
+        self.observers.add(self.steering)
+        self.tools = CallTools(self)
         self.engine: Engine | None = None
         self._pump_task: asyncio.Task[None] | None = None
         self._playback_task: asyncio.Task[None] | None = None
@@ -119,13 +126,21 @@ class CallSession:
         self.log = log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
 
     def setup_for(self, mode: str) -> AgentSetup:
-        """The persona as an engine of `mode` needs it."""
+        """The persona as an engine of `mode` needs it, with what an operator steered since."""
         voice = self.info.voice
         if mode == "chained":
             voice = self.persona.tts_voice or self.settings.tts_voice
         return AgentSetup(
-            instructions=self.persona.instructions, voice=voice, greeting=self.persona.greeting
+            instructions=self.steering.instructions or self.persona.instructions,
+            voice=self.steering.voices.get(mode, voice),
+            greeting=self.persona.greeting,
+            tools=tool_specs(self.persona),
         )
+
+    @property
+    def switching(self) -> bool:
+        """A new engine is being brought in (failover, toggle, voice swap, renewal)."""
+        return self._switch_lock.locked()
 
     async def _send(self, frame: str) -> None:
         async with self._send_lock:
@@ -142,6 +157,7 @@ class CallSession:
         self._bargein_task = asyncio.create_task(
             self.bargein.run(), name=f"bargein-{self.info.call_sid}"
         )
+        self.steering.start()
         for mode in self._engines.order(self.info.mode):
             if await self._activate(mode, greet=True, reason="start"):
                 self.log.info(
@@ -179,7 +195,13 @@ class CallSession:
             self._engines.report(mode, ok=False)
             await engine.close()
             return False
+        except asyncio.CancelledError:
+            await engine.close()  # the call ended during a switch: leave no socket open
+            raise
         self._engines.report(mode, ok=True)
+        if self._closed.is_set():  # the call ended while this engine opened
+            await engine.close()
+            return False
         old, old_pump = self.engine, self._pump_task
         self.engine = engine
         previous_mode, self.info.mode = self.info.mode, mode
@@ -301,6 +323,7 @@ class CallSession:
     async def _pump(self, engine: Engine) -> None:
         """Engine events to Twilio and to the call's record, until the engine ends."""
         async for event in engine.events():
+            self.turn.saw(event)
             if isinstance(event, AudioOut):
                 if self._muted:
                     continue
@@ -321,8 +344,7 @@ class CallSession:
             elif isinstance(event, ResponseDone):
                 self.log.debug("response.done", status=event.status)
             elif isinstance(event, ToolCall):
-                self.log.warning("call.unknown_tool", tool=event.name)
-                await engine.tool_result(event.call_id, '{"error": "unknown tool"}')
+                self.tools.dispatch(engine, event)  # off the pump: a tool may wait for playback
             elif isinstance(event, EngineError):
                 self.observers.provider_error(engine.name, event.code)
                 self.log.warning(
@@ -372,6 +394,8 @@ class CallSession:
             if task is not asyncio.current_task():
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self.steering.close()
+        await self.tools.close()
         if self.engine is not None:
             await self.engine.close()
         self.observers.ended(self.outcome)

@@ -1,0 +1,318 @@
+"""The operator's admin API under /admin: JSON in and out, one bearer token.
+
+Every route checks ADMIN_TOKEN (`auth.authorize`: 404 while unset, 401 without the right
+token), validates its body with the pydantic models of `schemas` (400 for JSON that does
+not parse, 422 for a body that does not fit), and commands about a live call go through
+the bus to the instance holding it. One route table drives both the router and the
+OpenAPI document served at /admin/openapi.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from app.admin import schemas
+from app.admin.auth import authorize
+from app.admin.bus import BusError, LocalBus, RedisBus, make_bus
+from app.admin.commands import Op, Reply, error
+from app.admin.dial import DialError, DialRequest, DialRequestError, DialSetupError, place_call
+from app.call.observer import CallObserver
+from app.call.session import CallInfo, CallSession
+from app.config import Settings
+
+log = structlog.get_logger(__name__)
+
+BUS: web.AppKey[LocalBus] = web.AppKey("admin_bus", LocalBus)
+Body = TypeVar("Body", bound=BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _Refused(Exception):
+    """A request the API answers with an error before doing anything."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+
+
+async def _body(request: web.Request, model: type[Body]) -> Body:
+    """The request's JSON body as `model`; an empty body counts as `{}`."""
+    raw = await request.read()
+    try:
+        data: Any = orjson.loads(raw) if raw.strip() else {}
+    except orjson.JSONDecodeError:
+        raise _Refused(error(400, "the body must be JSON")) from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        details = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise _Refused(error(422, "invalid body", [dict(d) for d in details])) from None
+
+
+def _json(reply: Reply) -> web.Response:
+    return web.json_response(
+        reply.body, status=reply.status, dumps=lambda o: orjson.dumps(o).decode()
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One admin route: how it is served and how it is documented."""
+
+    method: str
+    path: str
+    operation_id: str
+    handler: Handler
+    summary: str
+    body: type[BaseModel] | None = None
+    body_required: bool = True
+    responses: dict[int, tuple[str, type[BaseModel] | None]] = field(default_factory=dict)
+
+
+def _call_command(bus: LocalBus, op: Op, model: type[BaseModel] | None) -> Handler:
+    """A handler that validates the body here and runs `op` where the call is held."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        call_sid = request.match_info["call_sid"]
+        body: dict[str, Any] = {}
+        if model is not None:
+            body = (await _body(request, model)).model_dump(mode="json", exclude_none=True)
+        reply = await bus.send(call_sid, op, body)
+        log.info("admin.command", call_sid=call_sid, op=op, status=reply.status)
+        return _json(reply)
+
+    return handle
+
+
+def routes(settings: Settings, bus: LocalBus, personas: Collection[str]) -> list[Route]:
+    """The admin API, in the order the OpenAPI document lists it."""
+
+    async def list_calls(_: web.Request) -> web.StreamResponse:
+        try:
+            calls = await bus.list_calls()
+        except BusError as exc:
+            return _json(error(503, str(exc)))
+        return _json(Reply(200, {"calls": calls}))
+
+    async def dial(request: web.Request) -> web.StreamResponse:
+        body = await _body(request, schemas.DialBody)
+        try:
+            req = DialRequest.parse(body.to, body.persona, body.mode, body.from_, personas)
+            sid = await asyncio.to_thread(
+                place_call, settings, req.to, req.persona, req.mode, caller_id=req.caller_id
+            )
+        except DialRequestError as exc:
+            return _json(error(422, str(exc)))
+        except DialSetupError as exc:
+            return _json(error(503, str(exc)))
+        except DialError as exc:
+            log.warning("dial.failed", to=req.to, error=str(exc))
+            return _json(error(502, str(exc)))
+        result = schemas.DialResult(call_sid=sid, to=req.to, persona=req.persona, mode=req.mode)
+        return _json(Reply(201, result.model_dump(mode="json")))
+
+    async def openapi(_: web.Request) -> web.StreamResponse:
+        return _json(Reply(200, document))
+
+    detail = "Live call detail: summary, transcript and steering log"
+    table = [
+        Route("GET", "/admin/openapi.json", "openapi", openapi, "This document"),
+        Route(
+            "GET",
+            "/admin/calls",
+            "list_calls",
+            list_calls,
+            "Live calls of every instance",
+            responses={200: ("The live calls", schemas.CallList)},
+        ),
+        Route(
+            "GET",
+            "/admin/calls/{call_sid}",
+            "get_call",
+            _call_command(bus, "detail", None),
+            detail,
+            responses={200: ("The call", schemas.CallDetail)},
+        ),
+        Route(
+            "POST",
+            "/admin/calls/{call_sid}/steer",
+            "steer_call",
+            _call_command(bus, "steer", schemas.SteerBody),
+            "Steer the call: instructions now, a voice at the end of the current response",
+            body=schemas.SteerBody,
+            responses={
+                202: ("Accepted; its state shows in the call's detail", schemas.SteerAccepted)
+            },
+        ),
+        Route(
+            "POST",
+            "/admin/calls/{call_sid}/mode",
+            "set_call_mode",
+            _call_command(bus, "mode", schemas.ModeBody),
+            "Move the call to the realtime or the chained engine",
+            body=schemas.ModeBody,
+            responses={
+                200: ("The call is on this mode", schemas.ModeResult),
+                503: ("That engine could not be started", schemas.ErrorBody),
+            },
+        ),
+        Route(
+            "POST",
+            "/admin/calls/{call_sid}/hangup",
+            "hang_up_call",
+            _call_command(bus, "hangup", schemas.HangupBody),
+            "Hang up the call (Twilio REST; without Twilio credentials, close the stream)",
+            body=schemas.HangupBody,
+            body_required=False,
+            responses={
+                200: ("Ended", schemas.HangupResult),
+                502: ("Twilio refused or is unreachable", schemas.ErrorBody),
+            },
+        ),
+        Route(
+            "POST",
+            "/admin/calls/{call_sid}/transfer",
+            "transfer_call",
+            _call_command(bus, "transfer", schemas.TransferBody),
+            "Transfer the caller to another number (Twilio REST, <Dial>)",
+            body=schemas.TransferBody,
+            responses={
+                200: ("Twilio is dialling the number", schemas.TransferResult),
+                502: ("Twilio refused or is unreachable", schemas.ErrorBody),
+                503: ("No Twilio credentials", schemas.ErrorBody),
+            },
+        ),
+        Route(
+            "POST",
+            "/admin/dial",
+            "dial",
+            dial,
+            "Place an outbound call",
+            body=schemas.DialBody,
+            responses={
+                201: ("Placed", schemas.DialResult),
+                502: ("Twilio refused or is unreachable", schemas.ErrorBody),
+                503: ("PUBLIC_URL or Twilio settings missing", schemas.ErrorBody),
+            },
+        ),
+    ]
+    document = openapi_document(table)
+    return table
+
+
+def openapi_document(table: list[Route]) -> dict[str, Any]:
+    """OpenAPI 3.1 for the routes, with the models' JSON schemas as components."""
+    components: dict[str, Any] = {}
+
+    def ref(model: type[BaseModel], mode: str) -> dict[str, str]:
+        schema = model.model_json_schema(
+            by_alias=True,
+            ref_template="#/components/schemas/{model}",
+            mode="validation" if mode == "validation" else "serialization",
+        )
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    def content(model: type[BaseModel] | None, mode: str) -> dict[str, Any]:
+        schema = ref(model, mode) if model is not None else {"type": "object"}
+        return {"application/json": {"schema": schema}}
+
+    paths: dict[str, dict[str, Any]] = {}
+    for route in table:
+        responses: dict[str, Any] = {
+            str(status): {"description": text, "content": content(model, "serialization")}
+            for status, (text, model) in route.responses.items()
+        }
+        if not responses:
+            responses["200"] = {"description": "OK", "content": content(None, "serialization")}
+        responses["401"] = {
+            "description": "Missing or wrong bearer token",
+            "content": content(schemas.ErrorBody, "serialization"),
+        }
+        responses["404"] = {
+            "description": "ADMIN_TOKEN unset, or no such live call",
+            "content": content(schemas.ErrorBody, "serialization"),
+        }
+        operation: dict[str, Any] = {
+            "summary": route.summary,
+            "operationId": route.operation_id,
+            "responses": responses,
+        }
+        if "{call_sid}" in route.path:
+            operation["parameters"] = [
+                {
+                    "name": "call_sid",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": "Twilio's CallSid",
+                }
+            ]
+        if route.body is not None:
+            responses["400"] = {
+                "description": "The body is not JSON",
+                "content": content(schemas.ErrorBody, "serialization"),
+            }
+            responses["422"] = {
+                "description": "The body is invalid",
+                "content": content(schemas.ErrorBody, "serialization"),
+            }
+            operation["requestBody"] = {
+                "required": route.body_required,
+                "content": content(route.body, "validation"),
+            }
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Phone agent admin API", "version": "1"},
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _guarded(settings: Settings, handler: Handler) -> Handler:
+    """The handler behind the token check, with refusals answered as JSON errors."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        authorize(request, settings)
+        try:
+            return await handler(request)
+        except _Refused as refused:
+            return _json(refused.reply)
+
+    return guarded
+
+
+def add_routes(
+    app: web.Application,
+    settings: Settings,
+    calls: Mapping[str, CallSession],
+    personas: Collection[str],
+    observers: list[Callable[[CallInfo], CallObserver]],
+) -> None:
+    """Register /admin and the bus that carries its commands (Redis or in process)."""
+    bus = make_bus(settings.redis_url, calls, settings.call_registry_ttl)
+    app[BUS] = bus
+    if isinstance(bus, RedisBus):
+        observers.append(bus.observer)
+    for route in routes(settings, bus, personas):
+        app.router.add_route(route.method, route.path, _guarded(settings, route.handler))
+
+    async def lifetime(_: web.Application) -> AsyncIterator[None]:
+        await bus.start()
+        yield
+        await bus.close()
+
+    app.cleanup_ctx.append(lifetime)

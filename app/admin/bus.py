@@ -1,0 +1,305 @@
+"""Where live calls are and how an admin command reaches the one holding a call.
+
+`LocalBus` (no REDIS_URL): the registry is this process's calls and commands run here.
+
+`RedisBus` (REDIS_URL set): every instance writes a record of each of its calls under
+`phone-agent:call:<sid>` with a TTL it refreshes every third of it, so an instance that
+dies leaves no ghost calls once the TTL passes; `GET /admin/calls` on any instance lists
+them all. A command for a call held elsewhere is published on the holder's channel
+(`phone-agent:commands:<instance>`) with this instance's reply channel; the holder runs
+it and publishes the `Reply` back, so the operator gets the real result (202 with the
+steer id, 404, 502 from Twilio...) from whichever instance they asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import Coroutine, Mapping
+from datetime import datetime
+from typing import Any
+
+import orjson
+import redis.asyncio as redis
+import structlog
+from redis.exceptions import RedisError
+
+from app.admin import commands
+from app.admin.commands import Reply
+from app.call.observer import CallObserver
+from app.call.session import CallInfo, CallSession
+from app.telephony.rest import TWILIO_TIMEOUT_S
+
+log = structlog.get_logger(__name__)
+
+PREFIX = "phone-agent:"
+# A command may call Twilio (hang-up, transfer): wait for its answer a little longer.
+REPLY_TIMEOUT_S = TWILIO_TIMEOUT_S + 5.0
+SUBSCRIBE_WAIT_S = 2.0
+RECONNECT_S = 1.0
+CLOSE_WAIT_S = 1.0
+
+
+def instance_name() -> str:
+    """A name for this process among the instances: host plus a random suffix."""
+    return f"{socket.gethostname()}-{secrets.token_hex(4)}"
+
+
+class BusError(Exception):
+    """The shared registry cannot be read (Redis unreachable)."""
+
+
+class LocalBus:
+    """The calls of this process; commands run in place."""
+
+    def __init__(self, calls: Mapping[str, CallSession], instance: str | None = None) -> None:
+        self.calls = calls
+        self.instance = instance or instance_name()
+
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    def local_summaries(self) -> list[dict[str, Any]]:
+        return [
+            commands.summary(s, self.instance).model_dump(mode="json", by_alias=True)
+            for s in list(self.calls.values())
+        ]
+
+    async def list_calls(self) -> list[dict[str, Any]]:
+        """Every live call this registry knows, oldest first."""
+        return sorted(self.local_summaries(), key=lambda c: str(c["started_at"]))
+
+    async def send(self, call_sid: str, op: str, body: dict[str, Any]) -> Reply:
+        """Run `op` on the call, wherever it is held."""
+        session = self.calls.get(call_sid)
+        if session is None:
+            return commands.not_found(call_sid)
+        return await commands.execute(session, op, body, self.instance)
+
+
+class RedisBus(LocalBus):
+    """The registry and command routing shared by all instances through Redis."""
+
+    def __init__(
+        self,
+        url: str,
+        calls: Mapping[str, CallSession],
+        ttl_s: float,
+        instance: str | None = None,
+    ) -> None:
+        super().__init__(calls, instance)
+        self._redis = redis.from_url(url, decode_responses=True)
+        self._ttl_ms = max(1, round(ttl_s * 1000))
+        self._commands = commands_channel(self.instance)
+        self._replies = f"{PREFIX}replies:{self.instance}"
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._subscribed = asyncio.Event()
+        # Writes and removals one at a time: a refresh in flight cannot land after the
+        # removal of a call that ended meanwhile and bring it back until the TTL.
+        self._registry_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Listen for commands and replies, keep our records alive. Redis being down
+        does not stop the service: calls go on and the bus reconnects."""
+        self._loops = [
+            asyncio.create_task(self._listen(), name="bus-listen"),
+            asyncio.create_task(self._refresh(), name="bus-refresh"),
+        ]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), SUBSCRIBE_WAIT_S)
+        log.info("bus.started", instance=self.instance, ready=self._subscribed.is_set())
+
+    async def close(self) -> None:
+        """Stop, and remove the records of calls still here (a clean stop leaves none)."""
+        for task in self._loops:
+            task.cancel()
+        if self._tasks:  # let the last writes and removals land
+            await asyncio.wait(self._tasks, timeout=CLOSE_WAIT_S)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        with contextlib.suppress(RedisError, OSError):
+            if self.calls:
+                await self._redis.delete(*(call_key(sid) for sid in self.calls))
+        await self._redis.aclose()
+
+    def observer(self, info: CallInfo) -> CallObserver:
+        """A per-call observer that registers the call at once and keeps its record fresh
+        on changes (the periodic refresh covers the rest)."""
+        return _Registration(self, info.call_sid)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the registry ---------------------------------------------------------------------
+
+    async def write(self, call_sids: list[str] | None = None) -> None:
+        """Write the records of our calls (all, or those given) with a fresh TTL."""
+        async with self._registry_lock:
+            sessions = [
+                s for sid, s in list(self.calls.items()) if call_sids is None or sid in call_sids
+            ]
+            if not sessions:
+                return
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for session in sessions:
+                        record = commands.summary(session, self.instance)
+                        value = orjson.dumps(record.model_dump(mode="json", by_alias=True))
+                        pipe.set(call_key(session.info.call_sid), value, px=self._ttl_ms)
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("bus.write_failed", error=str(exc))
+
+    async def forget(self, call_sid: str) -> None:
+        async with self._registry_lock:
+            try:
+                await self._redis.delete(call_key(call_sid))
+            except (RedisError, OSError) as exc:
+                log.warning("bus.forget_failed", call_sid=call_sid, error=str(exc))
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl_ms / 3000.0)
+            await self.write()
+
+    async def list_calls(self) -> list[dict[str, Any]]:
+        """The calls of every instance: ours fresh from memory, the others' records."""
+        try:
+            keys = [k async for k in self._redis.scan_iter(match=call_key("*"), count=500)]
+            values = await self._redis.mget(keys) if keys else []
+        except (RedisError, OSError) as exc:
+            raise BusError(f"the call registry (Redis) is unreachable: {exc}") from None
+        mine = self.local_summaries()
+        here = {c["call_sid"] for c in mine}
+        now = time.time()
+        calls = list(mine)
+        for value in values:
+            if value is None:  # expired between SCAN and MGET
+                continue
+            record: dict[str, Any] = orjson.loads(value)
+            if record.get("call_sid") in here or record.get("instance") == self.instance:
+                continue  # ours: only what is in memory is live
+            started = datetime.fromisoformat(str(record["started_at"])).timestamp()
+            record["duration_s"] = round(now - started, 1)
+            calls.append(record)
+        return sorted(calls, key=lambda c: str(c["started_at"]))
+
+    # -- commands -------------------------------------------------------------------------
+
+    async def send(self, call_sid: str, op: str, body: dict[str, Any]) -> Reply:
+        """Run here if the call is ours, else ask its instance and wait for the answer."""
+        if call_sid in self.calls:
+            return await super().send(call_sid, op, body)
+        try:
+            value = await self._redis.get(call_key(call_sid))
+        except (RedisError, OSError) as exc:
+            return commands.error(503, f"the call registry (Redis) is unreachable: {exc}")
+        holder = orjson.loads(value).get("instance") if value else None
+        if not isinstance(holder, str) or holder == self.instance:
+            return commands.not_found(call_sid)
+        request_id = uuid.uuid4().hex
+        answer: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = answer
+        message = {
+            "id": request_id,
+            "reply_to": self._replies,
+            "call_sid": call_sid,
+            "op": op,
+            "body": body,
+        }
+        try:
+            receivers = await self._redis.publish(commands_channel(holder), orjson.dumps(message))
+            if not receivers:
+                return commands.error(503, f"instance {holder} holding {call_sid} is unreachable")
+            return await asyncio.wait_for(answer, REPLY_TIMEOUT_S)
+        except (RedisError, OSError) as exc:
+            return commands.error(503, f"the command bus (Redis) is unreachable: {exc}")
+        except TimeoutError:
+            return commands.error(504, f"instance {holder} did not answer in time")
+        finally:
+            self._waiting.pop(request_id, None)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self._commands, self._replies)
+                    self._subscribed.set()
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._on_message(str(message["channel"]), str(message["data"]))
+            except (RedisError, OSError) as exc:
+                log.warning("bus.disconnected", error=str(exc))
+            self._subscribed.clear()
+            await asyncio.sleep(RECONNECT_S)
+
+    def _on_message(self, channel: str, data: str) -> None:
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            log.warning("bus.bad_message", channel=channel)
+            return
+        if channel == self._replies:
+            answer = self._waiting.get(str(message.get("id")))
+            if answer is not None and not answer.done():
+                answer.set_result(Reply(int(message["status"]), dict(message["body"])))
+        elif channel == self._commands:
+            self.spawn(self._serve(message))
+
+    async def _serve(self, message: dict[str, Any]) -> None:
+        """A command from another instance: run it and publish the reply."""
+        call_sid, op = str(message.get("call_sid")), str(message.get("op"))
+        body = message.get("body")
+        reply = await super().send(call_sid, op, body if isinstance(body, dict) else {})
+        answer = {"id": message.get("id"), "status": reply.status, "body": reply.body}
+        log.info("bus.command_served", call_sid=call_sid, op=op, status=reply.status)
+        try:
+            await self._redis.publish(str(message.get("reply_to")), orjson.dumps(answer))
+        except (RedisError, OSError) as exc:
+            log.warning("bus.reply_failed", call_sid=call_sid, op=op, error=str(exc))
+
+
+def call_key(call_sid: str) -> str:
+    return f"{PREFIX}call:{call_sid}"
+
+
+def commands_channel(instance: str) -> str:
+    return f"{PREFIX}commands:{instance}"
+
+
+class _Registration(CallObserver):
+    """Keeps one call's record in Redis current with its life."""
+
+    def __init__(self, bus: RedisBus, call_sid: str) -> None:
+        self._bus = bus
+        self._sid = call_sid
+        # The session is in the call table once the stream handler resumes: write then.
+        bus.spawn(bus.write([call_sid]))
+
+    def engine_switched(self, old: str, new: str, reason: str) -> None:
+        self._bus.spawn(self._bus.write([self._sid]))
+
+    def steered(self, kind: str, detail: str, state: str) -> None:
+        self._bus.spawn(self._bus.write([self._sid]))
+
+    def ended(self, outcome: str) -> None:
+        self._bus.spawn(self._bus.forget(self._sid))
+
+
+def make_bus(
+    redis_url: str | None, calls: Mapping[str, CallSession], ttl_s: float
+) -> LocalBus | RedisBus:
+    """Redis when REDIS_URL is set, else in process."""
+    return RedisBus(redis_url, calls, ttl_s) if redis_url else LocalBus(calls)

@@ -1,0 +1,150 @@
+"""Admin commands run on the instance that holds the call, and the views of a call.
+
+The admin routes validate a request where it arrives; the bus carries `(op, body)` to the
+instance holding the call (maybe this one), which runs it here and answers a `Reply`: the
+HTTP status and JSON body the operator gets, whichever instance they asked.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from app.admin import schemas
+from app.call import control
+from app.call.session import CallSession
+from app.call.steering import Steer
+from app.telephony import rest
+
+Op = Literal["detail", "steer", "mode", "hangup", "transfer"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An admin command's answer: HTTP status and JSON body."""
+
+    status: int
+    body: dict[str, Any]
+
+
+def error(status: int, message: str, details: list[dict[str, Any]] | None = None) -> Reply:
+    body = schemas.ErrorBody(error=message, details=details)
+    return Reply(status, body.model_dump(exclude_none=True))
+
+
+def not_found(call_sid: str) -> Reply:
+    return error(404, f"no live call {call_sid}")
+
+
+def _iso(epoch: float | None) -> str | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
+def engine_state(session: CallSession) -> str:
+    """What the call's engine is doing, for the operator."""
+    if session.engine is None:
+        return "starting"
+    if session.switching:
+        return "switching"
+    if session.turn.responding:
+        return "responding"
+    if session.playback.playing:
+        return "speaking"
+    if session.turn.caller_speaking:
+        return "caller_speaking"
+    return "listening"
+
+
+def summary(session: CallSession, instance: str) -> schemas.CallSummary:
+    """One line of `GET /admin/calls`."""
+    info = session.info
+    started = _iso(info.started_at)
+    assert started is not None
+    return schemas.CallSummary.model_validate(
+        {
+            "call_sid": info.call_sid,
+            "from": info.from_number,
+            "to": info.to_number,
+            "persona": info.persona,
+            "mode": info.mode,
+            "engine_state": engine_state(session),
+            "voice": session.setup_for(info.mode).voice,
+            "started_at": started,
+            "duration_s": round(time.time() - info.started_at, 1),
+            "last_turn_latency_ms": info.last_turn_latency_ms,
+            "barge_ins": info.barge_ins,
+            "instance": instance,
+        }
+    )
+
+
+def _steer_view(steer: Steer) -> schemas.SteerView:
+    created = _iso(steer.created_at)
+    assert created is not None
+    return schemas.SteerView(
+        id=steer.id,
+        instructions=steer.instructions,
+        voice=steer.voice,
+        state=steer.state,
+        error=steer.error,
+        note=steer.note,
+        created_at=created,
+        settled_at=_iso(steer.settled_at),
+    )
+
+
+def detail(session: CallSession, instance: str) -> schemas.CallDetail:
+    """`GET /admin/calls/{call_sid}`: the summary, the live transcript, the steering log."""
+    return schemas.CallDetail.model_validate(
+        {
+            **summary(session, instance).model_dump(),
+            "transcript": [
+                schemas.TranscriptTurn(role=t.role, text=t.text, interrupted=t.interrupted)
+                for t in session.transcript
+            ],
+            "steering": [_steer_view(s) for s in session.steering.log],
+        }
+    )
+
+
+def _dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json", by_alias=True)
+
+
+async def execute(session: CallSession, op: str, body: dict[str, Any], instance: str) -> Reply:
+    """Run one admin command on a call this instance holds."""
+    sid = session.info.call_sid
+    try:
+        if op == "detail":
+            return Reply(200, _dump(detail(session, instance)))
+        if op == "steer":
+            steer_body = schemas.SteerBody.model_validate(body)
+            steer = session.steering.submit(steer_body.instructions, steer_body.voice)
+            accepted = schemas.SteerAccepted(call_sid=sid, steer_id=steer.id, state=steer.state)
+            return Reply(202, _dump(accepted))
+        if op == "mode":
+            mode = schemas.ModeBody.model_validate(body).mode
+            if not await session.steering.switch_mode(mode):
+                stays = session.info.mode
+                return error(503, f"the {mode} engine could not be started; still on {stays}")
+            return Reply(200, _dump(schemas.ModeResult(call_sid=sid, mode=mode)))
+        if op == "hangup":
+            schemas.HangupBody.model_validate(body)
+            status = await control.hang_up(session, "operator_hangup")
+            return Reply(200, _dump(schemas.HangupResult(call_sid=sid, status=status)))
+        if op == "transfer":
+            to = schemas.TransferBody.model_validate(body).to
+            moved = await control.transfer(session, to)
+            return Reply(200, _dump(schemas.TransferResult(call_sid=sid, to=to, status=moved)))
+    except ValidationError as exc:
+        details = exc.errors(include_url=False, include_context=False, include_input=False)
+        return error(422, "invalid body", [dict(d) for d in details])
+    except rest.RestSetupError as exc:
+        return error(503, str(exc))
+    except rest.RestError as exc:
+        return error(502, str(exc))
+    return error(400, f"unknown command {op!r}")

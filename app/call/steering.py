@@ -1,0 +1,236 @@
+"""Operator steering of one live call, and the realtime session handoffs it needs.
+
+Instructions apply at once (realtime `session.update`, the chained system prompt from the
+next reply) and stay as an override that every later engine starts with (failover, mode
+toggle, voice swap, renewal). A voice applies at a turn boundary, never mid-sentence: the
+chained engine changes its TTS voice; a realtime session that has spoken cannot (OpenAI
+refuses), so a new realtime session with the new voice, seeded with the conversation so
+far, is switched in with the caller's audio held meanwhile (`switch_engine`), and the
+old socket closes. The same handoff renews a realtime session before the provider's
+maximum duration.
+
+A voice's name says which engine it is for: OpenAI's voices (`marin`, `cedar`, ...) are
+realtime voices, anything else is a TTS voice id (`af_heart`). A voice for the mode the
+call is not on is kept for when the call moves there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from app.call.observer import CallObserver
+
+if TYPE_CHECKING:
+    from app.call.session import CallSession
+
+REALTIME_VOICES = frozenset(
+    {"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"}
+)
+BOUNDARY_WAIT_S = 120.0  # a voice steer fails if the call finds no turn boundary this long
+RENEW_RETRY_S = 30.0  # after a failed renewal; the old session serves meanwhile
+BETA_MAX_MINUTES = 28.0  # the beta dialect's sessions last 30 minutes whatever we set
+STEERS_KEPT = 50
+
+SteerState = Literal["pending", "applied", "failed"]
+
+
+def voice_mode(voice: str) -> Literal["realtime", "chained"]:
+    """The engine a voice name belongs to."""
+    return "realtime" if voice in REALTIME_VOICES else "chained"
+
+
+def steer_id() -> str:
+    return "st_" + secrets.token_hex(6)
+
+
+@dataclass(slots=True)
+class Steer:
+    """One operator steer and what became of it."""
+
+    id: str
+    instructions: str | None
+    voice: str | None
+    created_at: float = field(default_factory=time.time)
+    state: SteerState = "pending"
+    error: str | None = None
+    note: str | None = None
+    settled_at: float | None = None
+
+
+class Steering(CallObserver):
+    """A call's steering log, its overrides, and the worker for boundary-time handoffs.
+
+    Every engine change made here (instructions, voice, mode toggle, renewal) holds one
+    lock, so a steer arriving during a swap reaches the engine that comes out of it.
+    """
+
+    def __init__(self, session: CallSession) -> None:
+        self._session = session
+        self.instructions: str | None = None
+        self.voices: dict[str, str] = {}  # mode -> voice
+        self.log: deque[Steer] = deque(maxlen=STEERS_KEPT)
+        self._lock = asyncio.Lock()
+        self._pending_voice: Steer | None = None
+        self._wake = asyncio.Event()
+        settings = session.settings
+        minutes = settings.realtime_max_session_minutes
+        if settings.realtime_dialect == "beta":
+            minutes = min(minutes, BETA_MAX_MINUTES)
+        self._max_age_s = minutes * 60.0
+        self._renew_at = time.monotonic() + self._max_age_s
+        self._worker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        """Start the worker that applies voices and renews sessions at turn boundaries."""
+        self._worker = asyncio.create_task(
+            self._run(), name=f"steering-{self._session.info.call_sid}"
+        )
+
+    async def close(self) -> None:
+        """Stop everything; a voice still waiting for its boundary fails."""
+        current = asyncio.current_task()
+        for task in [self._worker, *self._tasks]:
+            if task is not None and task is not current:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._pending_voice is not None:
+            self._settle(self._pending_voice, "failed", error="the call ended first")
+            self._pending_voice = None
+
+    # -- steers -------------------------------------------------------------------------
+
+    def submit(self, instructions: str | None, voice: str | None) -> Steer:
+        """Record a steer and start applying it; it settles in the background."""
+        steer = Steer(steer_id(), instructions, voice)
+        self.log.append(steer)
+        observers = self._session.observers
+        if instructions is not None:
+            self.instructions = instructions  # engines started from now on get them
+            observers.steered("instructions", instructions[:500], "pending")
+        if voice is not None:
+            observers.steered("voice", voice, "pending")
+        self._spawn(self._apply(steer))
+        return steer
+
+    async def switch_mode(self, mode: str) -> bool:
+        """The operator's live toggle; True when the call is on `mode` afterwards."""
+        session = self._session
+        async with self._lock:
+            ok = session.info.mode == mode or await session.switch_engine(mode, "operator")
+        session.observers.steered("mode", mode, "applied" if ok else "failed")
+        return ok
+
+    async def _apply(self, steer: Steer) -> None:
+        if steer.instructions is not None:
+            async with self._lock:
+                if (engine := self._session.engine) is not None:
+                    await engine.update(instructions=steer.instructions)
+            self._session.observers.steered("instructions", steer.instructions[:500], "applied")
+        if steer.voice is None:
+            self._settle(steer, "applied")
+            return
+        if not self._keep_for_other_mode(steer):
+            if self._pending_voice is not None:
+                self._settle(self._pending_voice, "failed", error=f"superseded by {steer.id}")
+            self._pending_voice = steer
+            self._wake.set()
+
+    def _keep_for_other_mode(self, steer: Steer) -> bool:
+        """A voice for the mode the call is not on is stored for later: True if so."""
+        assert steer.voice is not None
+        mode, current = voice_mode(steer.voice), self._session.info.mode
+        if mode == current:
+            return False
+        self.voices[mode] = steer.voice
+        note = f"kept for {mode} mode (the call is on {current}): used when it moves there"
+        self._settle(steer, "applied", note=note)
+        return True
+
+    async def _change_voice(self, steer: Steer) -> None:
+        """At a turn boundary, under the lock: the engine the call is on gets the voice."""
+        assert steer.voice is not None
+        if self._keep_for_other_mode(steer):
+            return
+        session = self._session
+        mode = session.info.mode
+        previous = self.voices.get(mode)
+        self.voices[mode] = steer.voice
+        try:
+            if session.engine is not None:
+                await session.engine.update(voice=steer.voice)
+        except ValueError:  # a realtime session that has spoken keeps its voice
+            if not await session.switch_engine(mode, reason="voice"):
+                if previous is None:
+                    del self.voices[mode]
+                else:
+                    self.voices[mode] = previous
+                error = "a new realtime session could not be opened; the voice is unchanged"
+                self._settle(steer, "failed", error=error)
+                return
+        self._settle(steer, "applied")
+
+    def _settle(
+        self, steer: Steer, state: SteerState, *, error: str | None = None, note: str | None = None
+    ) -> None:
+        steer.state, steer.error, steer.note = state, error, note
+        steer.settled_at = time.time()
+        if steer.voice is not None:
+            self._session.observers.steered("voice", steer.voice, state)
+        self._session.log.info(
+            "steer.settled", steer_id=steer.id, state=state, error=error, voice=steer.voice
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the boundary worker: voices and renewals -----------------------------------------
+
+    def engine_switched(self, old: str, new: str, reason: str) -> None:
+        """Observer hook: a new engine is serving, so its session's age starts now."""
+        self._renew_at = time.monotonic() + self._max_age_s
+        self._wake.set()
+
+    def _renewal_in(self) -> float | None:
+        """Seconds until the realtime session is due for renewal; None on chained."""
+        if self._session.info.mode != "realtime":
+            return None
+        return self._renew_at - time.monotonic()
+
+    async def _run(self) -> None:
+        turn = self._session.turn
+        while True:
+            self._wake.clear()
+            due_in = self._renewal_in()
+            if self._pending_voice is None and (due_in is None or due_in > 0):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), due_in)
+                continue
+            if not await turn.until_boundary(BOUNDARY_WAIT_S):
+                if (steer := self._pending_voice) is not None:
+                    self._pending_voice = None
+                    error = f"no turn boundary within {BOUNDARY_WAIT_S:.0f} s"
+                    self._settle(steer, "failed", error=error)
+                continue
+            async with self._lock:
+                steer, self._pending_voice = self._pending_voice, None
+                if steer is not None:
+                    await self._change_voice(steer)
+                elif (due_in := self._renewal_in()) is not None and due_in <= 0:
+                    await self._renew()
+
+    async def _renew(self) -> None:
+        session = self._session
+        session.log.info("realtime.renewing", max_minutes=self._max_age_s / 60.0)
+        if not await session.switch_engine("realtime", reason="renewal"):
+            self._renew_at = time.monotonic() + RENEW_RETRY_S

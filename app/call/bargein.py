@@ -10,13 +10,13 @@ task of its own, so the relay never waits for the VAD. The policy, per 32 ms win
   speech window the caller's audio is held back from the model, so the model's own
   VAD cannot act on a half-heard "mhm".
 - Backchannel window: at onset the agent is paused at once (Twilio `clear`, its
-  unplayed audio kept). If the caller is quiet again when `backchannel_ms` has
-  passed, it was an "mhm": the agent resumes where it stopped, and the held audio is
-  dropped unless the caller goes on within a second (then it was a pause between
-  words, and everything held goes to the model). If the caller is still talking, the
-  interruption is committed (cancel, truncate) and the held audio goes to the model,
-  so nothing the caller said is lost. With `backchannel_ms = 0` onset interrupts at
-  once.
+  unplayed audio kept). If, once `backchannel_ms` has passed, the caller has been
+  quiet for a quarter second, it was an "mhm": the agent resumes where it stopped, and
+  the held audio is dropped unless the caller goes on within a second (then it was a
+  pause between words, and everything held goes to the model). If the caller is still
+  talking, the interruption is committed (cancel, truncate) and the held audio goes to
+  the model, so nothing the caller said is lost. With `backchannel_ms = 0` onset
+  interrupts at once.
 - Turn end (for engines without their own turn detection): `turn_silence_ms` of
   silence after at least `turn_min_speech_ms` of speech.
 """
@@ -46,7 +46,11 @@ WINDOW_MS = 32.0
 # The agent's loudest recent audio is the echo reference: long enough to cover the echo
 # path and the pauses between the agent's sentences, when echo of the last one lingers.
 _ECHO_MEMORY_S = 2.0
+# While the agent holds the floor, its level never counts as lower than this: in the
+# silence before its first word, echo of a neighbouring sound must not pass the gate.
+_QUIET_AGENT_DBFS = -20.0
 _STILL_TALKING_S = 0.1  # speech this recent at the end of the window commits the interruption
+_SETTLE_MS = 250.0  # silence that tells an "mhm" that ended from a pause between words
 _LINGER_S = 1.0  # how long a backchannel's audio is kept in case the caller goes on
 
 
@@ -67,11 +71,18 @@ class Floor(Protocol):
     async def send_held(self, payload: str) -> None: ...
 
 
-def frame_dbfs(pcm: np.ndarray) -> float:
-    """RMS level of int16 samples in dB relative to full scale."""
-    if pcm.size == 0:
-        return -120.0
-    power = float(np.mean(np.square(pcm, dtype=np.float64))) / (32768.0 * 32768.0)
+_POWER = (ulaw_decode(bytes(range(256))).astype(np.float64) / 32768.0) ** 2
+_FRAME = 160  # 20 ms of mu-law
+
+
+def ulaw_dbfs(data: bytes) -> float:
+    """The loudest 20 ms RMS level of mu-law audio in dBFS, read straight off the codes."""
+    codes = np.frombuffer(data, dtype=np.uint8)
+    frames = codes.size // _FRAME
+    if frames:
+        power = float(_POWER[codes[: frames * _FRAME]].reshape(frames, _FRAME).mean(axis=1).max())
+    else:
+        power = float(_POWER[codes].mean()) if codes.size else 0.0
     return 10.0 * math.log10(power) if power > 1e-12 else -120.0
 
 
@@ -131,10 +142,8 @@ class BargeIn(CallObserver):
 
     def agent_audio(self, payload: str, starts_at: float) -> None:
         """Remember how loud the agent is, to tell its echo from the caller."""
-        pcm = ulaw_decode(base64.b64decode(payload))
-        frames = pcm[: pcm.size // 160 * 160].reshape(-1, 160) if pcm.size >= 160 else [pcm]
-        level = max(frame_dbfs(f) for f in frames)
-        self._agent_levels.append((starts_at, starts_at + pcm.size / 8000.0, level))
+        data = base64.b64decode(payload)
+        self._agent_levels.append((starts_at, starts_at + len(data) / 8000.0, ulaw_dbfs(data)))
 
     def agent_cleared(self, at: float) -> None:
         while self._agent_levels and self._agent_levels[-1][0] >= at:
@@ -144,8 +153,9 @@ class BargeIn(CallObserver):
         """Score caller frames as they come, and act on the decisions."""
         while True:
             payload = await self._frames.get()
-            pcm = ulaw_decode(base64.b64decode(payload))
-            self._levels.append(frame_dbfs(pcm))
+            data = base64.b64decode(payload)
+            self._levels.append(ulaw_dbfs(data))
+            pcm = ulaw_decode(data)
             for prob in await self._batcher.feed(self._stream, pcm):
                 await self._window(prob, max(self._levels))
 
@@ -162,8 +172,11 @@ class BargeIn(CallObserver):
     def _is_speech(self, prob: float, level: float, now: float) -> bool:
         if prob < self._settings.vad_start_threshold:
             return False
-        agent = self._agent_level(now) if self._floor.agent_playing else None
-        return agent is None or level >= agent + self._settings.vad_echo_gate_db
+        if not self._floor.agent_playing:
+            return True
+        agent = self._agent_level(now)
+        reference = _QUIET_AGENT_DBFS if agent is None else max(agent, _QUIET_AGENT_DBFS)
+        return level >= reference + self._settings.vad_echo_gate_db
 
     async def _window(self, prob: float, level: float) -> None:
         settings = self._settings
@@ -199,8 +212,9 @@ class BargeIn(CallObserver):
         ):
             if now - self._last_speech_at <= _STILL_TALKING_S:
                 await self._commit("vad")
-            else:
+            elif self._silence_run >= _SETTLE_MS:
                 self._backchannel(now)
+            # else: a gap that may be between two words; the next windows decide
 
         if self._in_utterance and self._silence_run >= settings.turn_silence_ms:
             self._in_utterance = False

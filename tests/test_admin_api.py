@@ -347,6 +347,9 @@ async def test_realtime_voice_change_swaps_in_a_seeded_session_at_the_turn_end(
     status, detail = await r.service.api("GET", f"/admin/calls/{live.sid}")
     assert detail["steering"][-1]["state"] == "pending"  # the greeting is still playing
     assert detail["voice"] == "marin"
+    # The next session is opened at once, while the greeting plays, and waits.
+    await wait_until(lambda: len(r.realtime.connections) == 2, what="the session opened ahead")
+    assert live.session.playback.playing and not watch.switches
 
     await wait_until(lambda: bool(watch.switches), what="the new session")
     _, new = r.realtime.connections
@@ -397,7 +400,7 @@ async def test_voice_steer_superseded_or_failed_leaves_the_voice_alone(rig: RigF
     assert detail["voice"] == "marin" and detail["mode"] == "realtime"
     assert live.session.engine is not None and not old.closed  # the call goes on as it was
     await live.result()
-    assert len(r.realtime.refused) == 1
+    assert r.realtime.refused and len(r.realtime.connections) == 1  # no session was swapped in
 
 
 async def test_voice_steer_before_the_model_speaks_needs_no_new_session(rig: RigFactory) -> None:

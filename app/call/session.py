@@ -171,22 +171,29 @@ class CallSession:
         self.outcome = "no_engine"
         return False
 
-    async def switch_engine(self, mode: str, reason: str) -> bool:
+    async def switch_engine(self, mode: str, reason: str, engine: Engine | None = None) -> bool:
         """Move the live call to a new engine of `mode`, carrying the conversation.
 
         Caller audio that arrives while the new engine opens is held and replayed to
         it, so nothing the caller says during the switch is lost. The old engine is
-        closed once the new one is serving.
+        closed once the new one is serving. `engine`: one from `new_engine`, maybe
+        connected ahead (a warm handoff), else a fresh one is made.
         """
         async with self._switch_lock:
             self._held_audio = []
             try:
-                return await self._activate(mode, greet=False, reason=reason)
+                return await self._activate(mode, greet=False, reason=reason, engine=engine)
             finally:
                 self._held_audio = None
 
-    async def _activate(self, mode: str, *, greet: bool, reason: str) -> bool:
-        engine = self._engines.create(mode)
+    def new_engine(self, mode: str) -> Engine:
+        """A fresh engine of `mode`, for a switch prepared ahead (see `switch_engine`)."""
+        return self._engines.create(mode)
+
+    async def _activate(
+        self, mode: str, *, greet: bool, reason: str, engine: Engine | None = None
+    ) -> bool:
+        engine = engine or self._engines.create(mode)
         try:
             await engine.start(self.setup_for(mode), list(self.transcript), greet=greet)
         except EngineUnavailable as exc:

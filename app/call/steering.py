@@ -6,8 +6,9 @@ toggle, voice swap, renewal). A voice applies at a turn boundary, never mid-sent
 chained engine changes its TTS voice; a realtime session that has spoken cannot (OpenAI
 refuses), so a new realtime session with the new voice, seeded with the conversation so
 far, is switched in with the caller's audio held meanwhile (`switch_engine`), and the
-old socket closes. The same handoff renews a realtime session before the provider's
-maximum duration.
+old socket closes. That session is opened as soon as the steer arrives, while the agent
+is still speaking, so the swap at the boundary costs the caller no connect time. The
+same handoff renews a realtime session before the provider's maximum duration.
 
 A voice's name says which engine it is for: OpenAI's voices (`marin`, `cedar`, ...) are
 realtime voices, anything else is a TTS voice id (`af_heart`). A voice for the mode the
@@ -22,10 +23,13 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from app.call.observer import CallObserver
+from app.call.turns import until
+from app.engines.base import AgentSetup, Engine, EngineUnavailable
+from app.engines.realtime import RealtimeEngine
 
 if TYPE_CHECKING:
     from app.call.session import CallSession
@@ -64,6 +68,15 @@ class Steer:
     settled_at: float | None = None
 
 
+@dataclass(slots=True)
+class _Warm:
+    """A realtime session opened ahead of a handoff, for one voice."""
+
+    voice: str
+    engine: RealtimeEngine
+    connecting: asyncio.Task[bool]
+
+
 class Steering(CallObserver):
     """A call's steering log, its overrides, and the worker for boundary-time handoffs.
 
@@ -85,6 +98,7 @@ class Steering(CallObserver):
             minutes = min(minutes, BETA_MAX_MINUTES)
         self._max_age_s = minutes * 60.0
         self._renew_at = time.monotonic() + self._max_age_s
+        self._warm: _Warm | None = None
         self._worker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -105,6 +119,7 @@ class Steering(CallObserver):
         if self._pending_voice is not None:
             self._settle(self._pending_voice, "failed", error="the call ended first")
             self._pending_voice = None
+        await self._drop_warm()
 
     # -- steers -------------------------------------------------------------------------
 
@@ -139,6 +154,10 @@ class Steering(CallObserver):
             self._settle(steer, "applied")
             return
         if not self._keep_for_other_mode(steer):
+            engine = self._session.engine
+            in_place = isinstance(engine, RealtimeEngine) and not engine.voice_locked
+            if voice_mode(steer.voice) == "realtime" and not in_place:
+                await self._warm_up(steer.voice)  # a new session will be needed
             if self._pending_voice is not None:
                 self._settle(self._pending_voice, "failed", error=f"superseded by {steer.id}")
             self._pending_voice = steer
@@ -167,8 +186,10 @@ class Steering(CallObserver):
         try:
             if session.engine is not None:
                 await session.engine.update(voice=steer.voice)
+            await self._drop_warm()
         except ValueError:  # a realtime session that has spoken keeps its voice
-            if not await session.switch_engine(mode, reason="voice"):
+            warm = await self._take_warm(steer.voice)
+            if not await session.switch_engine(mode, reason="voice", engine=warm):
                 if previous is None:
                     del self.voices[mode]
                 else:
@@ -189,6 +210,53 @@ class Steering(CallObserver):
             "steer.settled", steer_id=steer.id, state=state, error=error, voice=steer.voice
         )
 
+    # -- realtime sessions opened ahead ----------------------------------------------------
+
+    async def _warm_up(self, voice: str) -> None:
+        """Start opening the next realtime session for `voice` (unless one is)."""
+        if self._warm is not None and self._warm.voice == voice:
+            return
+        await self._drop_warm()
+        engine = self._session.new_engine("realtime")
+        if not isinstance(engine, RealtimeEngine):
+            return
+        setup = replace(self._session.setup_for("realtime"), voice=voice)
+        connecting = asyncio.create_task(self._connect(engine, setup))
+        self._warm = _Warm(voice, engine, connecting)
+
+    async def _connect(self, engine: RealtimeEngine, setup: AgentSetup) -> bool:
+        try:
+            await engine.connect(setup)
+        except EngineUnavailable as exc:
+            self._session.log.warning("steering.warm_up_failed", error=str(exc))
+            await engine.close()
+            return False
+        return True
+
+    async def _warm_ready(self) -> None:
+        """Wait until the session opened ahead is connected (or has failed to)."""
+        if self._warm is not None:
+            await asyncio.wait({self._warm.connecting})
+
+    async def _take_warm(self, voice: str) -> Engine | None:
+        """The session opened ahead for `voice`, connected; None: the switch opens one."""
+        warm, self._warm = self._warm, None
+        if warm is None:
+            return None
+        if warm.voice == voice and await warm.connecting:
+            return warm.engine
+        self._warm = warm
+        await self._drop_warm()
+        return None
+
+    async def _drop_warm(self) -> None:
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warm.connecting
+            await warm.engine.close()
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -207,8 +275,12 @@ class Steering(CallObserver):
             return None
         return self._renew_at - time.monotonic()
 
+    def _at_boundary(self) -> bool:
+        """A turn boundary, with an engine serving and no switch under way."""
+        session = self._session
+        return session.turn.at_boundary and session.engine is not None and not session.switching
+
     async def _run(self) -> None:
-        turn = self._session.turn
         while True:
             self._wake.clear()
             due_in = self._renewal_in()
@@ -216,11 +288,15 @@ class Steering(CallObserver):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), due_in)
                 continue
-            if not await turn.until_boundary(BOUNDARY_WAIT_S):
+            if self._pending_voice is None:  # a renewal: same voice, new session
+                await self._warm_up(self._session.setup_for("realtime").voice)
+            await self._warm_ready()  # so that the boundary, once found, is not missed
+            if not await until(self._at_boundary, BOUNDARY_WAIT_S):
                 if (steer := self._pending_voice) is not None:
                     self._pending_voice = None
                     error = f"no turn boundary within {BOUNDARY_WAIT_S:.0f} s"
                     self._settle(steer, "failed", error=error)
+                    await self._drop_warm()
                 continue
             async with self._lock:
                 steer, self._pending_voice = self._pending_voice, None
@@ -232,5 +308,6 @@ class Steering(CallObserver):
     async def _renew(self) -> None:
         session = self._session
         session.log.info("realtime.renewing", max_minutes=self._max_age_s / 60.0)
-        if not await session.switch_engine("realtime", reason="renewal"):
+        warm = await self._take_warm(session.setup_for("realtime").voice)
+        if not await session.switch_engine("realtime", reason="renewal", engine=warm):
             self._renew_at = time.monotonic() + RENEW_RETRY_S

@@ -53,6 +53,7 @@ class TurnState:
         self._bargein = bargein
         self.responding = False
         self.caller_speaking = False
+        self.greeted = False  # the first response (the greeting, asked for at start) ended
         self._reply_expected_until = 0.0
 
     def saw(self, event: EngineEvent) -> None:
@@ -62,6 +63,7 @@ class TurnState:
             self._reply_expected_until = 0.0
         elif isinstance(event, ResponseDone):
             self.responding = False
+            self.greeted = True
         elif isinstance(event, SpeechStarted):
             self.caller_speaking = True
         elif isinstance(event, SpeechStopped):
@@ -75,10 +77,11 @@ class TurnState:
 
     @property
     def at_boundary(self) -> bool:
-        """Between turns: the agent is done and the caller is not talking."""
+        """Between turns: the greeting is over, the agent is done, the caller is not talking."""
         bargein = self._bargein
         return (
-            self.agent_done
+            self.greeted
+            and self.agent_done
             and not self.caller_speaking
             and time.monotonic() >= self._reply_expected_until
             and not bargein.holding
@@ -88,14 +91,11 @@ class TurnState:
 
     async def until_agent_done(self, timeout_s: float) -> bool:
         """Wait for the agent to finish its turn; False on timeout."""
-        return await _until(lambda: self.agent_done, timeout_s)
-
-    async def until_boundary(self, timeout_s: float) -> bool:
-        """Wait for a turn boundary; False on timeout."""
-        return await _until(lambda: self.at_boundary, timeout_s)
+        return await until(lambda: self.agent_done, timeout_s)
 
 
-async def _until(condition: Callable[[], bool], timeout_s: float) -> bool:
+async def until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll `condition` until it holds; False on timeout."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() >= deadline:

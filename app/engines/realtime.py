@@ -19,6 +19,7 @@ import orjson
 import structlog
 import websockets
 from websockets.asyncio.client import ClientConnection
+from websockets.protocol import State
 
 from app.config import Settings
 from app.engines.base import (
@@ -120,6 +121,7 @@ class RealtimeEngine:
         self._setup: AgentSetup | None = None
         self._active_response: str | None = None
         self._response_wanted = False
+        self._response_requested = False  # a response.create not yet ended by response.done
         self._audio_sent = False
         self._closed = False
 
@@ -128,8 +130,37 @@ class RealtimeEngine:
         """The model produced audio, so its voice can no longer change in this session."""
         return self._audio_sent
 
+    @property
+    def voice_locked(self) -> bool:
+        """`update` would refuse a voice: audio exists, or may by the time OpenAI reads it."""
+        return self._audio_sent or self._response_requested
+
     async def start(self, setup: AgentSetup, history: Sequence[Turn], greet: bool) -> None:
-        """Open the socket, configure the session, seed history, greet."""
+        """Open the socket (unless `connect` did), configure the session, seed history, greet."""
+        if self._ws is not None and self._ws.state is not State.OPEN:
+            self._ws = None  # opened by `connect` but lost since: open another
+        if self._ws is None:
+            await self.connect(setup)
+        elif setup != self._setup:  # steered since `connect`
+            self._setup = setup
+            await self._send(
+                {"type": "session.update", "session": session_config(self._dialect, setup)}
+            )
+        for turn in history:
+            await self._send(self._history_item(turn))
+        self._reader = asyncio.create_task(self._read(), name="realtime-reader")
+        if greet:
+            await self._send(
+                {
+                    "type": "response.create",
+                    "response": {"instructions": f"Greet the caller with: {setup.greeting}"},
+                }
+            )
+        log.info("realtime.started", dialect=self._dialect, history=len(history))
+
+    async def connect(self, setup: AgentSetup) -> None:
+        """Open the socket and configure the session ahead of `start`: a handoff prepared
+        while the old session still speaks then costs the caller no connect time."""
         settings = self._settings
         key = settings.realtime_api_key
         if key is None:
@@ -154,17 +185,6 @@ class RealtimeEngine:
         await self._send(
             {"type": "session.update", "session": session_config(self._dialect, setup)}
         )
-        for turn in history:
-            await self._send(self._history_item(turn))
-        self._reader = asyncio.create_task(self._read(), name="realtime-reader")
-        if greet:
-            await self._send(
-                {
-                    "type": "response.create",
-                    "response": {"instructions": f"Greet the caller with: {setup.greeting}"},
-                }
-            )
-        log.info("realtime.started", dialect=self._dialect, history=len(history))
 
     def _history_item(self, turn: Turn) -> dict[str, Any]:
         if turn.role == "caller":
@@ -186,6 +206,8 @@ class RealtimeEngine:
     async def _send(self, event: dict[str, Any]) -> None:
         if self._ws is None or self._closed:
             return
+        if event["type"] == "response.create":
+            self._response_requested = True
         try:
             await self._ws.send(orjson.dumps(event).decode())
         except websockets.ConnectionClosed:
@@ -251,12 +273,13 @@ class RealtimeEngine:
     async def update(self, instructions: str | None = None, voice: str | None = None) -> None:
         """Change instructions now; a voice only before the model has spoken.
 
-        OpenAI refuses a voice change once audio exists (`cannot_update_voice`); the
-        call handles that case by swapping in a new session (see the admin steering).
+        OpenAI refuses a voice change once audio exists (`cannot_update_voice`), and audio
+        may exist by the time it reads the update if a response has been asked for; the
+        call handles both cases by swapping in a new session (see the admin steering).
         """
         if self._setup is None:
             return
-        if voice is not None and self._audio_sent:
+        if voice is not None and self.voice_locked:
             raise ValueError("cannot change the voice of a realtime session that has spoken")
         setup = AgentSetup(
             instructions=instructions if instructions is not None else self._setup.instructions,
@@ -328,6 +351,7 @@ class RealtimeEngine:
         if kind == "response.done":
             response = event.get("response", {})
             self._active_response = None
+            self._response_requested = False
             return ResponseDone(str(response.get("id", "")), str(response.get("status", "")))
         if kind == "input_audio_buffer.speech_started":
             return SpeechStarted()

@@ -233,3 +233,26 @@ async def test_a_killed_instance_leaves_no_ghost_calls(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_calls_go_on_while_redis_is_unreachable(
+    fakes: tuple[FakeRealtime, FakeTogether, FakeTwilioRest],
+    serve: Callable[[Settings], Awaitable[TestServer]],
+    settings_factory: Callable[..., Settings],
+) -> None:
+    model, together, _ = fakes
+    values = {
+        **admin_settings(model, together, None),
+        "redis_url": f"redis://127.0.0.1:{free_port()}",
+    }
+    async with aiohttp.ClientSession() as http:
+        a = Instance(await serve(settings_factory(**values)), http, None)
+        live = await a.call(silence(2000), tail_s=0.2)
+        status, body = await a.api("GET", "/admin/calls")
+        assert status == 503 and "Redis" in body["error"]
+        status, detail = await a.api("GET", f"/admin/calls/{live.sid}")  # held here: served
+        assert status == 200 and detail["call_sid"] == live.sid
+        status, body = await a.api("GET", "/admin/calls/CA" + "0" * 32)
+        assert status == 503 and "Redis" in body["error"]
+        result = await live.result()
+        assert result.ended_by == "caller" and result.received_payloads

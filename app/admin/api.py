@@ -30,7 +30,6 @@ from app.config import Settings
 
 log = structlog.get_logger(__name__)
 
-BUS: web.AppKey[LocalBus] = web.AppKey("admin_bus", LocalBus)
 Body = TypeVar("Body", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -304,7 +303,6 @@ def add_routes(
 ) -> None:
     """Register /admin and the bus that carries its commands (Redis or in process)."""
     bus = make_bus(settings.redis_url, calls, settings.call_registry_ttl)
-    app[BUS] = bus
     if isinstance(bus, RedisBus):
         observers.append(bus.observer)
     for route in routes(settings, bus, personas):

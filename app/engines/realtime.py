@@ -178,6 +178,9 @@ class RealtimeEngine:
                 max_size=16 * 1024 * 1024,
                 ping_interval=20,
                 ping_timeout=20,
+                # base64 audio hardly compresses; deflate cost a quarter of a core at
+                # 100 calls and added ms to every frame (bench.relay)
+                compression=None,
             )
         except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
             raise EngineUnavailable(f"realtime socket failed to open: {exc!r}") from exc

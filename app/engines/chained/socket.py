@@ -107,6 +107,7 @@ class ProviderSocket:
                 additional_headers=self._headers,
                 open_timeout=self._connect_timeout_s,
                 max_size=16 * 2**20,
+                compression=None,  # base64 PCM hardly compresses; deflate only costs CPU
             )
         except InvalidStatus as exc:
             status = exc.response.status_code

@@ -71,7 +71,9 @@ async def rig(
 ) -> AsyncIterator[RigFactory]:
     fakes: list[FakeRealtime] = []
 
-    async def start(dialect: str = "ga", settings: dict[str, Any] | None = None, **fake: Any) -> Rig:
+    async def start(
+        dialect: str = "ga", settings: dict[str, Any] | None = None, **fake: Any
+    ) -> Rig:
         options: dict[str, Any] = {"reply_audio": GREETING, "pace": 1.0, **fake}
         model = FakeRealtime(dialect=dialect, **options)  # type: ignore[arg-type]
         await model.start()
@@ -148,9 +150,7 @@ async def test_persona_parameter_picks_voice_and_greeting(rig: RigFactory) -> No
 async def test_signed_call_end_to_end(rig: RigFactory) -> None:
     token = "secret-token-for-signatures"
     r = await rig(settings={"twilio_auth_token": token})
-    result = await simulate_call(
-        clip_after(200, "yes"), url=r.url, auth_token=token, tail_s=0.5
-    )
+    result = await simulate_call(clip_after(200, "yes"), url=r.url, auth_token=token, tail_s=0.5)
     await r.settled()
     assert result.received_payloads, "the signed call reached the model and heard it"
     with pytest.raises(Exception, match="403"):

@@ -65,7 +65,10 @@ async def test_unknown_persona_falls_back_to_default(
         (lambda url, form: RequestValidator(TOKEN).compute_signature(url, form), 200),
         (lambda url, form: RequestValidator("wrong").compute_signature(url, form), 403),
         (lambda url, form: None, 403),
-        (lambda url, form: RequestValidator(TOKEN).compute_signature(url, {**form, "To": "x"}), 403),
+        (
+            lambda url, form: RequestValidator(TOKEN).compute_signature(url, {**form, "To": "x"}),
+            403,
+        ),
     ],
 )
 async def test_webhook_signature(

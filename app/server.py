@@ -182,7 +182,9 @@ async def ready(request: web.Request) -> web.Response:
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     """The VAD batcher lives as long as the app; calls still open at exit are closed."""
-    app[VAD] = VadBatcher(get_vad(app[SETTINGS].vad_model_path))
+    # A 5 ms linger lets the calls' frames of one moment share an inference: batches of
+    # about 9 instead of 2.5 at 100 calls, a third less VAD CPU (bench.vad).
+    app[VAD] = VadBatcher(get_vad(app[SETTINGS].vad_model_path), linger_ms=5.0)
     yield
     sessions = list(app[CALLS].values())
     await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)

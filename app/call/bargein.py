@@ -60,6 +60,11 @@ class Floor(Protocol):
     @property
     def agent_playing(self) -> bool: ...
 
+    @property
+    def local_turns(self) -> bool:
+        """The engine relies on our VAD for turn ends (it has none of its own)."""
+        ...
+
     async def pause_agent(self) -> None: ...
 
     def resume_agent(self) -> None: ...
@@ -107,6 +112,7 @@ class BargeIn(CallObserver):
         self._held: list[str] | None = None
         self._paused_at: float | None = None
         self._linger_until: float | None = None
+        self._idle = False
         self._speech_run = 0.0
         self._silence_run = 0.0
         self._utterance_ms = 0.0
@@ -153,11 +159,32 @@ class BargeIn(CallObserver):
         """Score caller frames as they come, and act on the decisions."""
         while True:
             payload = await self._frames.get()
+            if not self._listening():
+                continue
             data = base64.b64decode(payload)
             self._levels.append(ulaw_dbfs(data))
             pcm = ulaw_decode(data)
             for prob in await self._batcher.feed(self._stream, pcm):
                 await self._window(prob, max(self._levels))
+
+    def _listening(self) -> bool:
+        """Score this frame? Only while the agent speaks, an engine needs our turn ends,
+        or a decision is open: a realtime call whose agent is silent costs no inference.
+
+        Scoring resumes from a fresh state, not one left over from older audio.
+        """
+        needed = (
+            self._floor.agent_playing
+            or self._floor.local_turns
+            or self._held is not None
+            or self._in_utterance
+            or self._paused_at is not None
+        )
+        if needed and self._idle:
+            self._stream.reset()
+            self._speech_run = self._silence_run = 0.0
+        self._idle = not needed
+        return needed
 
     # -- policy ----------------------------------------------------------------------
 

@@ -268,6 +268,11 @@ class CallSession:
         """Agent audio is queued or playing at Twilio."""
         return self.playback.playing
 
+    @property
+    def local_turns(self) -> bool:
+        """The chained engine has no turn detection of its own: our VAD decides."""
+        return self.engine is not None and self.engine.name == "chained"
+
     async def pause_agent(self) -> None:
         await self.playback.pause()
 

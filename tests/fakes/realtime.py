@@ -23,7 +23,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import numpy as np
@@ -31,6 +30,8 @@ from aiohttp import WSMsgType, web
 from openai.types.beta.realtime import RealtimeClientEvent as BetaClientEvent
 from openai.types.realtime import RealtimeClientEvent as GAClientEvent
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from tests.fakes.loopback import LoopbackServer
 
 Dialect = Literal["ga", "beta"]
 
@@ -911,7 +912,7 @@ class _Session:
     }
 
 
-class FakeRealtime:
+class FakeRealtime(LoopbackServer):
     """An OpenAI-Realtime-compatible WebSocket server for tests.
 
     Like OpenAI it answers 401 without `Authorization: Bearer`, starts sessions with PCM
@@ -949,6 +950,7 @@ class FakeRealtime:
         faulty_connections: int | None = None,
         tool_calls: Sequence[FakeToolCall | None] = (),
     ) -> None:
+        super().__init__()
         if dialect not in ("ga", "beta"):
             raise ValueError(f"dialect must be 'ga' or 'beta', not {dialect!r}")
         if chunk_bytes <= 0:
@@ -974,8 +976,6 @@ class FakeRealtime:
         self.refused: list[dict[str, str]] = []  # headers of refused upgrade requests
         self.connections: list[RealtimeConnection] = []
         self.open_connections = 0
-        self._runner: web.AppRunner | None = None
-        self._port = 0
 
     @property
     def url(self) -> str:
@@ -995,31 +995,8 @@ class FakeRealtime:
             raise AssertionError("no client has connected to the fake realtime server")
         return self.connections[-1]
 
-    async def start(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/realtime", self._handle)
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self._port = int(self._runner.addresses[0][1])
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> FakeRealtime:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def wait_until(
         self, condition: Callable[[], bool], within_s: float = 5.0, what: str = "condition"

@@ -29,11 +29,12 @@ import time
 import wave
 from collections import deque
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 from aiohttp import WSMsgType, web
+
+from tests.fakes.loopback import LoopbackServer
 
 TTS_RATE = 24_000
 TTS_CHUNK_SAMPLES = TTS_RATE // 10  # 100 ms per delta
@@ -94,7 +95,7 @@ def wav_header(rate: int = TTS_RATE) -> bytes:
     return buf.getvalue()
 
 
-class FakeTogether:
+class FakeTogether(LoopbackServer):
     """The three Together services on one port; `base_url` is TOGETHER_BASE_URL."""
 
     def __init__(
@@ -109,6 +110,7 @@ class FakeTogether:
         tts_chunk_interval_s: float = 0.005,
         tts_wav_header: bool = True,
     ) -> None:
+        super().__init__()
         self.api_key = api_key
         self.stt_finalize_delay_s = stt_finalize_delay_s
         self.llm_first_token_delay_s = llm_first_token_delay_s
@@ -129,40 +131,15 @@ class FakeTogether:
         self.chat_headers: list[dict[str, str]] = []
         self.chat_finished_at: list[float] = []  # monotonic time each chat stream ended
         self.open_sockets = 0
-        self._runner: web.AppRunner | None = None
-        self._port = 0
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._port}/v1"
 
-    async def start(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/realtime", self._stt_socket)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/audio/speech/websocket", self._tts_socket)
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self._port = int(self._runner.addresses[0][1])
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> FakeTogether:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def drop_stt(self) -> None:
         """Close the live STT sockets abruptly, as a network failure would."""

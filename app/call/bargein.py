@@ -229,9 +229,10 @@ class BargeIn(CallObserver):
         if not self._in_utterance and self._speech_run >= settings.vad_min_speech_ms:
             self._in_utterance = True
             self._utterance_ms = self._speech_run
+            went_on = self._linger_until is not None  # speaking again right after an "mhm"
             self._linger_until = None
             if playing:
-                await self._onset(now)
+                await self._onset(now, went_on)
             else:
                 await self._release()
         elif self._paused_at is not None and (now - self._paused_at) * 1000.0 >= (
@@ -249,9 +250,11 @@ class BargeIn(CallObserver):
                 await self._floor.end_of_turn()
             self._utterance_ms = 0.0
 
-    async def _onset(self, now: float) -> None:
+    async def _onset(self, now: float, went_on: bool) -> None:
+        """The caller started talking over the agent. Speech that resumes within a
+        second of a backchannel was a pause between words: interrupt at once."""
         self.onsets += 1
-        if self._settings.backchannel_ms > 0:
+        if self._settings.backchannel_ms > 0 and not went_on:
             self._paused_at = now
             await self._floor.pause_agent()
             log.info("bargein.paused")

@@ -14,8 +14,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
+from app.call.info import CallInfo
 from app.call.observer import CallObserver
-from app.call.session import CallInfo
 
 # Caller speech end to first agent audio: conversational latency lives in 0.2-3 s.
 TURN_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)

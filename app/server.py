@@ -11,8 +11,9 @@ from aiohttp import WSMsgType, web
 
 from app.admin import api
 from app.archive.recorder import CallRecorder
+from app.call.info import CallInfo
 from app.call.observer import CallObserver
-from app.call.session import CallInfo, CallSession
+from app.call.session import CallSession
 from app.config import Settings
 from app.drain import DRAIN, Drain
 from app.engines.factory import Engines

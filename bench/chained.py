@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import structlog
 from aiohttp.test_utils import TestServer
 
+from app.call.info import CallInfo
 from app.call.observer import CallObserver
-from app.call.session import CallInfo
 from app.server import OBSERVERS, create_app
 from app.simulator import Clip, simulate_call
 from tests.conftest import FIXTURES, make_settings

@@ -33,9 +33,9 @@ import aiohttp
 import structlog
 from aiohttp.test_utils import TestServer
 
+from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.call.playback import payload_ms
-from app.call.session import CallInfo
 from app.server import OBSERVERS, create_app
 from app.simulator import Clip, simulate_call
 from tests.conftest import FIXTURES, make_settings

@@ -15,8 +15,8 @@ import pytest
 import structlog
 
 from app.archive.recorder import BYTES_PER_MS, CallRecorder
+from app.call.info import CallInfo
 from app.call.observer import CallObserver, Observers
-from app.call.session import CallInfo
 from app.config import Settings
 from app.engines.base import Turn
 from app.simulator import Clip, simulate_call

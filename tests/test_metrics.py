@@ -16,8 +16,8 @@ import structlog
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.call.info import CallInfo
 from app.call.observer import CallObserver
-from app.call.session import CallInfo
 from app.config import Settings
 from app.engines.base import Turn
 from app.metrics import METRICS, Metrics

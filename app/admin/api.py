@@ -24,8 +24,9 @@ from app.admin.auth import authorize
 from app.admin.bus import BusError, LocalBus, RedisBus, make_bus
 from app.admin.commands import Op, Reply, error
 from app.admin.dial import DialError, DialRequest, DialRequestError, DialSetupError, place_call
+from app.call.info import CallInfo
 from app.call.observer import CallObserver
-from app.call.session import CallInfo, CallSession
+from app.call.session import CallSession
 from app.config import Settings
 
 log = structlog.get_logger(__name__)

@@ -30,8 +30,9 @@ from redis.exceptions import RedisError
 
 from app.admin import commands
 from app.admin.commands import Reply
+from app.call.info import CallInfo
 from app.call.observer import CallObserver
-from app.call.session import CallInfo, CallSession
+from app.call.session import CallSession
 from app.telephony.rest import TWILIO_TIMEOUT_S
 
 log = structlog.get_logger(__name__)

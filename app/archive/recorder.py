@@ -38,8 +38,8 @@ import orjson
 import structlog
 
 from app.audio.wav import MulawWavWriter
+from app.call.info import CallInfo
 from app.call.observer import CallObserver
-from app.call.session import CallInfo
 from app.engines.base import Turn
 
 log = structlog.get_logger(__name__)

@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import structlog
 
 from app.call.bargein import BargeIn
+from app.call.info import CallInfo
 from app.call.observer import Observers
 from app.call.playback import Playback
 from app.call.steering import Steering
@@ -43,22 +43,6 @@ from app.telephony.messages import Dtmf, Mark, Media, Start, Stop, TwilioMessage
 from app.vad.batcher import VadBatcher
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(slots=True)
-class CallInfo:
-    """What an operator sees of a call."""
-
-    call_sid: str
-    stream_sid: str
-    from_number: str
-    to_number: str
-    persona: str
-    mode: str
-    voice: str
-    started_at: float = field(default_factory=time.time)
-    last_turn_latency_ms: float | None = None
-    barge_ins: int = 0
 
 
 class CallSession:

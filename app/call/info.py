@@ -1,0 +1,25 @@
+"""What an operator and the call's record see of a call; imports nothing of the call itself,
+so the recorder, metrics and the admin API can depend on it without depending on the session."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["CallInfo"]
+
+
+@dataclass(slots=True)
+class CallInfo:
+    """What an operator sees of a call."""
+
+    call_sid: str
+    stream_sid: str
+    from_number: str
+    to_number: str
+    persona: str
+    mode: str
+    voice: str
+    started_at: float = field(default_factory=time.time)
+    last_turn_latency_ms: float | None = None
+    barge_ins: int = 0

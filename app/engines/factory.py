@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from app.config import Settings
 from app.engines.base import Engine
-from app.engines.breaker import Breaker
+from app.engines.breaker import Breaker, BreakerState
 from app.engines.chained.engine import ChainedEngine
+from app.engines.modes import Mode, parse_mode
 from app.engines.realtime import RealtimeEngine
 
-MODES = ("realtime", "chained")
+__all__ = ["MODES", "EngineState", "Engines"]
+
+# The modes in fallback order. Kept for importers that test membership with a bare
+# string (`mode in MODES`); new code parses with `parse_mode`.
+MODES: tuple[Mode, ...] = tuple(Mode)
+
+
+class EngineState(StrEnum):
+    """Whether new calls can use a mode, as `/ready` and the admin API report it."""
+
+    AVAILABLE = "available"
+    UNCONFIGURED = "unconfigured"  # its credentials are not set
+    HELD_OFF = "held_off"  # the breaker is open after repeated provider failures
 
 
 class Engines:
-    """Makes engines for calls and keeps the realtime breaker, once per process."""
+    """Makes engines for calls and keeps the realtime breaker, once per process.
+
+    Modes come in as `Mode` or their string value and are parsed here: a name that is
+    no mode raises `UnknownMode` (a ValueError) instead of picking an engine.
+    """
 
     def __init__(self, settings: Settings, breaker: Breaker | None = None) -> None:
         self._settings = settings
@@ -20,38 +39,54 @@ class Engines:
 
     def configured(self, mode: str) -> bool:
         """The mode has the credentials it needs."""
-        if mode == "realtime":
-            return self._settings.realtime_api_key is not None
-        return self._settings.together_api_key is not None
+        match parse_mode(mode):
+            case Mode.REALTIME:
+                return self._settings.realtime_api_key is not None
+            case Mode.CHAINED:
+                return self._settings.together_api_key is not None
 
-    def available(self) -> dict[str, bool]:
+    def state(self, mode: str) -> EngineState:
+        """Whether new calls can use `mode` now."""
+        mode = parse_mode(mode)
+        if not self.configured(mode):
+            return EngineState.UNCONFIGURED
+        if mode is Mode.REALTIME and self.breaker.state is BreakerState.OPEN:
+            return EngineState.HELD_OFF
+        return EngineState.AVAILABLE
+
+    def states(self) -> dict[Mode, EngineState]:
+        """Every mode's state."""
+        return {mode: self.state(mode) for mode in Mode}
+
+    def available(self) -> dict[Mode, bool]:
         """What `/ready` reports: configured, and for realtime not held off by the breaker."""
-        return {
-            "realtime": self.configured("realtime") and self.breaker.state != "open",
-            "chained": self.configured("chained"),
-        }
+        return {mode: state is EngineState.AVAILABLE for mode, state in self.states().items()}
 
-    def order(self, preferred: str) -> list[str]:
+    def order(self, preferred: str) -> list[Mode]:
         """Modes to try for a new call: the preferred one first, unless the breaker is open."""
-        modes = [preferred, *(m for m in MODES if m != preferred)]
+        first = parse_mode(preferred)
+        modes = [first, *(m for m in Mode if m is not first)]
         usable = [m for m in modes if self.configured(m)]
-        if "realtime" in usable and len(usable) > 1 and not self.breaker.allow():
-            usable.remove("realtime")
+        if Mode.REALTIME in usable and len(usable) > 1 and not self.breaker.allow():
+            usable.remove(Mode.REALTIME)
         return usable
 
-    def alternatives(self, current: str) -> list[str]:
+    def alternatives(self, current: str) -> list[Mode]:
         """Modes a live call may fail over to from `current`."""
-        return [m for m in MODES if m != current and self.configured(m)]
+        mode = parse_mode(current)
+        return [m for m in Mode if m is not mode and self.configured(m)]
 
     def create(self, mode: str) -> Engine:
-        """A fresh, unstarted engine."""
-        if mode == "chained":
-            return ChainedEngine(self._settings)
-        return RealtimeEngine(self._settings)
+        """A fresh, unstarted engine; raises UnknownMode for a name that is no mode."""
+        match parse_mode(mode):
+            case Mode.REALTIME:
+                return RealtimeEngine(self._settings)
+            case Mode.CHAINED:
+                return ChainedEngine(self._settings)
 
     def report(self, mode: str, ok: bool) -> None:
         """Feed the realtime breaker with an outcome."""
-        if mode != "realtime":
+        if parse_mode(mode) is not Mode.REALTIME:
             return
         if ok:
             self.breaker.success()

@@ -10,8 +10,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VAD_MODEL_PATH=/srv/silero_vad.onnx \
     ARCHIVE_DIR=/data/calls
 
-# An unprivileged user; the archive is the only place it writes.
-RUN useradd --system --uid 10001 --home-dir /srv --shell /usr/sbin/nologin agent \
+# An unprivileged user (10001, as deploy/kubernetes.yaml runs it); the archive is the only
+# place it writes.
+RUN groupadd --system --gid 10001 agent \
+    && useradd --system --uid 10001 --gid agent --home-dir /srv --shell /usr/sbin/nologin agent \
     && mkdir -p /data/calls \
     && chown agent /data/calls
 
@@ -25,7 +27,8 @@ RUN pip install --no-cache-dir . && rm -rf ./app ./build ./*.egg-info
 COPY prompts/ ./prompts/
 COPY silero_vad.onnx ./
 
-USER agent
+# Numeric, so a runtime that checks runAsNonRoot can tell without the passwd file.
+USER 10001:10001
 EXPOSE 8080
 VOLUME ["/data/calls"]
 

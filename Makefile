@@ -4,9 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-$(STAMP): pyproject.toml
+# setuptools as the build backend pyproject names, new enough (>=70.1) to build a wheel
+# without the `wheel` package: tests/test_image.py builds the package offline with it.
+$(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --upgrade pip 'setuptools>=70.1'
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -17,6 +19,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check app tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache --no-logo
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

@@ -4,6 +4,14 @@ The session reads Twilio messages (fed by the server's WebSocket handler), forwa
 caller's audio to its engine, pumps the engine's events back (audio to Playback,
 transcripts to the call's record) and decides interruptions. Nothing here is shared
 with another call.
+
+Its background tasks (playback, barge-in, the engine pump, tool calls) run under one
+`Supervisor`. A crash in one is logged with its traceback at once and ends the call
+with outcome `error`: our side closes the stream and Twilio plays the TwiML apology.
+Tool calls are the exception: a tool's failure is told to the model and the call goes
+on (see `app.call.tools`). `close` runs every step of the cleanup (tasks, steering,
+engine, observers and the archive, the Twilio socket) even when a task crashed or
+one step raised, and finishes even if the task that called it is cancelled.
 """
 
 from __future__ import annotations
@@ -11,15 +19,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import structlog
 
 from app.call.bargein import BargeIn
 from app.call.info import CallInfo
 from app.call.observer import Observers
+from app.call.outcome import Outcome
 from app.call.playback import Playback
 from app.call.steering import Steering
+from app.call.tasks import Supervisor
 from app.call.tools import CallTools, tool_specs
 from app.call.turns import TurnState
 from app.config import Settings
@@ -28,7 +39,6 @@ from app.engines.base import (
     AudioOut,
     Engine,
     EngineError,
-    EngineUnavailable,
     ResponseDone,
     ResponseStarted,
     SpeechStarted,
@@ -41,6 +51,8 @@ from app.engines.factory import MODES, Engines
 from app.personas import Persona
 from app.telephony.messages import Dtmf, Mark, Media, Start, Stop, TwilioMessage
 from app.vad.batcher import VadBatcher
+
+__all__ = ["CallSession"]
 
 log = structlog.get_logger(__name__)
 
@@ -75,14 +87,18 @@ class CallSession:
             mode=mode,
             voice=persona.voice,
         )
+        self.log = log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
         self.transcript: list[Turn] = []
         self.observers = observers or Observers()
-        self.outcome = "completed"
+        self._outcome = Outcome.COMPLETED
+        self._tasks = Supervisor(self.log)
+        self._cleanup: asyncio.Task[None] | None = None
         self._engines = engines
         self._switch_lock = asyncio.Lock()
         self._held_audio: list[str] | None = None
         self._send_lock = asyncio.Lock()
         self._send_raw = send
+        self._stream_gone = False
         self._hang_up_stream = hang_up_stream
         self.playback = Playback(
             start.stream_sid,
@@ -97,17 +113,38 @@ class CallSession:
         self.turn = TurnState(self.playback, self.bargein)
         self.steering = Steering(self)
         self.observers.add(self.steering)
-        self.tools = CallTools(self)
+        self.tools = CallTools(self, self._tasks)
         self.engine: Engine | None = None
         self._pump_task: asyncio.Task[None] | None = None
-        self._playback_task: asyncio.Task[None] | None = None
-        self._bargein_task: asyncio.Task[None] | None = None
         self._muted = False
         self._interrupted_items: set[str] = set()
         self._speech_ended_at: float | None = None
         self._turn_spans: set[str] = set()
         self._closed = asyncio.Event()
-        self.log = log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
+
+    @property
+    def call_sid(self) -> str:
+        return self.info.call_sid
+
+    @property
+    def outcome(self) -> Outcome:
+        """How the call ends (or ended): `completed` unless something else was said."""
+        return self._outcome
+
+    @contextlib.contextmanager
+    def ending(self, outcome: str) -> Iterator[None]:
+        """The block asks Twilio to end the call: Twilio's `stop` may arrive before it
+        returns, so the outcome is set first, and taken back if the block fails."""
+        previous, self._outcome = self._outcome, Outcome(outcome)
+        try:
+            yield
+        except BaseException:
+            self._outcome = previous
+            raise
+
+    async def until_agent_done(self, timeout_s: float) -> bool:
+        """Wait until the agent has finished its turn and it was heard; False on timeout."""
+        return await self.turn.until_agent_done(timeout_s)
 
     def setup_for(self, mode: str) -> AgentSetup:
         """The persona as an engine of `mode` needs it, with what an operator steered since."""
@@ -127,20 +164,24 @@ class CallSession:
         return self._switch_lock.locked()
 
     async def _send(self, frame: str) -> None:
+        """A frame to Twilio; once the stream is closing (the caller hung up) it is dropped."""
+        if self._stream_gone:
+            return
         async with self._send_lock:
-            await self._send_raw(frame)
+            try:
+                await self._send_raw(frame)
+            except ConnectionError as exc:  # aiohttp: "Cannot write to closing transport"
+                self._stream_gone = True
+                self.log.info("twilio.stream_gone", error=str(exc))
 
     async def start(self) -> bool:
         """Open an engine (the call's mode first, then any other) and greet.
 
         False when no engine could be started: the caller then hears the TwiML apology.
         """
-        self._playback_task = asyncio.create_task(
-            self.playback.run(), name=f"playback-{self.info.call_sid}"
-        )
-        self._bargein_task = asyncio.create_task(
-            self.bargein.run(), name=f"bargein-{self.info.call_sid}"
-        )
+        sid = self.info.call_sid
+        self._tasks.spawn(self.playback.run(), f"playback-{sid}", self._crashed)
+        self._tasks.spawn(self.bargein.run(), f"bargein-{sid}", self._crashed)
         self.steering.start()
         for mode in self._engines.order(self.info.mode):
             if await self._activate(mode, greet=True, reason="start"):
@@ -152,7 +193,7 @@ class CallSession:
                     to_number=self.info.to_number,
                 )
                 return True
-        self.outcome = "no_engine"
+        self._outcome = Outcome.NO_ENGINE
         return False
 
     async def switch_engine(self, mode: str, reason: str, engine: Engine | None = None) -> bool:
@@ -169,6 +210,7 @@ class CallSession:
                 return await self._activate(mode, greet=False, reason=reason, engine=engine)
             finally:
                 self._held_audio = None
+                self.turn.changed()
 
     def new_engine(self, mode: str) -> Engine:
         """A fresh engine of `mode`, for a switch prepared ahead (see `switch_engine`)."""
@@ -178,26 +220,16 @@ class CallSession:
         self, mode: str, *, greet: bool, reason: str, engine: Engine | None = None
     ) -> bool:
         engine = engine or self._engines.create(mode)
-        try:
-            await engine.start(self.setup_for(mode), list(self.transcript), greet=greet)
-        except EngineUnavailable as exc:
-            self.log.error("call.engine_unavailable", engine=mode, error=str(exc))
-            self.observers.provider_error(mode, "unavailable")
-            self._engines.report(mode, ok=False)
-            await engine.close()
+        if not await self._open(mode, greet, engine):
             return False
-        except asyncio.CancelledError:
-            await engine.close()  # the call ended during a switch: leave no socket open
-            raise
-        self._engines.report(mode, ok=True)
         if self._closed.is_set():  # the call ended while this engine opened
-            await engine.close()
+            await _close_engine(engine, self.log)
             return False
         old, old_pump = self.engine, self._pump_task
         self.engine = engine
         previous_mode, self.info.mode = self.info.mode, mode
-        self._pump_task = asyncio.create_task(
-            self._pump(engine), name=f"pump-{mode}-{self.info.call_sid}"
+        self._pump_task = self._tasks.spawn(
+            self._pump(engine), f"pump-{mode}-{self.info.call_sid}", self._crashed
         )
         for payload in self._held_audio or ():
             await engine.send_audio(payload)
@@ -206,9 +238,29 @@ class CallSession:
         if old is not None:
             if old_pump is not None and old_pump is not asyncio.current_task():
                 old_pump.cancel()
-            await old.close()
+            await _close_engine(old, self.log)
             self.observers.engine_switched(previous_mode, mode, reason)
             self.log.info("call.engine_switched", old=previous_mode, new=mode, reason=reason)
+        return True
+
+    async def _open(self, mode: str, greet: bool, engine: Engine) -> bool:
+        """Start `engine`; any failure to open counts against that engine, not the call.
+
+        Not only `EngineUnavailable`: a bad URL scheme or a provider's odd answer raises
+        whatever its library raises, and the next engine must still be tried.
+        """
+        try:
+            await engine.start(self.setup_for(mode), list(self.transcript), greet=greet)
+        except asyncio.CancelledError:
+            await _close_engine(engine, self.log)  # the call ended meanwhile: no socket left
+            raise
+        except Exception as exc:
+            self.log.error("call.engine_unavailable", engine=mode, error=repr(exc), exc_info=exc)
+            self.observers.provider_error(mode, "unavailable")
+            self._engines.report(mode, ok=False)
+            await _close_engine(engine, self.log)
+            return False
+        self._engines.report(mode, ok=True)
         return True
 
     async def _fail_over(self, lost: Engine) -> None:
@@ -220,7 +272,7 @@ class CallSession:
                 await self.engine.respond()
                 return
         self.log.error("call.no_engine_left", engine=lost.name)
-        self.outcome = "engine_lost"
+        self._outcome = Outcome.ENGINE_LOST
         await self._hang_up_stream()
 
     async def handle(self, message: TwilioMessage) -> None:
@@ -231,6 +283,8 @@ class CallSession:
             self.bargein.push(message.payload)
         elif isinstance(message, Mark):
             self.playback.on_mark(message.name)
+            if not self.playback.playing:
+                self.turn.changed()  # the agent's turn has been heard to its end
         elif isinstance(message, Dtmf):
             await self._on_dtmf(message.digit)
         elif isinstance(message, Stop):
@@ -262,6 +316,7 @@ class CallSession:
 
     def resume_agent(self) -> None:
         self.playback.resume()
+        self.turn.changed()
 
     async def send_held(self, payload: str) -> None:
         """A caller frame that BargeIn held back, now released to the engine."""
@@ -305,6 +360,7 @@ class CallSession:
             await self.engine.truncate(heard.item_id, heard.audio_end_ms)
         self.info.barge_ins += 1
         await self.bargein.settle()
+        self.turn.changed()
         self.observers.barge_in(
             reason, heard.item_id if heard else None, heard.audio_end_ms if heard else None
         )
@@ -340,7 +396,7 @@ class CallSession:
             elif isinstance(event, ResponseDone):
                 self.log.debug("response.done", status=event.status)
             elif isinstance(event, ToolCall):
-                self.tools.dispatch(engine, event)  # off the pump: a tool may wait for playback
+                self.tools.dispatch(engine, event)  # a task of its own: it may wait for playback
             elif isinstance(event, EngineError):
                 self.observers.provider_error(engine.name, event.code)
                 self.log.warning(
@@ -373,32 +429,55 @@ class CallSession:
     async def end(self, outcome: str) -> None:
         """End the call from our side (e.g. at shutdown): Twilio goes on to the TwiML after
         the stream, the apology; `close` follows from the server's stream handler."""
-        self.outcome = outcome
+        self._outcome = Outcome(outcome)
         await self._hang_up_stream()
 
-    async def close(self) -> None:
-        """Close every task and socket of the call; idempotent."""
+    def _crashed(self, exc: BaseException) -> None:
+        """A task the call cannot go on without crashed (the supervisor logged it)."""
         if self._closed.is_set():
             return
-        self._closed.set()
-        tasks = [
-            t for t in (self._pump_task, self._playback_task, self._bargein_task) if t is not None
-        ]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            if task is not asyncio.current_task():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await self.steering.close()
-        await self.tools.close()
+        self._outcome = Outcome.ERROR  # now: the cleanup may start before `end` runs
+        self._tasks.spawn(self.end(Outcome.ERROR), f"end-{self.info.call_sid}")
+
+    async def close(self) -> None:
+        """Close every task and socket of the call; idempotent, never raises.
+
+        The cleanup runs in a task of its own: if the caller of `close` is cancelled
+        (a server shutting down), the cleanup still finishes.
+        """
+        if self._cleanup is None:
+            self._closed.set()
+            self._cleanup = asyncio.create_task(
+                self._clean_up(), name=f"cleanup-{self.info.call_sid}"
+            )
+        await asyncio.shield(self._cleanup)
+
+    async def _clean_up(self) -> None:
+        await self._step("tasks", self._tasks.close())
+        await self._step("steering", self.steering.close())
         if self.engine is not None:
-            await self.engine.close()
-        self.observers.ended(self.outcome)
+            await self._step("engine", self.engine.close())
+        self.observers.ended(self._outcome)  # the archive closes its files here
+        await self._step("twilio_socket", self._hang_up_stream())
         self.log.info(
             "call.ended",
-            outcome=self.outcome,
+            outcome=str(self._outcome),
             duration_s=round(time.time() - self.info.started_at, 1),
             turns=len(self.transcript),
             barge_ins=self.info.barge_ins,
         )
+
+    async def _step(self, part: str, cleanup: Awaitable[Any]) -> None:
+        """One step of the cleanup; its failure is logged and the next step runs."""
+        try:
+            await cleanup
+        except Exception:
+            self.log.exception("call.cleanup_failed", part=part)
+
+
+async def _close_engine(engine: Engine, logger: Any) -> None:
+    """Close an engine the call no longer uses; a failure to close is logged, not raised."""
+    try:
+        await engine.close()
+    except Exception:
+        logger.exception("call.engine_close_failed", engine=engine.name)

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from app.call.observer import CallObserver
-from app.call.turns import until
 from app.engines.base import AgentSetup, Engine, EngineUnavailable
 from app.engines.realtime import RealtimeEngine
 
@@ -291,7 +290,7 @@ class Steering(CallObserver):
             if self._pending_voice is None:  # a renewal: same voice, new session
                 await self._warm_up(self._session.setup_for("realtime").voice)
             await self._warm_ready()  # so that the boundary, once found, is not missed
-            if not await until(self._at_boundary, BOUNDARY_WAIT_S):
+            if not await self._session.turn.wait_for(self._at_boundary, BOUNDARY_WAIT_S):
                 if (steer := self._pending_voice) is not None:
                     self._pending_voice = None
                     error = f"no turn boundary within {BOUNDARY_WAIT_S:.0f} s"

@@ -16,12 +16,15 @@ from app.personas import PersonaError, load_personas
 
 
 def _serve(_: argparse.Namespace) -> int:
-    from app import drain
+    from app import drain, edge
     from app.server import create_app
+    from app.telephony.signature import exposure
 
     try:
         settings = load_settings()
-        logging_setup.configure(settings.log_format, settings.log_level)
+        logging_setup.configure(
+            settings.log_format, settings.log_level, secrets=settings.secret_values()
+        )
         if not settings.vad_model_path.is_file():
             raise ConfigError(f"VAD_MODEL_PATH: no file at {settings.vad_model_path}")
         app = create_app(settings)
@@ -32,13 +35,20 @@ def _serve(_: argparse.Namespace) -> int:
     # collector's full passes, which otherwise stall every call for tens of ms.
     gc.freeze()
     log = structlog.get_logger("app")
-    if settings.dev_mode:
-        log.warning(
-            "dev_mode",
-            detail="TWILIO_AUTH_TOKEN unset: unsigned requests accepted from loopback only",
+    (log.warning if settings.dev_mode else log.info)("exposure", detail=exposure(settings))
+    if settings.stream_token_secret is None:
+        # With Redis, several instances likely share the number: a stream reaching another
+        # instance than its webhook would be refused.
+        (log.warning if settings.redis_url else log.info)(
+            "stream_tokens",
+            detail="STREAM_TOKEN_SECRET unset: a random secret for this process; set one "
+            "shared by every instance when several answer the same number",
         )
     log.info("starting", mode=settings.agent_mode, drain_timeout_s=settings.drain_timeout)
-    asyncio.run(drain.serve(app, settings.host, settings.port, settings.drain_timeout))
+    options = edge.runner_options(settings)
+    asyncio.run(
+        drain.serve(app, settings.host, settings.port, settings.drain_timeout, **options)
+    )
     return 0
 
 
@@ -47,7 +57,9 @@ def _dial(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(serving=False)
-        logging_setup.configure(settings.log_format, settings.log_level)
+        logging_setup.configure(
+            settings.log_format, settings.log_level, secrets=settings.secret_values()
+        )
         # Check the persona here when this machine has the prompts; the server checks again.
         personas = load_personas(settings.prompts_dir) if settings.prompts_dir.is_dir() else None
         req = DialRequest.parse(args.to, args.persona, args.mode, args.caller_id, personas)

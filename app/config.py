@@ -5,11 +5,32 @@ The names are the configuration contract in DESIGN.md; the README documents each
 
 from __future__ import annotations
 
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+Network = IPv4Network | IPv6Network
+
+
+def _url(value: str, schemes: tuple[str, ...]) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.hostname:
+        wanted = " or ".join(f"{s}://" for s in schemes)
+        raise ValueError(f"must be a {wanted} URL, got {value!r}")
+    return value
 
 
 class Settings(BaseSettings):
@@ -20,6 +41,12 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(8080, ge=1, le=65535)
     public_url: str | None = None
+    trusted_proxies: Annotated[tuple[Network, ...], NoDecode] = ()
+    allow_unsigned: bool = False
+    stream_token_secret: SecretStr | None = None
+    stream_start_timeout: float = Field(5.0, gt=0)
+    http_timeout: float = Field(15.0, gt=0)
+    max_connections_per_client: int = Field(64, ge=0)
 
     twilio_account_sid: str | None = None
     twilio_auth_token: SecretStr | None = None
@@ -35,6 +62,8 @@ class Settings(BaseSettings):
     realtime_dialect: Literal["ga", "beta"] = "ga"
     realtime_connect_timeout: float = Field(5.0, gt=0)
     realtime_max_session_minutes: float = Field(55.0, gt=0)
+    realtime_session_timeout: float = Field(2.5, gt=0)
+    realtime_response_timeout: float = Field(2.5, gt=0)
 
     together_api_key: SecretStr | None = None
     together_base_url: str = "https://api.together.ai/v1"
@@ -65,6 +94,44 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, data: Any) -> Any:
+        """`NAME=` (an empty line in `.env`) leaves an optional setting unset, never empty."""
+        if not isinstance(data, dict):
+            return data
+        optional = {
+            name.lower()
+            for field_name, info in cls.model_fields.items()
+            if not info.is_required() and info.default is None
+            for name in (field_name, *_aliases(info.validation_alias))
+        }
+        return {
+            key: value
+            for key, value in data.items()
+            if not (key.lower() in optional and isinstance(value, str) and not value.strip())
+        }
+
+    @field_validator("realtime_url")
+    @classmethod
+    def _ws_url(cls, value: str) -> str:
+        return _url(value, ("ws", "wss"))
+
+    @field_validator("together_base_url", "twilio_api_base")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return _url(value, ("http", "https"))
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        """A comma-separated list of addresses or networks, e.g. `127.0.0.1,10.0.0.0/8`."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            return tuple(ip_network(str(part), strict=False) for part in value)
+        return value
+
     @field_validator("interrupt_dtmf_digit")
     @classmethod
     def _one_key(cls, value: str) -> str:
@@ -75,7 +142,7 @@ class Settings(BaseSettings):
     @field_validator("public_url")
     @classmethod
     def _origin(cls, value: str | None) -> str | None:
-        if value is None or value == "":
+        if value is None:
             return None
         if not value.startswith(("https://", "http://")):
             raise ValueError("must be an http(s) origin such as https://agent.example.com")
@@ -85,6 +152,17 @@ class Settings(BaseSettings):
     def dev_mode(self) -> bool:
         """Without a Twilio auth token, requests are unsigned and accepted from loopback."""
         return self.twilio_auth_token is None
+
+    def secret_values(self) -> list[str]:
+        """Every secret this process holds, for the logs to mask wherever it appears."""
+        values = (getattr(self, name) for name in type(self).model_fields)
+        return [v.get_secret_value() for v in values if isinstance(v, SecretStr)]
+
+
+def _aliases(alias: object) -> list[str]:
+    if isinstance(alias, AliasChoices):
+        return [choice for choice in alias.choices if isinstance(choice, str)]
+    return [alias] if isinstance(alias, str) else []
 
 
 class ConfigError(Exception):

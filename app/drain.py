@@ -15,7 +15,7 @@ import contextlib
 import signal
 import time
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -86,8 +86,11 @@ class Drain:
 DRAIN: web.AppKey[Drain] = web.AppKey("drain", Drain)
 
 
-async def serve(app: web.Application, host: str, port: int, drain_timeout: float) -> None:
-    """Serve `app` until SIGTERM or SIGINT, then drain and shut down."""
+async def serve(
+    app: web.Application, host: str, port: int, drain_timeout: float, **runner_options: Any
+) -> None:
+    """Serve `app` until SIGTERM or SIGINT, then drain and shut down; `runner_options`
+    go to aiohttp's server (timeouts)."""
     drain = app[DRAIN]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -99,7 +102,9 @@ async def serve(app: web.Application, host: str, port: int, drain_timeout: float
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S)
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S, **runner_options
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import structlog
 from aiohttp import WSMsgType, web
 
+from app import edge
 from app.admin import api
 from app.archive.recorder import CallRecorder
 from app.call.info import CallInfo
@@ -19,7 +22,8 @@ from app.drain import DRAIN, Drain
 from app.engines.factory import Engines
 from app.metrics import METRICS, Metrics, metrics_endpoint
 from app.personas import Persona, load_personas
-from app.telephony import messages, signature, twiml
+from app.telephony import messages, signature, streamtoken, twiml
+from app.urls import websocket_url
 from app.vad.batcher import VadBatcher
 from app.vad.silero import get_vad
 
@@ -32,19 +36,19 @@ ENGINES: web.AppKey[Engines] = web.AppKey("engines", Engines)
 VAD: web.AppKey[VadBatcher] = web.AppKey("vad", VadBatcher)
 # Each factory makes one observer per call (recorder, metrics): see app.call.observer.
 OBSERVERS: web.AppKey[list[Callable[[CallInfo], CallObserver]]] = web.AppKey("observers", list)
+# Issues the token a stream's `start` must present; tests that open a stream without the
+# webhook get one here: `app[STREAM_TOKENS].issue(call_sid)`.
+STREAM_TOKENS: web.AppKey[streamtoken.StreamTokens] = web.AppKey(
+    "stream_tokens", streamtoken.StreamTokens
+)
 
 
-def _authorized(request: web.Request, url: str, params: dict[str, str]) -> bool:
-    """Twilio's signature when a token is set; loopback only in dev mode."""
-    settings = request.app[SETTINGS]
-    if settings.twilio_auth_token is None:
-        return signature.is_loopback(request)
-    return signature.is_valid(
-        settings.twilio_auth_token.get_secret_value(),
-        url,
-        params,
-        request.headers.get("X-Twilio-Signature"),
-    )
+def _refused(request: web.Request, url: str, params: dict[str, str], what: str) -> None:
+    """403 unless Twilio's signature (or dev mode's rules) admits the request."""
+    reason = signature.refusal(request, request.app[SETTINGS], url, params)
+    if reason is not None:
+        log.warning(f"{what}.forbidden", remote=request.remote, reason=reason)
+        raise web.HTTPForbidden(text=reason)
 
 
 async def twiml_webhook(request: web.Request) -> web.Response:
@@ -55,10 +59,12 @@ async def twiml_webhook(request: web.Request) -> web.Response:
         raise web.HTTPServiceUnavailable(text="draining")
     settings = request.app[SETTINGS]
     form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
-    origin = signature.public_origin(request, settings.public_url)
-    if not _authorized(request, origin + request.path_qs, form):
-        log.warning("twiml.forbidden", remote=request.remote)
-        raise web.HTTPForbidden(text="invalid Twilio signature")
+    origin = signature.public_origin(request, settings)
+    _refused(request, origin + request.path_qs, form, "twiml")
+    call_sid = form.get("CallSid")
+    if not messages.is_sid(call_sid, "CA"):
+        log.warning("twiml.bad_call_sid", call_sid=str(call_sid)[:64])
+        raise web.HTTPBadRequest(text="CallSid missing or not a Twilio call SID")
     personas = request.app[PERSONAS]
     persona = request.query.get("persona") or settings.persona
     if persona not in personas:
@@ -68,68 +74,115 @@ async def twiml_webhook(request: web.Request) -> web.Response:
     if mode and mode not in ("realtime", "chained"):
         log.warning("twiml.unknown_mode", mode=mode, using=settings.agent_mode)
         mode = ""
-    stream_url = signature.websocket_origin(origin) + "/media-stream"
     body = twiml.connect_stream(
-        stream_url,
+        websocket_url(origin) + "/media-stream",
         {
             "persona": persona,
             "mode": mode,
             "From": form.get("From", ""),
             "To": form.get("To", ""),
+            streamtoken.PARAMETER: request.app[STREAM_TOKENS].issue(str(call_sid)),
         },
     )
-    log.info("twiml.answered", call_sid=form.get("CallSid"), persona=persona, mode=mode or None)
+    log.info("twiml.answered", call_sid=call_sid, persona=persona, mode=mode or None)
     return web.Response(text=body, content_type="text/xml")
 
 
+Received = tuple[messages.TwilioMessage, float]
+
+
+async def _messages(ws: web.WebSocketResponse) -> AsyncGenerator[Received, None]:
+    """Twilio's messages with their arrival time; every bad frame is logged and dropped."""
+    async for msg in ws:
+        received_at = time.monotonic()
+        if msg.type == WSMsgType.BINARY:
+            log.warning("twilio.binary_frame_dropped", size=len(msg.data))
+            continue
+        if msg.type != WSMsgType.TEXT:
+            return
+        try:
+            message = messages.parse(msg.data)
+        except messages.BadMessage as exc:
+            log.warning("twilio.frame_dropped", reason=str(exc))
+            continue
+        except Exception:  # a parser bug: the frame goes, the call stays
+            log.exception("twilio.frame_dropped", reason="parser error")
+            continue
+        yield message, received_at
+
+
+async def _start(frames: AsyncIterator[Received], timeout_s: float) -> messages.Start | None:
+    """The stream's `start`, or None when the socket closes or STREAM_START_TIMEOUT passes."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for message, _ in frames:
+                if isinstance(message, messages.Start):
+                    return message
+                if not isinstance(message, messages.Connected):
+                    log.warning("twilio.before_start_dropped", message=type(message).__name__)
+    except TimeoutError:
+        log.warning("twilio.start_timeout", timeout_s=timeout_s)
+    return None
+
+
+def _refusal(request: web.Request, start: messages.Start) -> str | None:
+    """Why this stream may not become a call, or None when it may."""
+    unsupported = messages.unsupported_format(start)
+    if unsupported is not None:
+        return f"audio is {unsupported}; only audio/x-mulaw at 8000 Hz, mono is relayed"
+    try:
+        request.app[STREAM_TOKENS].redeem(
+            start.call_sid, start.parameters.get(streamtoken.PARAMETER)
+        )
+    except streamtoken.TokenError as exc:
+        return str(exc)
+    if start.call_sid in request.app[CALLS]:
+        return "this call already has a live stream"
+    return None
+
+
+async def _relay(frames: AsyncIterator[Received], session: CallSession) -> None:
+    """Every message after `start` to the call; one that fails is logged, the call goes on."""
+    async for message, received_at in frames:
+        try:
+            await session.handle(message)
+        except Exception:  # one bad moment must not end the call
+            session.log.exception("call.message_failed", message=type(message).__name__)
+            continue
+        if isinstance(message, messages.Media):
+            session.observers.relay_lag(time.monotonic() - received_at)
+
+
 async def media_stream(request: web.Request) -> web.StreamResponse:
-    """One Twilio Media Stream: parse, drop what is bad, drive the call's session."""
+    """One Twilio Media Stream: its `start` must name a call we answered, then relay."""
     settings = request.app[SETTINGS]
-    origin = signature.websocket_origin(signature.public_origin(request, settings.public_url))
-    if not _authorized(request, origin + request.path_qs, {}):
-        log.warning("media_stream.forbidden", remote=request.remote)
-        raise web.HTTPForbidden(text="invalid Twilio signature")
+    origin = websocket_url(signature.public_origin(request, settings))
+    _refused(request, origin + request.path_qs, {}, "media_stream")
     ws = web.WebSocketResponse(max_msg_size=4 * messages.MAX_FRAME_BYTES, autoping=True)
     await ws.prepare(request)
     session: CallSession | None = None
     calls = request.app[CALLS]
-    try:
-        async for msg in ws:
-            received_at = time.monotonic()
-            if msg.type != WSMsgType.TEXT:
-                if msg.type == WSMsgType.BINARY:
-                    log.warning("twilio.binary_frame_dropped", size=len(msg.data))
-                    continue
-                break
-            try:
-                message = messages.parse(msg.data)
-            except messages.BadMessage as exc:
-                (session.log if session else log).warning("twilio.frame_dropped", reason=str(exc))
-                continue
-            if session is not None:
-                try:
-                    await session.handle(message)
-                except Exception:  # one bad moment must not end the call
-                    session.log.exception("call.message_failed", message=type(message).__name__)
-                    continue
-                if isinstance(message, messages.Media):
-                    session.observers.relay_lag(time.monotonic() - received_at)
-            elif isinstance(message, messages.Start):
+    async with contextlib.aclosing(_messages(ws)) as frames:
+        try:
+            start = await _start(frames, settings.stream_start_timeout)
+            refusal = "no start" if start is None else _refusal(request, start)
+            if start is not None and refusal is not None:
+                log.warning("twilio.stream_refused", call_sid=start.call_sid, reason=refusal)
+            if start is not None and refusal is None:
                 # Every log line of this call, in this task and those it starts, carries these.
                 structlog.contextvars.bind_contextvars(
-                    call_sid=message.call_sid, stream_sid=message.stream_sid
+                    call_sid=start.call_sid, stream_sid=start.stream_sid
                 )
-                session = _new_session(request, message, ws)
-                calls[message.call_sid] = session
-                if not await session.start():
-                    break
-            elif not isinstance(message, messages.Connected):
-                log.warning("twilio.before_start_dropped", message=type(message).__name__)
-    finally:
-        if session is not None:
-            calls.pop(session.info.call_sid, None)
-            await session.close()
-        await ws.close()
+                edge.release(request)  # a call now, no longer a pending connection
+                session = calls[start.call_sid] = _new_session(request, start, ws)
+                if await session.start():
+                    await _relay(frames, session)
+        finally:
+            if session is not None:
+                if calls.get(session.info.call_sid) is session:
+                    del calls[session.info.call_sid]
+                await session.close()
+            await ws.close()
     return ws
 
 
@@ -194,8 +247,12 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     """Build the service; personas are loaded (and checked) here, once."""
-    app = web.Application()
+    app = web.Application(middlewares=edge.middlewares(settings))
     app[SETTINGS] = settings
+    secret = settings.stream_token_secret
+    app[STREAM_TOKENS] = streamtoken.StreamTokens(
+        secret.get_secret_value().encode() if secret else secrets.token_bytes(32)
+    )
     app[PERSONAS] = load_personas(settings.prompts_dir)
     calls: dict[str, CallSession] = {}
     app[CALLS] = calls

@@ -74,6 +74,7 @@ from app.call.playback import MAX_CHUNK_CHARS, payload_ms, split_payload
 from app.engines.base import AgentSetup
 from app.engines.realtime import session_config
 from app.telephony import messages
+from app.telephony.streamtoken import PARAMETER, StreamTokens
 from bench.common import (
     KEY_CHARS,
     STAMP_BYTES,
@@ -342,7 +343,9 @@ class LeanCall:
             "callSid": self.call_sid,
             "tracks": ["inbound"],
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-            "customParameters": {},
+            "customParameters": {
+                PARAMETER: StreamTokens(STREAM_TOKEN_SECRET.encode()).issue(self.call_sid)
+            },
         }
         await self.send(ws, {"event": "start", "streamSid": self.sid, "start": start})
         receiver = asyncio.create_task(self.receive(ws))
@@ -455,11 +458,16 @@ websockets.connect = functools.partial(websockets.connect, compression=None)
 """
 
 
+# The driver opens streams without the webhook, so it mints their tokens with the secret.
+STREAM_TOKEN_SECRET = "bench-stream-token-secret"
+
+
 def start_relay(target: str, fake_url: str, workdir: Path) -> Relay:
+    secret = {"stream_token_secret": STREAM_TOKEN_SECRET}
     if target == "service":
-        return Service(fake_url, workdir, cpus=SERVICE_CPUS)
+        return Service(fake_url, workdir, cpus=SERVICE_CPUS, **secret)
     if target == "no-deflate":
-        return Service(fake_url, workdir, cpus=SERVICE_CPUS, prelude=NO_DEFLATE)
+        return Service(fake_url, workdir, cpus=SERVICE_CPUS, prelude=NO_DEFLATE, **secret)
     if target == "bare":
         return BareRelay(fake_url, port=free_port())
     raise ValueError(f"unknown target {target!r}")

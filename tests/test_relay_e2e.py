@@ -18,7 +18,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from app.config import Settings
-from app.server import CALLS
+from app.server import CALLS, STREAM_TOKENS
 from app.simulator import CallResult, Clip, simulate_call
 from tests.conftest import FIXTURES
 from tests.fakes.realtime import FakeRealtime, RealtimeConnection
@@ -190,7 +190,10 @@ async def test_bad_frames_are_dropped_and_the_call_goes_on(rig: RigFactory) -> N
             **sid,
             "callSid": "CA" + "0" * 32,
             "accountSid": "AC" + "0" * 32,
-            "customParameters": {},
+            # No webhook here: the service issues the stream's token directly.
+            "customParameters": {
+                "stream_token": r.server.app[STREAM_TOKENS].issue("CA" + "0" * 32)
+            },
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
         },
     }

@@ -11,6 +11,7 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from app.config import Settings
+from app.server import STREAM_TOKENS
 
 TOKEN = "test-auth-token-0123456789abcdef"
 FORM = {
@@ -41,11 +42,13 @@ async def test_dev_mode_answers_loopback_unsigned(
         assert resp.content_type == "text/xml"
         url, params = stream_of(await resp.text())
     assert url == f"ws://{server.host}:{server.port}/media-stream"
+    token = params.pop("stream_token")
     assert params == {
         "persona": "receptionist",
         "From": FORM["From"],
         "To": FORM["To"],
     }
+    server.app[STREAM_TOKENS].redeem(FORM["CallSid"], token)  # issued for this call
 
 
 async def test_unknown_persona_falls_back_to_default(
@@ -101,10 +104,10 @@ async def test_public_url_is_signed_and_used_for_the_stream(
     assert url == "wss://agent.example.com/media-stream"
 
 
-async def test_forwarded_headers_give_the_public_origin(
+async def test_forwarded_headers_of_a_trusted_proxy_give_the_public_origin(
     serve: Callable[[Settings], Any], settings_factory: Callable[..., Settings]
 ) -> None:
-    server = await serve(settings_factory(twilio_auth_token=TOKEN))
+    server = await serve(settings_factory(twilio_auth_token=TOKEN, trusted_proxies="127.0.0.1"))
     signature = RequestValidator(TOKEN).compute_signature("https://edge.example.net/twiml", FORM)
     headers = {
         "X-Twilio-Signature": signature,
@@ -116,6 +119,40 @@ async def test_forwarded_headers_give_the_public_origin(
         assert resp.status == 200
         url, _ = stream_of(await resp.text())
     assert url == "wss://edge.example.net/media-stream"
+
+
+async def test_forwarded_headers_of_anyone_else_are_ignored(
+    serve: Callable[[Settings], Any], settings_factory: Callable[..., Settings]
+) -> None:
+    """Without TRUSTED_PROXIES a client cannot pick the URL its signature is checked on."""
+    server = await serve(settings_factory(twilio_auth_token=TOKEN, trusted_proxies="10.0.0.0/8"))
+    forged = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "edge.example.net"}
+    async with aiohttp.ClientSession() as http:
+        signed_for_forged = RequestValidator(TOKEN).compute_signature(
+            "https://edge.example.net/twiml", FORM
+        )
+        resp = await http.post(
+            server.make_url("/twiml"),
+            data=FORM,
+            headers={**forged, "X-Twilio-Signature": signed_for_forged},
+        )
+        assert resp.status == 403
+        real = str(server.make_url("/twiml"))
+        signed = RequestValidator(TOKEN).compute_signature(real, FORM)
+        resp = await http.post(real, data=FORM, headers={**forged, "X-Twilio-Signature": signed})
+        assert resp.status == 200
+        url, _ = stream_of(await resp.text())
+    assert url == f"ws://{server.host}:{server.port}/media-stream"
+
+
+async def test_webhook_without_a_call_sid_is_a_bad_request(
+    serve: Callable[[Settings], Any], settings_factory: Callable[..., Settings]
+) -> None:
+    server = await serve(settings_factory())
+    async with aiohttp.ClientSession() as http:
+        for call_sid in ("", "CA../../etc", "XX" + "1" * 32):
+            resp = await http.post(server.make_url("/twiml"), data={**FORM, "CallSid": call_sid})
+            assert resp.status == 400
 
 
 async def test_media_stream_upgrade_needs_a_signature(

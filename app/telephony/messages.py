@@ -8,12 +8,38 @@ does not parse raises `BadMessage` with a reason fit for a log line.
 from __future__ import annotations
 
 import binascii
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "BadMessage",
+    "Connected",
+    "Dtmf",
+    "Mark",
+    "Media",
+    "Start",
+    "Stop",
+    "TwilioMessage",
+    "clear",
+    "is_sid",
+    "mark",
+    "media",
+    "parse",
+    "unsupported_format",
+]
+
 MAX_FRAME_BYTES = 64 * 1024
+ENCODING = "audio/x-mulaw"
+SAMPLE_RATE = 8000
+# Twilio ends a call after 24 hours at most; a media clock past that is not Twilio's.
+MAX_TIMESTAMP_MS = 24 * 3600 * 1000
+MAX_COUNTER = 2**31 - 1
+DTMF_DIGITS = frozenset("0123456789*#")
+_SID = re.compile(r"[A-Z]{2}[0-9a-fA-F]{32}")
 
 
 class BadMessage(ValueError):
@@ -33,8 +59,9 @@ class Start:
     call_sid: str
     account_sid: str
     parameters: dict[str, str] = field(default_factory=dict)
-    encoding: str = "audio/x-mulaw"
-    sample_rate: int = 8000
+    encoding: str = ENCODING
+    sample_rate: int = SAMPLE_RATE
+    channels: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,16 +102,41 @@ def _object(data: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def _int(value: Any, name: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise BadMessage(f"'{name}' is not an integer") from None
+def _int(value: Any, name: str, maximum: int) -> int:
+    """A bounded non-negative integer; Twilio sends these as digit strings."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 12:
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise BadMessage(f"'{name}' is not a non-negative integer")
+    if not 0 <= number <= maximum:
+        raise BadMessage(f"'{name}' {number} is out of range 0..{maximum}")
+    return number
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise BadMessage(f"'{name}' is not a string")
+    return value
+
+
+def is_sid(value: Any, prefix: str) -> bool:
+    """Twilio's SIDs: a two-letter prefix and 32 hex digits (they name archive folders)."""
+    return isinstance(value, str) and value.startswith(prefix) and bool(_SID.fullmatch(value))
+
+
+def _sid(value: Any, name: str, prefix: str) -> str:
+    if not is_sid(value, prefix):
+        raise BadMessage(f"'{name}' is not a Twilio {prefix}... SID")
+    return str(value)
 
 
 def _check_base64(payload: Any) -> str:
     if not isinstance(payload, str) or not payload:
         raise BadMessage("media payload missing or not a string")
+    if not payload.isascii():
+        raise BadMessage("media payload is not base64: non-ASCII characters")
     try:
         binascii.a2b_base64(payload, strict_mode=True)
     except binascii.Error as exc:
@@ -92,8 +144,48 @@ def _check_base64(payload: Any) -> str:
     return payload
 
 
+def _media(data: dict[str, Any]) -> Media:
+    media = _object(data, "media")
+    return Media(
+        payload=_check_base64(media.get("payload")),
+        timestamp_ms=_int(media.get("timestamp", 0), "timestamp", MAX_TIMESTAMP_MS),
+        chunk=_int(media.get("chunk", 0), "chunk", MAX_COUNTER),
+    )
+
+
+def _start(data: dict[str, Any]) -> Start:
+    start = _object(data, "start")
+    params = start.get("customParameters") or {}
+    if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
+        raise BadMessage("customParameters is not an object of strings")
+    fmt = start.get("mediaFormat") or {}
+    if not isinstance(fmt, dict):
+        raise BadMessage("mediaFormat is not an object")
+    return Start(
+        stream_sid=_sid(start.get("streamSid") or data.get("streamSid"), "streamSid", "MZ"),
+        call_sid=_sid(start.get("callSid"), "callSid", "CA"),
+        account_sid=_str(start.get("accountSid", ""), "accountSid"),
+        parameters=params,
+        encoding=_str(fmt.get("encoding", ENCODING), "encoding"),
+        sample_rate=_int(fmt.get("sampleRate", SAMPLE_RATE), "sampleRate", MAX_COUNTER),
+        channels=_int(fmt.get("channels", 1), "channels", MAX_COUNTER),
+    )
+
+
+def _named(data: dict[str, Any], event: str) -> Mark | Dtmf:
+    if event == "mark":
+        name = _object(data, "mark").get("name")
+        if not isinstance(name, str):
+            raise BadMessage("mark without a name")
+        return Mark(name)
+    digit = _object(data, "dtmf").get("digit")
+    if not isinstance(digit, str) or len(digit) != 1 or digit not in DTMF_DIGITS:
+        raise BadMessage("dtmf without a single keypad digit")
+    return Dtmf(digit)
+
+
 def parse(frame: str | bytes) -> TwilioMessage:
-    """Parse one text frame from Twilio."""
+    """Parse one text frame from Twilio; whatever is wrong with it raises `BadMessage`."""
     if len(frame) > MAX_FRAME_BYTES:
         raise BadMessage(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
@@ -104,45 +196,24 @@ def parse(frame: str | bytes) -> TwilioMessage:
         raise BadMessage("frame is not a JSON object")
     event = data.get("event")
     if event == "media":
-        media = _object(data, "media")
-        return Media(
-            payload=_check_base64(media.get("payload")),
-            timestamp_ms=_int(media.get("timestamp", 0), "timestamp"),
-            chunk=_int(media.get("chunk", 0), "chunk"),
-        )
-    if event == "mark":
-        name = _object(data, "mark").get("name")
-        if not isinstance(name, str):
-            raise BadMessage("mark without a name")
-        return Mark(name)
-    if event == "dtmf":
-        digit = _object(data, "dtmf").get("digit")
-        if not isinstance(digit, str) or len(digit) != 1:
-            raise BadMessage("dtmf without a single digit")
-        return Dtmf(digit)
+        return _media(data)
+    if event in ("mark", "dtmf"):
+        return _named(data, event)
     if event == "start":
-        start = _object(data, "start")
-        stream_sid = start.get("streamSid") or data.get("streamSid")
-        call_sid = start.get("callSid")
-        if not isinstance(stream_sid, str) or not isinstance(call_sid, str):
-            raise BadMessage("start without streamSid or callSid")
-        params = start.get("customParameters") or {}
-        if not isinstance(params, dict):
-            raise BadMessage("customParameters is not an object")
-        fmt = start.get("mediaFormat") or {}
-        return Start(
-            stream_sid=stream_sid,
-            call_sid=call_sid,
-            account_sid=str(start.get("accountSid", "")),
-            parameters={str(k): str(v) for k, v in params.items()},
-            encoding=str(fmt.get("encoding", "audio/x-mulaw")),
-            sample_rate=_int(fmt.get("sampleRate", 8000), "sampleRate"),
-        )
+        return _start(data)
     if event == "connected":
         return Connected()
     if event == "stop":
         return Stop()
-    raise BadMessage(f"unknown event {event!r}")
+    shown = repr(event[:40]) if isinstance(event, str) else type(event).__name__
+    raise BadMessage(f"unknown event {shown}")
+
+
+def unsupported_format(start: Start) -> str | None:
+    """Why a stream's audio is not what we relay untouched (mono 8 kHz mu-law), if it is not."""
+    if (start.encoding, start.sample_rate, start.channels) == (ENCODING, SAMPLE_RATE, 1):
+        return None
+    return f"{start.encoding} at {start.sample_rate} Hz, {start.channels} channel(s)"
 
 
 def media(stream_sid: str, payload: str) -> str:

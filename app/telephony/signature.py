@@ -1,32 +1,69 @@
-"""X-Twilio-Signature checks on the webhook and on the media stream upgrade.
+"""Who may reach the Twilio edge: X-Twilio-Signature checks, dev mode, proxies.
 
 Twilio signs the exact URL it requested plus, for webhooks, the POSTed form fields.
 Behind a proxy the URL we see is not the one Twilio used, so the public origin comes
-from PUBLIC_URL, or from the X-Forwarded-Proto/Host headers the proxy adds.
+from PUBLIC_URL, or from the X-Forwarded-Proto/Host headers of a proxy listed in
+TRUSTED_PROXIES; anyone else's forwarding headers are ignored, so a client cannot pick
+the URL its signature is checked against.
+
+Without TWILIO_AUTH_TOKEN (dev mode) nothing is signed: requests are accepted from this
+machine only, and not when they carry forwarding headers (a tunnel or local proxy makes
+every request look local), unless ALLOW_UNSIGNED says the service may be open.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from ipaddress import ip_address
 
 from aiohttp import web
 from twilio.request_validator import RequestValidator
 
+from app.config import Network, Settings
 
-def public_origin(request: web.Request, configured: str | None) -> str:
-    """The https origin Twilio reached, e.g. `https://agent.example.com`."""
-    if configured:
-        return configured
-    proto = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
-    host = request.headers.get("X-Forwarded-Host", request.host).split(",")[0].strip()
+__all__ = ["client_address", "exposure", "is_valid", "public_origin", "refusal"]
+
+# Headers a proxy or tunnel adds; X-Forwarded-* is matched by prefix.
+_FORWARDING = frozenset(
+    {"forwarded", "via", "x-real-ip", "true-client-ip", "cf-connecting-ip", "x-client-ip"}
+)
+
+
+def _in(address: str | None, networks: Iterable[Network]) -> bool:
+    try:
+        ip = ip_address(address or "")
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def _trusted_proxy(request: web.Request, settings: Settings) -> bool:
+    return _in(request.remote, settings.trusted_proxies)
+
+
+def client_address(request: web.Request, settings: Settings) -> str:
+    """The client's address: the peer, or behind a trusted proxy the nearest untrusted
+    address in X-Forwarded-For."""
+    peer = request.remote or ""
+    if not _trusted_proxy(request, settings):
+        return peer
+    headers = request.headers.getall("X-Forwarded-For", [])
+    hops = [hop.strip() for header in headers for hop in header.split(",")]
+    for hop in reversed(hops):
+        if not _in(hop, settings.trusted_proxies):
+            return hop
+    return peer
+
+
+def public_origin(request: web.Request, settings: Settings) -> str:
+    """The origin Twilio reached, e.g. `https://agent.example.com`."""
+    if settings.public_url:
+        return settings.public_url
+    proto, host = request.scheme, request.host
+    if _trusted_proxy(request, settings):
+        proto = request.headers.get("X-Forwarded-Proto", proto).split(",")[0].strip()
+        host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip()
     return f"{proto}://{host}"
-
-
-def websocket_origin(http_origin: str) -> str:
-    """The ws(s) origin matching an http(s) one."""
-    if http_origin.startswith("https://"):
-        return "wss://" + http_origin.removeprefix("https://")
-    return "ws://" + http_origin.removeprefix("http://")
 
 
 def is_valid(auth_token: str, url: str, params: Mapping[str, str], signature: str | None) -> bool:
@@ -36,6 +73,52 @@ def is_valid(auth_token: str, url: str, params: Mapping[str, str], signature: st
     return bool(RequestValidator(auth_token).validate(url, dict(params), signature))
 
 
-def is_loopback(request: web.Request) -> bool:
-    """Dev mode accepts unsigned requests only from this machine."""
-    return request.remote in {"127.0.0.1", "::1"} or (request.remote or "").startswith("127.")
+def _forwarded(request: web.Request) -> bool:
+    return any(
+        name.lower() in _FORWARDING or name.lower().startswith("x-forwarded-")
+        for name in request.headers
+    )
+
+
+def _loopback(request: web.Request) -> bool:
+    try:
+        return ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return False
+
+
+def refusal(
+    request: web.Request, settings: Settings, url: str, params: Mapping[str, str]
+) -> str | None:
+    """Why this request may not reach the Twilio edge, or None when it may."""
+    token = settings.twilio_auth_token
+    if token is not None:
+        signature = request.headers.get("X-Twilio-Signature")
+        if is_valid(token.get_secret_value(), url, params, signature):
+            return None
+        return "invalid Twilio signature"
+    if settings.allow_unsigned:
+        return None
+    if not _loopback(request):
+        return "dev mode (no TWILIO_AUTH_TOKEN) accepts unsigned requests from loopback only"
+    if _forwarded(request):
+        return (
+            "dev mode (no TWILIO_AUTH_TOKEN) refuses requests that came through a proxy "
+            "(forwarding headers); set TWILIO_AUTH_TOKEN, or ALLOW_UNSIGNED=true"
+        )
+    return None
+
+
+def exposure(settings: Settings) -> str:
+    """What the edge accepts, for the start-up log."""
+    if not settings.dev_mode:
+        return "requests must carry Twilio's signature (TWILIO_AUTH_TOKEN)"
+    if settings.allow_unsigned:
+        return (
+            "ALLOW_UNSIGNED=true: unsigned requests accepted from ANY client, proxied or not; "
+            "whoever reaches this port can place calls on your model keys"
+        )
+    return (
+        "TWILIO_AUTH_TOKEN unset: unsigned requests accepted from loopback only, "
+        "and not through a proxy or tunnel that adds forwarding headers"
+    )

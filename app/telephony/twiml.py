@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
+__all__ = ["APOLOGY", "connect_stream"]
+
 APOLOGY = "Sorry, our assistant is not available right now. Please call again in a few minutes."
 
 
@@ -23,14 +25,6 @@ def connect_stream(stream_url: str, parameters: Mapping[str, str]) -> str:
         if value:
             stream.parameter(name=name, value=value)
     response.append(connect)
-    response.say(APOLOGY)
-    response.hangup()
-    return str(response)
-
-
-def unavailable() -> str:
-    """Answer a call we cannot take (draining, no engine) with the apology alone."""
-    response = VoiceResponse()
     response.say(APOLOGY)
     response.hangup()
     return str(response)

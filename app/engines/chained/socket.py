@@ -23,6 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from app.engines.chained.errors import ProviderError
+from app.urls import websocket_url
 
 log = structlog.get_logger(__name__)
 
@@ -32,11 +33,7 @@ _FATAL_STATUS = frozenset({400, 401, 403, 404})
 
 def ws_base(http_base: str) -> str:
     """`https://host/v1` -> `wss://host/v1` (and http -> ws), as Together derives them."""
-    if http_base.startswith("https://"):
-        return "wss://" + http_base.removeprefix("https://").rstrip("/")
-    if http_base.startswith("http://"):
-        return "ws://" + http_base.removeprefix("http://").rstrip("/")
-    raise ValueError(f"TOGETHER_BASE_URL must be http(s), got {http_base!r}")
+    return websocket_url(http_base.rstrip("/"))
 
 
 class ProviderSocket:

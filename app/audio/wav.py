@@ -13,11 +13,20 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
+__all__ = [
+    "WAVE_FORMAT_MULAW",
+    "MulawWavWriter",
+    "read_pcm16",
+    "strip_wav_header",
+    "write_pcm16",
+]
+
 WAVE_FORMAT_MULAW = 7
 
 # RIFF size + "WAVE", then fmt (18 bytes of body), fact (4) and the data chunk header.
 _MULAW_HEADER = struct.Struct("<4sI4s4sIHHIIHHH4sII4sI")
 _MULAW_RIFF_OVERHEAD = _MULAW_HEADER.size - 8
+_SILENCE_BLOCK = 64 * 1024
 
 
 def read_pcm16(path: str | Path) -> tuple[int, npt.NDArray[np.int16]]:
@@ -65,7 +74,7 @@ class MulawWavWriter:
     Python's `wave` writes PCM only. Non-PCM formats need an 18-byte fmt chunk (cbSize 0)
     and a `fact` chunk with the frame count; both are rewritten on `flush()` so that a
     crashed call still leaves a playable file up to its last flush. The I/O is blocking:
-    callers on the event loop should batch appends and flush rarely.
+    the call recorder runs it on its writer thread, never on the event loop.
     """
 
     def __init__(self, path: str | Path, rate: int = 8000, channels: int = 1) -> None:
@@ -89,6 +98,18 @@ class MulawWavWriter:
             raise ValueError(f"{len(frames)} bytes is not a whole number of frames")
         self._file.write(frames)
         self.data_bytes += len(frames)
+
+    def append_silence(self, size: int, code: int = 0xFF) -> None:
+        """Append `size` bytes of one code (mu-law 0xFF is silence), a block at a time."""
+        if size % self.channels:
+            raise ValueError(f"{size} bytes is not a whole number of frames")
+        block = bytes((code,)) * min(size, _SILENCE_BLOCK)
+        remaining = size
+        while remaining:
+            step = min(remaining, len(block))
+            self._file.write(block[:step])
+            remaining -= step
+        self.data_bytes += size
 
     def flush(self) -> None:
         """Make the file on disk a complete, playable WAV of what was appended."""

@@ -34,6 +34,7 @@ from typing import Protocol
 import numpy as np
 import structlog
 
+from app.audio.frame import MulawFrame
 from app.audio.g711 import ulaw_decode
 from app.call.observer import CallObserver
 from app.config import Settings
@@ -106,7 +107,7 @@ class BargeIn(CallObserver):
         self._floor = floor
         self._clock = clock
         self._stream = VadStream()
-        self._frames: asyncio.Queue[str] = asyncio.Queue()
+        self._frames: asyncio.Queue[MulawFrame] = asyncio.Queue()
         self._agent_levels: deque[tuple[float, float, float]] = deque()  # start, end, dBFS
         self._levels: deque[float] = deque(maxlen=2)  # caller frames of the current window
         self._held: list[str] | None = None
@@ -133,9 +134,9 @@ class BargeIn(CallObserver):
         if self._held is not None:
             self._held.append(payload)
 
-    def push(self, payload: str) -> None:
+    def push(self, frame: MulawFrame) -> None:
         """Queue a caller frame for scoring; never blocks the relay."""
-        self._frames.put_nowait(payload)
+        self._frames.put_nowait(frame)
 
     def recent_speech(self, within_s: float = 0.3) -> bool:
         """Our VAD heard ungated caller speech lately (to corroborate the model's VAD)."""
@@ -158,10 +159,10 @@ class BargeIn(CallObserver):
     async def run(self) -> None:
         """Score caller frames as they come, and act on the decisions."""
         while True:
-            payload = await self._frames.get()
+            frame = await self._frames.get()
             if not self._listening():
                 continue
-            data = base64.b64decode(payload)
+            data = frame.audio
             self._levels.append(ulaw_dbfs(data))
             pcm = ulaw_decode(data)
             for prob in await self._batcher.feed(self._stream, pcm):

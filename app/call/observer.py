@@ -1,17 +1,25 @@
 """What a call tells the world about itself: recordings, metrics and logs listen here.
 
-A `CallObserver` is handed each notable moment of a call as it happens. The call never
-waits on an observer and an observer's failure never reaches the call: `Observers`
-logs and swallows it, so a full disk or a broken metric cannot drop a caller.
+A `CallObserver` is handed each notable moment of a call as it happens. The hooks are
+plain functions run inline, on the event loop, by the task in which the moment happens
+(the caller's frames in the media-stream handler, so at 50 frames a second per call):
+the call waits for each hook to return, so a hook must be quick and must not block.
+An observer with slow work hands it off (the recorder's file I/O runs on its writer
+thread). An observer's exception never reaches the call: `Observers` logs it (the first
+of each observer and hook with its traceback, then a count when the call ends) and goes on.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 import structlog
 
+from app.audio.frame import MulawFrame
 from app.engines.base import Turn
+
+__all__ = ["CallObserver", "Observers"]
 
 log = structlog.get_logger(__name__)
 
@@ -19,11 +27,11 @@ log = structlog.get_logger(__name__)
 class CallObserver:
     """Hooks with no-op defaults; subclasses override what they need.
 
-    Times are `time.monotonic()` seconds; `timestamp_ms` is Twilio's media clock.
+    Times are `time.monotonic()` seconds; a frame's `timestamp_ms` is Twilio's media clock.
     """
 
-    def caller_audio(self, payload: str, timestamp_ms: int) -> None:
-        """20 ms of caller audio, base64 mu-law as Twilio sent it."""
+    def caller_audio(self, frame: MulawFrame) -> None:
+        """20 ms of caller audio as Twilio sent it; `frame.audio` decodes it once for all."""
 
     def relay_lag(self, seconds: float) -> None:
         """A caller frame went to the engine `seconds` after it reached the call."""
@@ -61,6 +69,7 @@ class Observers(CallObserver):
 
     def __init__(self, observers: Iterable[CallObserver] = ()) -> None:
         self._observers = list(observers)
+        self._failures: Counter[tuple[str, str]] = Counter()  # (observer, hook) -> count
 
     def add(self, observer: CallObserver) -> None:
         self._observers.append(observer)
@@ -70,10 +79,22 @@ class Observers(CallObserver):
             try:
                 getattr(observer, hook)(*args)
             except Exception:
-                log.exception("observer.failed", observer=type(observer).__name__, hook=hook)
+                self._failed(type(observer).__name__, hook)
 
-    def caller_audio(self, payload: str, timestamp_ms: int) -> None:
-        self._each("caller_audio", payload, timestamp_ms)
+    def _failed(self, observer: str, hook: str) -> None:
+        """Log an observer's first failure in a hook with its traceback; count the rest
+        (a broken per-frame hook would otherwise log fifty tracebacks a second)."""
+        self._failures[observer, hook] += 1
+        if self._failures[observer, hook] == 1:
+            log.exception(
+                "observer.failed",
+                observer=observer,
+                hook=hook,
+                detail="the call goes on; later failures of this hook are counted",
+            )
+
+    def caller_audio(self, frame: MulawFrame) -> None:
+        self._each("caller_audio", frame)
 
     def relay_lag(self, seconds: float) -> None:
         self._each("relay_lag", seconds)
@@ -104,3 +125,6 @@ class Observers(CallObserver):
 
     def ended(self, outcome: str) -> None:
         self._each("ended", outcome)
+        repeated = {f"{o}.{h}": n for (o, h), n in self._failures.items() if n > 1}
+        if repeated:
+            log.warning("observer.failures", counts=repeated)

@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from app.audio.frame import MulawFrame
 from app.call.bargein import BargeIn
 from app.call.info import CallInfo
 from app.call.observer import Observers
@@ -278,9 +279,12 @@ class CallSession:
     async def handle(self, message: TwilioMessage) -> None:
         """One message from Twilio, after `start`."""
         if isinstance(message, Media):
-            self.observers.caller_audio(message.payload, message.timestamp_ms)
+            # The payload string goes to the engine as is; the recorder and the VAD share
+            # one decode of it through the frame.
+            frame = MulawFrame(message.payload, message.timestamp_ms)
+            self.observers.caller_audio(frame)
             await self._forward(message.payload)
-            self.bargein.push(message.payload)
+            self.bargein.push(frame)
         elif isinstance(message, Mark):
             self.playback.on_mark(message.name)
             if not self.playback.playing:

@@ -7,19 +7,23 @@ The simulator plays Twilio's side of the call in a background task while a test 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from app.call.session import CallSession
 from app.server import CALLS
 from app.simulator import CallResult, Clip, simulate_call
 from tests.conftest import FIXTURES
+from tests.fakes.loopback import LoopbackServer
 from tests.fakes.realtime import FakeRealtime
 from tests.fakes.together import FakeTogether
 from tests.fakes.twilio_rest import ACCOUNT, TOKEN, FakeTwilioRest
@@ -60,7 +64,9 @@ async def eventually(
 
 
 def admin_settings(
-    realtime: FakeRealtime, together: FakeTogether, twilio: FakeTwilioRest | None
+    realtime: FakeRealtime,
+    together: FakeTogether,
+    twilio: FakeTwilioRest | FakeTwilioCalls | None,
 ) -> dict[str, Any]:
     """Settings for the service under test (with Twilio REST when `twilio` is given)."""
     values: dict[str, Any] = {
@@ -152,3 +158,31 @@ class Instance:
         session = self.calls[sid]
         await wait_until(lambda: session.engine is not None, what="an engine")
         return Live(task, sid, session)
+
+
+class FakeTwilioCalls(LoopbackServer):
+    """Twilio's call resource on 127.0.0.1: `Calls.json` places a call (recorded, 201),
+    `Calls/{sid}.json` updates one (hang-up, transfer) as `FakeTwilioRest` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rest = FakeTwilioRest()
+        self.placed: list[dict[str, str]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/2010-04-01/Accounts/{account}/Calls.json", self.create)
+        app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", self.rest.update)
+
+    async def create(self, request: web.Request) -> web.Response:
+        expected = "Basic " + base64.b64encode(f"{ACCOUNT}:{TOKEN}".encode()).decode()
+        if request.headers.get("Authorization") != expected:
+            return web.json_response({"code": 20003, "message": "Authenticate"}, status=401)
+        form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+        self.placed.append(form)
+        sid = "CA" + secrets.token_hex(16)
+        body = {"sid": sid, "account_sid": ACCOUNT, "status": "queued", "to": form["To"]}
+        return web.json_response(body, status=201)

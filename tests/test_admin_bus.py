@@ -107,7 +107,7 @@ async def test_instances_share_the_registry_and_route_commands(
 
         for instance in (a, b):
             status, listed = await instance.api("GET", "/admin/calls")
-            assert status == 200
+            assert status == 200 and listed["partial"] is False
             holders = {c["call_sid"]: c["instance"] for c in listed["calls"]}
             assert set(holders) == {on_a.sid, on_b.sid}
             assert holders[on_a.sid] != holders[on_b.sid]
@@ -248,8 +248,9 @@ async def test_calls_go_on_while_redis_is_unreachable(
     async with aiohttp.ClientSession() as http:
         a = Instance(await serve(settings_factory(**values)), http, None)
         live = await a.call(silence(2000), tail_s=0.2)
-        status, body = await a.api("GET", "/admin/calls")
-        assert status == 503 and "Redis" in body["error"]
+        status, listed = await a.api("GET", "/admin/calls")  # ours, said to be partial
+        assert status == 200 and listed["partial"] is True
+        assert [c["call_sid"] for c in listed["calls"]] == [live.sid]
         status, detail = await a.api("GET", f"/admin/calls/{live.sid}")  # held here: served
         assert status == 200 and detail["call_sid"] == live.sid
         status, body = await a.api("GET", "/admin/calls/CA" + "0" * 32)

@@ -4,7 +4,8 @@ Every route checks ADMIN_TOKEN (`auth.authorize`: 404 while unset, 401 without t
 token), validates its body with the pydantic models of `schemas` (400 for JSON that does
 not parse, 422 for a body that does not fit), and commands about a live call go through
 the bus to the instance holding it. One route table drives both the router and the
-OpenAPI document served at /admin/openapi.json.
+OpenAPI document served at /admin/openapi.json, whose schemas are the models' own, so
+what the document allows is what the routes accept.
 """
 
 from __future__ import annotations
@@ -12,22 +13,24 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from app.admin import schemas
 from app.admin.auth import authorize
-from app.admin.bus import BusError, LocalBus, RedisBus, make_bus
+from app.admin.bus import LocalBus, RedisBus, make_bus
 from app.admin.commands import Op, Reply, error
 from app.admin.dial import DialError, DialRequest, DialRequestError, DialSetupError, place_call
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.call.session import CallSession
 from app.config import Settings
+
+__all__ = ["Route", "add_routes", "openapi_document", "routes"]
 
 log = structlog.get_logger(__name__)
 
@@ -94,17 +97,15 @@ def _call_command(bus: LocalBus, op: Op, model: type[BaseModel] | None) -> Handl
 def routes(settings: Settings, bus: LocalBus, personas: Collection[str]) -> list[Route]:
     """The admin API, in the order the OpenAPI document lists it."""
 
+    dial_body = schemas.dial_body(personas)
+
     async def list_calls(_: web.Request) -> web.StreamResponse:
-        try:
-            calls = await bus.list_calls()
-        except BusError as exc:
-            return _json(error(503, str(exc)))
-        return _json(Reply(200, {"calls": calls}))
+        listed = await bus.list_calls()
+        return _json(Reply(200, listed.model_dump(mode="json", by_alias=True)))
 
     async def dial(request: web.Request) -> web.StreamResponse:
-        body = await _body(request, schemas.DialBody)
+        req = DialRequest.of(await _body(request, dial_body))
         try:
-            req = DialRequest.parse(body.to, body.persona, body.mode, body.from_, personas)
             sid = await asyncio.to_thread(
                 place_call, settings, req.to, req.persona, req.mode, caller_id=req.caller_id
             )
@@ -129,7 +130,8 @@ def routes(settings: Settings, bus: LocalBus, personas: Collection[str]) -> list
             "/admin/calls",
             "list_calls",
             list_calls,
-            "Live calls of every instance",
+            "Live calls of every instance (of this one alone, marked partial, when the "
+            "shared registry is unreachable)",
             responses={200: ("The live calls", schemas.CallList)},
         ),
         Route(
@@ -195,7 +197,7 @@ def routes(settings: Settings, bus: LocalBus, personas: Collection[str]) -> list
             "dial",
             dial,
             "Place an outbound call",
-            body=schemas.DialBody,
+            body=dial_body,
             responses={
                 201: ("Placed", schemas.DialResult),
                 502: ("Twilio refused or is unreachable", schemas.ErrorBody),
@@ -207,64 +209,62 @@ def routes(settings: Settings, bus: LocalBus, personas: Collection[str]) -> list
     return table
 
 
+# Answers any route may give, besides its own.
+_COMMON: dict[int, str] = {
+    401: "Missing or wrong bearer token",
+    404: "ADMIN_TOKEN unset, or no such live call",
+}
+_WITH_BODY: dict[int, str] = {400: "The body is not JSON", 422: "The body is invalid"}
+# A command goes to the instance holding the call, through Redis when REDIS_URL is set.
+_ROUTED: dict[int, str] = {
+    503: "The call registry (Redis) or the instance holding the call is unreachable",
+    504: "The instance holding the call did not answer in time",
+}
+_CALL_SID = {
+    "name": "call_sid",
+    "in": "path",
+    "required": True,
+    "schema": TypeAdapter(schemas.CallSid).json_schema(),
+}
+
+
 def openapi_document(table: list[Route]) -> dict[str, Any]:
     """OpenAPI 3.1 for the routes, with the models' JSON schemas as components."""
     components: dict[str, Any] = {}
 
-    def ref(model: type[BaseModel], mode: str) -> dict[str, str]:
+    def content(
+        model: type[BaseModel] | None, mode: Literal["validation", "serialization"]
+    ) -> dict[str, Any]:
+        if model is None:
+            return {"application/json": {"schema": {"type": "object"}}}
         schema = model.model_json_schema(
-            by_alias=True,
-            ref_template="#/components/schemas/{model}",
-            mode="validation" if mode == "validation" else "serialization",
+            by_alias=True, ref_template="#/components/schemas/{model}", mode=mode
         )
         components.update(schema.pop("$defs", {}))
         components[model.__name__] = schema
-        return {"$ref": f"#/components/schemas/{model.__name__}"}
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        return {"application/json": {"schema": ref}}
 
-    def content(model: type[BaseModel] | None, mode: str) -> dict[str, Any]:
-        schema = ref(model, mode) if model is not None else {"type": "object"}
-        return {"application/json": {"schema": schema}}
+    def answer(text: str, model: type[BaseModel] | None) -> dict[str, Any]:
+        return {"description": text, "content": content(model, "serialization")}
 
     paths: dict[str, dict[str, Any]] = {}
     for route in table:
-        responses: dict[str, Any] = {
-            str(status): {"description": text, "content": content(model, "serialization")}
-            for status, (text, model) in route.responses.items()
-        }
-        if not responses:
-            responses["200"] = {"description": "OK", "content": content(None, "serialization")}
-        responses["401"] = {
-            "description": "Missing or wrong bearer token",
-            "content": content(schemas.ErrorBody, "serialization"),
-        }
-        responses["404"] = {
-            "description": "ADMIN_TOKEN unset, or no such live call",
-            "content": content(schemas.ErrorBody, "serialization"),
-        }
+        responses = {str(code): answer(*about) for code, about in route.responses.items()}
+        responses.setdefault("200", answer("OK", None))
+        for code, text in _extra_responses(route).items():
+            own = route.responses.get(code)
+            responses[str(code)] = answer(
+                f"{own[0]}; or: {text}" if own else text, schemas.ErrorBody
+            )
         operation: dict[str, Any] = {
             "summary": route.summary,
             "operationId": route.operation_id,
-            "responses": responses,
+            "responses": dict(sorted(responses.items())),
         }
         if "{call_sid}" in route.path:
-            operation["parameters"] = [
-                {
-                    "name": "call_sid",
-                    "in": "path",
-                    "required": True,
-                    "schema": {"type": "string"},
-                    "description": "Twilio's CallSid",
-                }
-            ]
+            operation["parameters"] = [_CALL_SID]
         if route.body is not None:
-            responses["400"] = {
-                "description": "The body is not JSON",
-                "content": content(schemas.ErrorBody, "serialization"),
-            }
-            responses["422"] = {
-                "description": "The body is invalid",
-                "content": content(schemas.ErrorBody, "serialization"),
-            }
             operation["requestBody"] = {
                 "required": route.body_required,
                 "content": content(route.body, "validation"),
@@ -280,6 +280,16 @@ def openapi_document(table: list[Route]) -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+def _extra_responses(route: Route) -> dict[int, str]:
+    """The error answers a route gives besides those it names."""
+    extra = dict(_COMMON)
+    if route.body is not None:
+        extra |= _WITH_BODY
+    if "{call_sid}" in route.path:
+        extra |= _ROUTED
+    return extra
 
 
 def _guarded(settings: Settings, handler: Handler) -> Handler:

@@ -5,10 +5,11 @@
 `RedisBus` (REDIS_URL set): every instance writes a record of each of its calls under
 `phone-agent:call:<sid>` with a TTL it refreshes every third of it, so an instance that
 dies leaves no ghost calls once the TTL passes; `GET /admin/calls` on any instance lists
-them all. A command for a call held elsewhere is published on the holder's channel
-(`phone-agent:commands:<instance>`) with this instance's reply channel; the holder runs
-it and publishes the `Reply` back, so the operator gets the real result (202 with the
-steer id, 404, 502 from Twilio...) from whichever instance they asked.
+them all (or, with Redis unreachable, its own, marked `partial`). A command for a call
+held elsewhere is published on the holder's channel (`phone-agent:commands:<instance>`)
+with this instance's reply channel; the holder runs it and publishes the `Reply` back, so
+the operator gets the real result (202 with the steer id, 404, 502 from Twilio...) from
+whichever instance they asked.
 """
 
 from __future__ import annotations
@@ -26,14 +27,24 @@ from typing import Any
 import orjson
 import redis.asyncio as redis
 import structlog
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from app.admin import commands
+from app.admin import commands, schemas
 from app.admin.commands import Reply
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.call.session import CallSession
 from app.telephony.rest import TWILIO_TIMEOUT_S
+
+__all__ = [
+    "LocalBus",
+    "RedisBus",
+    "call_key",
+    "commands_channel",
+    "instance_name",
+    "make_bus",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -50,10 +61,6 @@ def instance_name() -> str:
     return f"{socket.gethostname()}-{secrets.token_hex(4)}"
 
 
-class BusError(Exception):
-    """The shared registry cannot be read (Redis unreachable)."""
-
-
 class LocalBus:
     """The calls of this process; commands run in place."""
 
@@ -67,15 +74,12 @@ class LocalBus:
     async def close(self) -> None:
         """Nothing to release."""
 
-    def local_summaries(self) -> list[dict[str, Any]]:
-        return [
-            commands.summary(s, self.instance).model_dump(mode="json", by_alias=True)
-            for s in list(self.calls.values())
-        ]
+    def local_summaries(self) -> list[schemas.CallSummary]:
+        return [commands.summary(s, self.instance) for s in list(self.calls.values())]
 
-    async def list_calls(self) -> list[dict[str, Any]]:
+    async def list_calls(self) -> schemas.CallList:
         """Every live call this registry knows, oldest first."""
-        return sorted(self.local_summaries(), key=lambda c: str(c["started_at"]))
+        return _call_list(self.local_summaries(), partial=False)
 
     async def send(self, call_sid: str, op: str, body: dict[str, Any]) -> Reply:
         """Run `op` on the call, wherever it is held."""
@@ -175,27 +179,25 @@ class RedisBus(LocalBus):
             await asyncio.sleep(self._ttl_ms / 3000.0)
             await self.write()
 
-    async def list_calls(self) -> list[dict[str, Any]]:
-        """The calls of every instance: ours fresh from memory, the others' records."""
+    async def list_calls(self) -> schemas.CallList:
+        """The calls of every instance: ours fresh from memory, the others' records. With
+        Redis unreachable, ours alone, marked partial."""
+        mine = self.local_summaries()
         try:
             keys = [k async for k in self._redis.scan_iter(match=call_key("*"), count=500)]
             values = await self._redis.mget(keys) if keys else []
         except (RedisError, OSError) as exc:
-            raise BusError(f"the call registry (Redis) is unreachable: {exc}") from None
-        mine = self.local_summaries()
-        here = {c["call_sid"] for c in mine}
+            log.warning("bus.list_partial", error=str(exc), listed=len(mine))
+            return _call_list(mine, partial=True)
+        here = {c.call_sid for c in mine}
         now = time.time()
         calls = list(mine)
         for value in values:
-            if value is None:  # expired between SCAN and MGET
-                continue
-            record: dict[str, Any] = orjson.loads(value)
-            if record.get("call_sid") in here or record.get("instance") == self.instance:
+            record = _record(value, now) if value is not None else None  # None: expired
+            if record is None or record.call_sid in here or record.instance == self.instance:
                 continue  # ours: only what is in memory is live
-            started = datetime.fromisoformat(str(record["started_at"])).timestamp()
-            record["duration_s"] = round(now - started, 1)
             calls.append(record)
-        return sorted(calls, key=lambda c: str(c["started_at"]))
+        return _call_list(calls, partial=False)
 
     # -- commands -------------------------------------------------------------------------
 
@@ -270,6 +272,22 @@ class RedisBus(LocalBus):
             await self._redis.publish(str(message.get("reply_to")), orjson.dumps(answer))
         except (RedisError, OSError) as exc:
             log.warning("bus.reply_failed", call_sid=call_sid, op=op, error=str(exc))
+
+
+def _call_list(calls: list[schemas.CallSummary], *, partial: bool) -> schemas.CallList:
+    return schemas.CallList(calls=sorted(calls, key=lambda c: c.started_at), partial=partial)
+
+
+def _record(value: str | bytes, now: float) -> schemas.CallSummary | None:
+    """A call record another instance wrote, its duration brought up to `now`; None (and
+    one log line) if it is not one."""
+    try:
+        record = schemas.CallSummary.model_validate_json(value)
+        started = datetime.fromisoformat(record.started_at).timestamp()
+    except (ValidationError, ValueError) as exc:
+        log.warning("bus.bad_record", error=str(exc).splitlines()[0])
+        return None
+    return record.model_copy(update={"duration_s": round(now - started, 1)})
 
 
 def call_key(call_sid: str) -> str:

@@ -8,6 +8,7 @@ HTTP status and JSON body the operator gets, whichever instance they asked.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from app.call import control
 from app.call.session import CallSession
 from app.call.steering import Steer
 from app.telephony import rest
+
+__all__ = ["Op", "Reply", "detail", "engine_state", "error", "execute", "not_found", "summary"]
 
 Op = Literal["detail", "steer", "mode", "hangup", "transfer"]
 
@@ -115,31 +118,59 @@ def _dump(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(mode="json", by_alias=True)
 
 
-async def execute(session: CallSession, op: str, body: dict[str, Any], instance: str) -> Reply:
-    """Run one admin command on a call this instance holds."""
+async def _detail(session: CallSession, body: dict[str, Any], instance: str) -> Reply:
+    return Reply(200, _dump(detail(session, instance)))
+
+
+async def _steer(session: CallSession, body: dict[str, Any], instance: str) -> Reply:
+    steer_body = schemas.SteerBody.model_validate(body)
+    steer = session.steering.submit(steer_body.instructions, steer_body.voice)
     sid = session.info.call_sid
+    return Reply(
+        202, _dump(schemas.SteerAccepted(call_sid=sid, steer_id=steer.id, state=steer.state))
+    )
+
+
+async def _mode(session: CallSession, body: dict[str, Any], instance: str) -> Reply:
+    mode = schemas.ModeBody.model_validate(body).mode
+    if not await session.steering.switch_mode(mode):
+        stays = session.info.mode
+        return error(503, f"the {mode} engine could not be started; still on {stays}")
+    return Reply(200, _dump(schemas.ModeResult(call_sid=session.info.call_sid, mode=mode)))
+
+
+async def _hangup(session: CallSession, body: dict[str, Any], instance: str) -> Reply:
+    schemas.HangupBody.model_validate(body)
+    status = await control.hang_up(session, "operator_hangup")
+    return Reply(200, _dump(schemas.HangupResult(call_sid=session.info.call_sid, status=status)))
+
+
+async def _transfer(session: CallSession, body: dict[str, Any], instance: str) -> Reply:
+    to = schemas.TransferBody.model_validate(body).to
+    moved = await control.transfer(session, to)
+    result = schemas.TransferResult(call_sid=session.info.call_sid, to=to, status=moved)
+    return Reply(200, _dump(result))
+
+
+_OPS: dict[str, Callable[[CallSession, dict[str, Any], str], Awaitable[Reply]]] = {
+    "detail": _detail,
+    "steer": _steer,
+    "mode": _mode,
+    "hangup": _hangup,
+    "transfer": _transfer,
+}
+
+
+async def execute(session: CallSession, op: str, body: dict[str, Any], instance: str) -> Reply:
+    """Run one admin command on a call this instance holds.
+
+    The body was validated where the request arrived; it is validated again here since a
+    command may come from another instance over the bus."""
+    run = _OPS.get(op)
+    if run is None:
+        return error(400, f"unknown command {op!r}")
     try:
-        if op == "detail":
-            return Reply(200, _dump(detail(session, instance)))
-        if op == "steer":
-            steer_body = schemas.SteerBody.model_validate(body)
-            steer = session.steering.submit(steer_body.instructions, steer_body.voice)
-            accepted = schemas.SteerAccepted(call_sid=sid, steer_id=steer.id, state=steer.state)
-            return Reply(202, _dump(accepted))
-        if op == "mode":
-            mode = schemas.ModeBody.model_validate(body).mode
-            if not await session.steering.switch_mode(mode):
-                stays = session.info.mode
-                return error(503, f"the {mode} engine could not be started; still on {stays}")
-            return Reply(200, _dump(schemas.ModeResult(call_sid=sid, mode=mode)))
-        if op == "hangup":
-            schemas.HangupBody.model_validate(body)
-            status = await control.hang_up(session, "operator_hangup")
-            return Reply(200, _dump(schemas.HangupResult(call_sid=sid, status=status)))
-        if op == "transfer":
-            to = schemas.TransferBody.model_validate(body).to
-            moved = await control.transfer(session, to)
-            return Reply(200, _dump(schemas.TransferResult(call_sid=sid, to=to, status=moved)))
+        return await run(session, body, instance)
     except ValidationError as exc:
         details = exc.errors(include_url=False, include_context=False, include_input=False)
         return error(422, "invalid body", [dict(d) for d in details])
@@ -147,4 +178,3 @@ async def execute(session: CallSession, op: str, body: dict[str, Any], instance:
         return error(503, str(exc))
     except rest.RestError as exc:
         return error(502, str(exc))
-    return error(400, f"unknown command {op!r}")

@@ -7,21 +7,30 @@ client is synchronous: the admin API (`POST /admin/dial`) runs it in a thread.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlencode
 
 import structlog
+from pydantic import ValidationError
 from twilio.base.exceptions import TwilioException, TwilioRestException
 
+from app.admin import schemas
 from app.config import Settings
+from app.phone import E164_PATTERN
 from app.telephony import rest
 
-log = structlog.get_logger(__name__)
+__all__ = [
+    "DialError",
+    "DialRequest",
+    "DialRequestError",
+    "DialSetupError",
+    "answer_url",
+    "place_call",
+]
 
-E164 = re.compile(r"^\+[1-9]\d{1,14}$")
-MODES = ("realtime", "chained")
+log = structlog.get_logger(__name__)
 
 
 class DialError(Exception):
@@ -52,6 +61,11 @@ class DialRequest:
     caller_id: str | None = None
 
     @classmethod
+    def of(cls, body: schemas.DialBody) -> DialRequest:
+        """The request of a validated admin API body."""
+        return cls(body.to, body.persona, body.mode, body.from_)
+
+    @classmethod
     def parse(
         cls,
         to: object,
@@ -60,19 +74,25 @@ class DialRequest:
         caller_id: object = None,
         personas: Collection[str] | None = None,
     ) -> DialRequest:
-        """Check untrusted values (JSON, argv); DialRequestError names the first bad one."""
-        if not isinstance(to, str) or not E164.match(to):
-            raise DialRequestError(f"'to' must be an E.164 number such as +15551234567: {to!r}")
-        if caller_id is not None and (not isinstance(caller_id, str) or not E164.match(caller_id)):
-            raise DialRequestError(f"'from' must be an E.164 number: {caller_id!r}")
-        if mode is not None and mode not in MODES:
-            raise DialRequestError(f"'mode' must be one of {', '.join(MODES)}: {mode!r}")
-        if persona is not None and (
-            not isinstance(persona, str) or (personas is not None and persona not in personas)
-        ):
-            known = f" (known: {', '.join(sorted(personas))})" if personas is not None else ""
-            raise DialRequestError(f"unknown persona {persona!r}{known}")
-        return cls(to, persona, mode, caller_id)
+        """Check untrusted values (argv) by the admin API's rules (`schemas.DialBody`);
+        DialRequestError names the first bad one."""
+        model = schemas.DialBody if personas is None else schemas.dial_body(personas)
+        given = {"to": to, "persona": persona, "mode": mode, "from": caller_id}
+        try:
+            return cls.of(model.model_validate(given, strict=True))
+        except ValidationError as exc:
+            raise DialRequestError(_first_error(exc)) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    """One line for the operator: the field, what is wrong, what was given."""
+    first: Any = exc.errors(include_url=False)[0]
+    field = ".".join(str(p) for p in first["loc"]) or "request"
+    if first.get("ctx", {}).get("pattern") == E164_PATTERN:
+        what = "must be an E.164 number such as +15551234567"
+    else:
+        what = first["msg"]
+    return f"'{field}' {what}: {first.get('input')!r}"
 
 
 def place_call(

@@ -1,18 +1,48 @@
 """The admin API's bodies and answers, as pydantic models.
 
 Request bodies are validated with them (unknown fields refused, so a typo is a 422 rather
-than a silent no-op) and the OpenAPI document is built from their JSON schemas, so the
-document cannot drift from what the routes accept and return.
+than a silent no-op) and the OpenAPI document is generated from their JSON schemas, so the
+document says exactly what the routes accept and return: the E.164 pattern of `app.phone`,
+the modes, the personas this instance loaded (`dial_body`), the lengths. An optional field
+may be omitted or null, which mean the same.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Collection
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-E164 = r"^\+[1-9]\d{1,14}$"
+from app.phone import E164
+
+__all__ = [
+    "CALL_SID_PATTERN",
+    "CallDetail",
+    "CallList",
+    "CallSid",
+    "CallSummary",
+    "DialBody",
+    "DialResult",
+    "ErrorBody",
+    "HangupBody",
+    "HangupResult",
+    "Mode",
+    "ModeBody",
+    "ModeResult",
+    "SteerAccepted",
+    "SteerBody",
+    "SteerView",
+    "TranscriptTurn",
+    "TransferBody",
+    "TransferResult",
+    "dial_body",
+]
+
 Mode = Literal["realtime", "chained"]
+# Twilio's CallSid, as the media stream's `start` must carry it (app.telephony.messages).
+CALL_SID_PATTERN = r"^CA[0-9a-fA-F]{32}$"
+CallSid = Annotated[str, Field(pattern=CALL_SID_PATTERN, description="Twilio's CallSid")]
 
 
 class _Body(BaseModel):
@@ -22,6 +52,16 @@ class _Body(BaseModel):
 class SteerBody(_Body):
     """Steer a live call: new instructions from the next response, a new voice from the
     end of the current one. At least one of the two."""
+
+    # The model validator below, as JSON Schema: one of the two present and not null.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": [name], "properties": {name: {"type": "string"}}}
+                for name in ("instructions", "voice")
+            ]
+        }
+    )
 
     instructions: str | None = Field(
         None, min_length=1, max_length=20_000, description="Replaces the persona's instructions."
@@ -49,7 +89,7 @@ class ModeBody(_Body):
 class TransferBody(_Body):
     """Where Twilio should send the caller."""
 
-    to: str = Field(pattern=E164, description="E.164 number, e.g. +15551234567")
+    to: E164
 
 
 class HangupBody(_Body):
@@ -59,10 +99,24 @@ class HangupBody(_Body):
 class DialBody(_Body):
     """Place an outbound call; when answered it runs like an inbound one."""
 
-    to: str = Field(pattern=E164)
-    persona: str | None = None
-    mode: Mode | None = None
-    from_: str | None = Field(None, alias="from", pattern=E164, description="Caller ID")
+    to: E164
+    persona: str | None = Field(None, min_length=1, description="Default: PERSONA.")
+    mode: Mode | None = Field(None, description="Default: AGENT_MODE.")
+    from_: E164 | None = Field(
+        None, alias="from", description="Caller ID. Default: TWILIO_FROM_NUMBER."
+    )
+
+
+def dial_body(personas: Collection[str]) -> type[DialBody]:
+    """`DialBody` whose persona must be one of `personas`, in validation and in schema."""
+    names: Any = Literal[tuple(sorted(personas))]  # one of the loaded personas
+    model: type[DialBody] = create_model(
+        "DialBody",
+        __base__=DialBody,
+        __module__=__name__,
+        persona=(names | None, Field(None, description="Default: PERSONA.")),
+    )
+    return model
 
 
 class TranscriptTurn(BaseModel):
@@ -110,6 +164,10 @@ class CallDetail(CallSummary):
 
 class CallList(BaseModel):
     calls: list[CallSummary]
+    partial: bool = Field(
+        description="True when the shared call registry (Redis) is unreachable: only the "
+        "calls of the instance that answered are listed."
+    )
 
 
 class SteerAccepted(BaseModel):

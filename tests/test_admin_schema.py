@@ -1,0 +1,220 @@
+"""The admin API's door and its contract: empty tokens, and the OpenAPI document held against
+the served API by a property-based run (schemathesis) beside a live call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiohttp
+import hypothesis
+import pytest
+import requests
+import schemathesis
+from aiohttp.test_utils import TestServer
+from hypothesis import strategies as st
+from schemathesis.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from app.config import Settings
+from app.phone import E164_PATTERN, is_e164
+from app.server import create_app
+from tests.admin_rig import (
+    ADMIN,
+    GREETING,
+    FakeTwilioCalls,
+    Instance,
+    admin_settings,
+    silence,
+    wait_until,
+)
+from tests.conftest import make_settings
+from tests.fakes.realtime import FakeRealtime
+from tests.fakes.together import FakeTogether
+from tests.fakes.twilio_rest import TOKEN
+
+Serve = Callable[[Settings], Awaitable[TestServer]]
+
+
+async def status_of(
+    server: TestServer, method: str, path: str, headers: dict[str, str], body: Any = None
+) -> int:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, server.make_url(path), json=body, headers=headers) as resp,
+    ):
+        return resp.status
+
+
+# -- the token -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", ["", "   "])
+async def test_an_empty_admin_token_keeps_the_api_hidden(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    monkeypatch.setenv("ADMIN_TOKEN", token)  # an empty line in .env
+    server = await serve(make_settings())
+    for auth in ("Bearer ", "Bearer", f"Bearer {token}", "Bearer x", None):
+        headers = {} if auth is None else {"Authorization": auth}
+        assert await status_of(server, "GET", "/admin/calls", headers) == 404, auth
+        dial = {"to": "+15551234567"}
+        assert await status_of(server, "POST", "/admin/dial", headers, dial) == 404, auth
+
+
+async def test_an_empty_bearer_is_never_accepted(serve: Serve) -> None:
+    server = await serve(make_settings(admin_token=ADMIN))
+    for auth in ("Bearer ", "Bearer", "Bearer \t ", "bearer  ", " Bearer ", f"Bearer  {ADMIN}é"):
+        status = await status_of(server, "GET", "/admin/calls", {"Authorization": auth})
+        assert status == 401, auth
+    for auth in (f"Bearer {ADMIN}", f"bearer {ADMIN}", f"Bearer  {ADMIN} "):
+        assert await status_of(server, "GET", "/admin/calls", {"Authorization": auth}) == 200
+
+
+# -- one E.164 rule ------------------------------------------------------------------------
+
+
+def test_one_e164_rule_for_the_api_and_the_cli() -> None:
+    from app.admin.dial import DialRequest, DialRequestError
+
+    for number in ("+15551234567", "+6834002", "+123456789012345"):
+        assert is_e164(number)
+        assert DialRequest.parse(number).to == number
+    for bad in (
+        "+10",
+        "+123456",
+        "+1234567890123456",
+        "15551234567",
+        "+05551234567",
+        "+1555123456\n",
+        "+1555\u0661\u0662\u06634567",  # Arabic-Indic digits
+        " +15551234567",
+        15551234567,
+    ):
+        assert not is_e164(bad), bad
+        with pytest.raises(DialRequestError):
+            DialRequest.parse(bad)
+
+
+async def test_the_document_states_the_rules(serve: Serve) -> None:
+    server = await serve(make_settings(admin_token=ADMIN))
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            server.make_url("/admin/openapi.json"), headers={"Authorization": f"Bearer {ADMIN}"}
+        ) as resp,
+    ):
+        doc = await resp.json()
+    models = doc["components"]["schemas"]
+    dial = models["DialBody"]["properties"]
+    assert dial["to"]["pattern"] == E164_PATTERN
+    assert dial["from"]["anyOf"][0]["pattern"] == E164_PATTERN
+    assert models["TransferBody"]["properties"]["to"]["pattern"] == E164_PATTERN
+    personas = dial["persona"]["anyOf"][0]["enum"]
+    assert personas == sorted(p.stem for p in make_settings().prompts_dir.glob("*.toml"))
+    assert dial["mode"]["anyOf"][0]["enum"] == ["realtime", "chained"]
+    assert models["ModeBody"]["properties"]["mode"]["enum"] == ["realtime", "chained"]
+    steer = models["SteerBody"]
+    assert steer["properties"]["instructions"]["anyOf"][0]["minLength"] == 1
+    assert [a["required"] for a in steer["anyOf"]] == [["instructions"], ["voice"]]
+    assert "partial" in models["CallList"]["required"]
+    sid = doc["paths"]["/admin/calls/{call_sid}/steer"]["post"]["parameters"][0]["schema"]
+    assert sid["pattern"].startswith("^CA")
+
+
+# -- the document against the API ----------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def live_service() -> AsyncIterator[tuple[Instance, str, FakeTwilioCalls]]:
+    """A service with every provider faked (so any valid request can succeed) and one live
+    call, which outlasts the test."""
+    async with AsyncExitStack() as stack:
+        realtime = await stack.enter_async_context(FakeRealtime(reply_audio=GREETING[:4000]))
+        together = await stack.enter_async_context(FakeTogether())
+        twilio = await stack.enter_async_context(FakeTwilioCalls())
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        port = free_port()  # PUBLIC_URL (for dialling) is the address Twilio's requests reach
+        values = admin_settings(realtime, together, twilio)
+        values.update(public_url=f"http://127.0.0.1:{port}", twilio_from_number="+15550009999")
+        server = TestServer(create_app(make_settings(**values)), host="127.0.0.1", port=port)
+        await server.start_server()
+        stack.push_async_callback(server.close)
+        service = Instance(server, http, TOKEN)
+        live = await service.call(silence(60_000), tail_s=0)
+        yield service, live.sid, twilio
+        await live.twilio_ends_stream()
+        await wait_until(
+            lambda: not service.calls and realtime.open_connections == 0,
+            what="the call to close",
+        )
+
+
+def _documented(case: schemathesis.Case, status: int) -> bool:
+    return str(status) in case.operation.definition.raw["responses"]
+
+
+async def test_no_valid_request_is_refused_and_no_undocumented_5xx(
+    live_service: tuple[Instance, str, FakeTwilioCalls],
+) -> None:
+    service, sid, twilio = live_service
+    status, doc = await service.api("GET", "/admin/openapi.json")
+    assert status == 200
+    schema = schemathesis.openapi.from_dict(doc)
+    strategies = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        strategies.append(operation.as_strategy())
+        if "{call_sid}" in operation.path:  # the live call, as often as an unknown one
+            strategies.append(operation.as_strategy(path_parameters={"call_sid": sid}))
+    seen: collections.Counter[tuple[str, int]] = collections.Counter()
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+
+    @hypothesis.settings(
+        max_examples=120,
+        deadline=None,
+        derandomize=True,  # the same run every time: a failure is reproducible
+        database=None,
+        suppress_health_check=list(hypothesis.HealthCheck),
+        phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+    )
+    @hypothesis.given(st.one_of(strategies))
+    def run(case: schemathesis.Case) -> None:
+        with requests.Session() as session:
+            response = case.call(base_url=service.url, headers=auth, session=session, timeout=10)
+        code = response.status_code
+        seen[(f"{case.method} {case.operation.path}", code)] += 1
+        case.validate_response(
+            response,
+            checks=[status_code_conformance, content_type_conformance, response_schema_conformance],
+            headers=auth,
+        )
+        unknown_call = code == 404 and case.path_parameters.get("call_sid") != sid
+        assert 200 <= code < 300 or unknown_call or (code == 503 and _documented(case, code)), (
+            case.method,
+            case.formatted_path,
+            case.body,
+            code,
+            response.text,
+        )
+
+    await asyncio.to_thread(run)
+    succeeded = {op for (op, code) in seen if 200 <= code < 300}
+    assert succeeded == {
+        f"{r.ok().method.upper()} {r.ok().path}" for r in schema.get_all_operations()
+    }, seen
+    assert twilio.placed and twilio.rest.updates  # dials, hang-ups and transfers reached Twilio

@@ -119,6 +119,7 @@ class CallSession:
         self._pump_task: asyncio.Task[None] | None = None
         self._muted = False
         self._interrupted_items: set[str] = set()
+        self._agent_turns: dict[str, Turn] = {}  # item id -> its recorded transcript
         self._speech_ended_at: float | None = None
         self._turn_spans: set[str] = set()
         self._closed = asyncio.Event()
@@ -359,6 +360,8 @@ class CallSession:
         self._muted = True
         if heard is not None:  # before the cancel: its transcript may come back at once
             self._interrupted_items.add(heard.item_id)
+            if (told := self._agent_turns.get(heard.item_id)) is not None:
+                told.interrupted = True  # its transcript came before the caller heard it all
         await self.engine.cancel_response()
         if heard is not None and heard.audio_end_ms > 0:
             await self.engine.truncate(heard.item_id, heard.audio_end_ms)
@@ -427,6 +430,8 @@ class CallSession:
         interrupted = event.item_id in self._interrupted_items
         turn = Turn(event.role, event.text, interrupted)
         self.transcript.append(turn)
+        if event.role == "agent" and event.item_id:
+            self._agent_turns[event.item_id] = turn
         self.observers.turn(turn, time.monotonic())
         self.log.info("transcript", role=event.role, text=event.text, interrupted=interrupted)
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from app.call.playback import Playback, payload_ms, split_payload
+from app.call.playback import Heard, Playback, payload_ms, split_payload
 
 
 class Twilio:
@@ -110,3 +110,27 @@ async def test_interrupt_clears_and_ignores_late_marks(running: tuple[Playback, 
     await asyncio.sleep(0.1)
     assert twilio.media_ms() == sent
     assert playback.heard() is None
+
+
+async def test_truncation_is_clamped_when_marks_come_late() -> None:
+    now = 0.0
+    twilio = Twilio()
+    playback = Playback("MZ1", twilio.send, lead_ms=250, clock=lambda: now)
+    playback.enqueue("item_1", audio(100))  # chunks of 60 and 40 ms, both within the lead
+    task = asyncio.create_task(playback.run())
+    try:
+        for _ in range(5):
+            await asyncio.sleep(0)
+        first, second = twilio.marks()
+        now = 5.0  # Twilio is seconds late with its marks
+        assert playback.heard() == Heard("item_1", 60)  # at most the chunk playing
+        playback.on_mark(first)
+        now = 10.0
+        # What the caller heard, for the truncation: never more than the model sent.
+        assert await playback.interrupt() == Heard("item_1", 100)
+        playback.on_mark(second)
+        assert playback.heard() is None
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

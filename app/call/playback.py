@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from app.call.observer import CallObserver
 from app.telephony import messages
 
+__all__ = ["MAX_CHUNK_CHARS", "Heard", "Playback", "payload_ms", "split_payload"]
+
 MAX_CHUNK_CHARS = 640  # 480 mu-law bytes: 60 ms
 
 
@@ -95,10 +97,6 @@ class Playback:
     def playing(self) -> bool:
         """Agent audio is queued here or not yet confirmed played by Twilio."""
         return bool(self._queue or self._in_flight)
-
-    def item_ms(self, item_id: str) -> float:
-        """Audio received from the model for `item_id`, in ms."""
-        return self._item_ms.get(item_id, 0.0)
 
     def enqueue(self, item_id: str, payload: str) -> None:
         """Queue a model audio delta for `item_id`."""

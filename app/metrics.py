@@ -17,6 +17,8 @@ from prometheus_client.exposition import generate_latest
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
 
+__all__ = ["METRICS", "CallMetrics", "Metrics", "metrics_endpoint"]
+
 # Caller speech end to first agent audio: conversational latency lives in 0.2-3 s.
 TURN_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 # Our own relay work per frame: the target is under 2 ms at p99.

@@ -70,7 +70,8 @@ import orjson
 import websockets
 from aiohttp import WSMsgType, web
 
-from app.call.playback import MAX_CHUNK_CHARS, payload_ms, split_payload
+from app.audio.g711 import ulaw_b64_duration_ms
+from app.call.playback import MAX_CHUNK_CHARS, split_payload
 from app.engines.base import AgentSetup
 from app.engines.realtime import session_config
 from app.telephony import messages
@@ -386,7 +387,7 @@ class LeanCall:
             event = data.get("event")
             if event == "media":
                 payload = data["media"]["payload"]
-                size = round(payload_ms(payload) * 8)
+                size = round(ulaw_b64_duration_ms(payload) * 8)
                 self.queued += size
                 ahead_ms = (self.queued - self.consumed) / 8
                 received.append((payload_key(payload), now, ahead_ms))

@@ -33,9 +33,9 @@ import aiohttp
 import structlog
 from aiohttp.test_utils import TestServer
 
+from app.audio.g711 import ulaw_b64_duration_ms
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
-from app.call.playback import payload_ms
 from app.server import OBSERVERS, create_app
 from app.simulator import Clip, simulate_call
 from tests.conftest import FIXTURES, make_settings
@@ -63,7 +63,9 @@ class Probe(CallObserver):
             self.steer = asyncio.create_task(steer_voice(self.url, self.info.call_sid))
         # The greeting is one stretch of audio; what comes after a pause is a later reply.
         if not self.old_audio_end or starts_at <= self.old_audio_end + 0.05:
-            self.old_audio_end = max(self.old_audio_end, starts_at + payload_ms(payload) / 1e3)
+            self.old_audio_end = max(
+                self.old_audio_end, starts_at + ulaw_b64_duration_ms(payload) / 1e3
+            )
 
     def engine_switched(self, old: str, new: str, reason: str) -> None:
         self.switched_at = time.monotonic()

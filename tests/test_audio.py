@@ -1,5 +1,6 @@
 """G.711 codec, streaming resampler and WAV helpers, checked against independent references:
-audioop (Python 3.11) for the codec, sox-made fixtures, one-shot soxr, tone spectra.
+audioop (Python 3.11) for the codec, sox-made fixtures, one-shot soxr, tone spectra; and the
+caller frame that decodes its payload once for every reader.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy.typing as npt
 import pytest
 import soxr
 
+from app.audio.frame import MulawFrame
 from app.audio.g711 import ulaw_b64_duration_ms, ulaw_decode, ulaw_encode
 from app.audio.resample import StreamResampler
 from app.audio.wav import (
@@ -285,3 +287,36 @@ def test_mulaw_wav_writer_pads_odd_data(tmp_path: Path) -> None:
 def test_mulaw_wav_writer_rejects_partial_frames(tmp_path: Path) -> None:
     with MulawWavWriter(tmp_path / "s.wav", channels=2) as writer, pytest.raises(ValueError):
         writer.append(b"\xff" * 3)
+
+
+def test_mulaw_wav_writer_appends_silence_in_blocks(tmp_path: Path) -> None:
+    """A long silence is written without being built in memory whole."""
+    path = tmp_path / "gap.wav"
+    size = 2 * 150_000  # more than one block, stereo
+    with MulawWavWriter(path, channels=2) as writer:
+        writer.append(b"\x01\x02")
+        writer.append_silence(size)
+        writer.append(b"\x03\x04")
+        assert writer.frames == 2 + size // 2
+        with pytest.raises(ValueError):
+            writer.append_silence(3)
+    assert _parse_wav(path.read_bytes())["data"] == b"\x01\x02" + b"\xff" * size + b"\x03\x04"
+
+
+# --- MulawFrame ----------------------------------------------------------------------------
+
+
+def test_frame_decodes_once_for_every_reader() -> None:
+    data = ulaw_encode(_tone(440, 8000, seconds=0.02))
+    frame = MulawFrame(base64.b64encode(data).decode(), 40)
+    first = frame.audio
+    assert first == data
+    assert frame.audio is first, "a second reader gets the same bytes, not a second decode"
+    assert frame.payload == base64.b64encode(data).decode(), "the payload stays untouched"
+    assert frame.timestamp_ms == 40
+
+
+def test_frame_takes_bytes_already_decoded() -> None:
+    """A parser that decoded the payload to check it hands the bytes on."""
+    frame = MulawFrame("not read", 0, audio=b"\xff" * 160)
+    assert frame.audio == b"\xff" * 160

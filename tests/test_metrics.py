@@ -1,12 +1,14 @@
 """GET /metrics: Prometheus text that parses, one registry per app, and moves with calls.
 
 Also checks that every log line of a call carries its call_sid and stream_sid, including
-lines logged from the tasks the call starts (engine reader, pump, playback).
+lines logged from the tasks the call starts (engine reader, pump, playback), and that an
+observer that raises never reaches the call or the other observers.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,9 @@ import structlog
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.audio.frame import MulawFrame
 from app.call.info import CallInfo
-from app.call.observer import CallObserver
+from app.call.observer import CallObserver, Observers
 from app.config import Settings
 from app.engines.base import Turn
 from app.metrics import METRICS, Metrics
@@ -185,3 +188,87 @@ async def test_metrics_move_with_a_call_and_logs_carry_the_call(
     assert hooks == {"agent_audio", "turn", "latency"}
     for hook, context in probe.seen:
         assert {k: context.get(k) for k in ids} == ids, hook
+
+
+class Broken(CallObserver):
+    """Raises in every hook, counting the calls."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+
+    def _fail(self, hook: str) -> None:
+        self.calls[hook] += 1
+        raise RuntimeError(f"broken {hook}")
+
+    def caller_audio(self, frame: MulawFrame) -> None:
+        self._fail("caller_audio")
+
+    def relay_lag(self, seconds: float) -> None:
+        self._fail("relay_lag")
+
+    def agent_audio(self, payload: str, starts_at: float) -> None:
+        self._fail("agent_audio")
+
+    def turn(self, turn: Turn, at: float) -> None:
+        self._fail("turn")
+
+    def latency(self, span: str, ms: float) -> None:
+        self._fail("latency")
+
+    def ended(self, outcome: str) -> None:
+        self._fail("ended")
+
+
+def test_observers_isolate_a_failing_observer() -> None:
+    """Each hook reaches the observers after a broken one; its first failure per hook is
+    logged with the traceback, the rest are counted and summed up at the end."""
+    broken, metrics = Broken(), Metrics(lambda: 0, lambda: False)
+    observers = Observers([broken, metrics.observer(info())])
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            observers.latency("first_audio_sent", 500.0)
+            observers.relay_lag(0.001)
+        observers.ended("completed")
+    samples = parse(metrics.render().decode())
+    assert value(samples, "phone_agent_turn_latency_seconds_count", span="first_audio_sent") == 3
+    assert value(samples, "phone_agent_relay_lag_seconds_count") == 3
+    assert value(samples, "phone_agent_calls_total", outcome="completed") == 1
+    failed = [e for e in logs if e["event"] == "observer.failed"]
+    assert [(e["hook"], e["observer"]) for e in failed] == [
+        ("latency", "Broken"),
+        ("relay_lag", "Broken"),
+        ("ended", "Broken"),
+    ]
+    assert all(e["exc_info"] is True and e["log_level"] == "error" for e in failed)
+    summary = [e for e in logs if e["event"] == "observer.failures"]
+    assert [e["counts"] for e in summary] == [{"Broken.latency": 3, "Broken.relay_lag": 3}]
+
+
+async def test_an_observer_that_raises_does_not_reach_the_call(
+    tmp_path: Path, serve: Callable[[Settings], Any], settings_factory: Callable[..., Settings]
+) -> None:
+    broken = Broken()
+    speech = bytes([0x20, 0xA0]) * (300 * 4)
+    clip = Clip(ulaw=b"\xff" * 8000 + speech + b"\xff" * 12000, speech_ends_ms=(1300,))
+    async with FakeRealtime() as fake, aiohttp.ClientSession() as http:
+        server = await serve(settings_factory(realtime_url=fake.url, archive_dir=tmp_path))
+        server.app[OBSERVERS].insert(0, lambda _: broken)  # ahead of recorder and metrics
+        url = str(server.make_url("")).rstrip("/")
+        with structlog.testing.capture_logs() as logs:
+            result = await simulate_call(clip, url=url, tail_s=0.5)
+            for _ in range(50):
+                after = await scrape(http, url)
+                if value(after, "phone_agent_calls_total", outcome="completed"):
+                    break
+                await asyncio.sleep(0.02)
+
+    assert result.protocol_errors == []
+    assert result.ended_by == "caller"
+    assert result.received_ms == 2 * 1024, "greeting and reply, as without the broken observer"
+    assert broken.calls["caller_audio"] == result.frames_sent
+    assert broken.calls["ended"] == 1
+    assert value(after, "phone_agent_relay_lag_seconds_count") == result.frames_sent
+    assert value(after, "phone_agent_calls_total", outcome="completed") == 1
+    failed = [e for e in logs if e["event"] == "observer.failed"]
+    assert sorted(e["hook"] for e in failed) == sorted(broken.calls)
+    assert not [e for e in logs if e["event"] == "call.message_failed"]

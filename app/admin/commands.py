@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
@@ -20,6 +19,7 @@ from app.call import control
 from app.call.session import CallSession
 from app.call.steering import Steer
 from app.telephony import rest
+from app.timefmt import iso_utc
 
 __all__ = ["Op", "Reply", "detail", "engine_state", "error", "execute", "not_found", "summary"]
 
@@ -44,7 +44,7 @@ def not_found(call_sid: str) -> Reply:
 
 
 def _iso(epoch: float | None) -> str | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat()
+    return None if epoch is None else iso_utc(epoch)
 
 
 def engine_state(session: CallSession) -> str:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+__all__ = ["ulaw_b64_duration_ms", "ulaw_decode", "ulaw_encode"]
+
 _BIAS14 = 0x84 >> 2  # the 16-bit bias 132, scaled to 14-bit magnitudes
 _CLIP14 = 8159  # largest 14-bit magnitude the code table can represent
 _SEGMENT_ENDS = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF])

@@ -13,6 +13,8 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
+__all__ = ["StreamResampler"]
+
 _EMPTY = np.zeros(0, dtype=np.float32)
 
 

@@ -22,18 +22,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from app.audio.g711 import ulaw_b64_duration_ms
 from app.call.observer import CallObserver
 from app.telephony import messages
 
-__all__ = ["MAX_CHUNK_CHARS", "Heard", "Playback", "payload_ms", "split_payload"]
+__all__ = ["MAX_CHUNK_CHARS", "Heard", "Playback", "split_payload"]
 
 MAX_CHUNK_CHARS = 640  # 480 mu-law bytes: 60 ms
-
-
-def payload_ms(payload: str) -> float:
-    """Duration of a base64 mu-law payload (8 bytes per ms) without decoding it."""
-    padding = len(payload) - len(payload.rstrip("="))
-    return (len(payload) // 4 * 3 - padding) / 8.0
 
 
 def split_payload(payload: str) -> list[str]:
@@ -102,7 +97,7 @@ class Playback:
         """Queue a model audio delta for `item_id`."""
         total = self._item_ms.get(item_id, 0.0)
         for piece in split_payload(payload):
-            ms = payload_ms(piece)
+            ms = ulaw_b64_duration_ms(piece)
             total += ms
             self._queue.append(_Chunk(item_id, piece, ms, total))
         self._item_ms[item_id] = total

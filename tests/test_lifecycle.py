@@ -225,7 +225,7 @@ async def test_any_exception_while_opening_an_engine_tries_the_next(
         # session standing in for the fallback.
         engine: Any = _Explodes() if not made else RealtimeEngine(settings)
         made.append(engine)
-        return engine  # type: ignore[no-any-return]
+        return engine
 
     engines = _OddEngines(settings, make)
     async with Call(settings, engines, vad, Line()) as call:

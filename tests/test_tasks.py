@@ -1,0 +1,55 @@
+"""The call's task supervisor: crashes told at once, a close that never raises."""
+
+from __future__ import annotations
+
+import asyncio
+
+from structlog.testing import capture_logs
+
+from app.call.tasks import Supervisor
+
+
+async def _crash() -> None:
+    await asyncio.sleep(0)
+    raise KeyError("bug")
+
+
+async def test_a_crash_is_logged_when_it_happens_and_its_policy_runs() -> None:
+    tasks = Supervisor()
+    crashes: list[BaseException] = []
+    with capture_logs() as logs:
+        tasks.spawn(_crash(), "pump-CA1", crashes.append)
+        await asyncio.sleep(0.01)  # nobody awaits the task
+    (entry,) = [e for e in logs if e["event"] == "call.task_crashed"]
+    assert entry["task"] == "pump-CA1" and entry["log_level"] == "error"
+    assert isinstance(entry["exc_info"], KeyError) and entry["exc_info"].__traceback__
+    assert crashes == [entry["exc_info"]]
+    assert len(tasks) == 0
+
+
+async def test_close_cancels_everything_and_never_raises() -> None:
+    tasks = Supervisor()
+    forever = tasks.spawn(asyncio.sleep(3600), "playback-CA1")
+    tasks.spawn(_crash(), "bargein-CA1")
+    await asyncio.sleep(0.01)
+    await tasks.close()
+    assert forever.cancelled() and len(tasks) == 0
+    late = tasks.spawn(asyncio.sleep(3600), "tool-CA1")  # a spawn after the call ended
+    await asyncio.sleep(0)
+    assert late.cancelled()
+
+
+async def test_a_task_spawned_while_closing_is_cancelled_too() -> None:
+    tasks = Supervisor()
+    spawned: list[asyncio.Task[None]] = []
+
+    async def spawns_on_cancel() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            spawned.append(tasks.spawn(asyncio.sleep(3600), "end-CA1"))
+
+    tasks.spawn(spawns_on_cancel(), "pump-CA1")
+    await asyncio.sleep(0)
+    await tasks.close()
+    assert spawned and spawned[0].cancelled() and len(tasks) == 0

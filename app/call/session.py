@@ -221,8 +221,8 @@ class CallSession:
     async def _activate(
         self, mode: str, *, greet: bool, reason: str, engine: Engine | None = None
     ) -> bool:
-        engine = engine or self._engines.create(mode)
-        if not await self._open(mode, greet, engine):
+        engine = await self._open(mode, greet, engine)
+        if engine is None:
             return False
         if self._closed.is_set():  # the call ended while this engine opened
             await _close_engine(engine, self.log)
@@ -245,25 +245,29 @@ class CallSession:
             self.log.info("call.engine_switched", old=previous_mode, new=mode, reason=reason)
         return True
 
-    async def _open(self, mode: str, greet: bool, engine: Engine) -> bool:
-        """Start `engine`; any failure to open counts against that engine, not the call.
+    async def _open(self, mode: str, greet: bool, engine: Engine | None) -> Engine | None:
+        """Make (unless given) and start an engine of `mode`; None if it failed.
 
-        Not only `EngineUnavailable`: a bad URL scheme or a provider's odd answer raises
+        Any exception counts against that engine, not the call: not only
+        `EngineUnavailable`, since a bad URL scheme or a provider's odd answer raises
         whatever its library raises, and the next engine must still be tried.
         """
         try:
+            engine = engine or self._engines.create(mode)
             await engine.start(self.setup_for(mode), list(self.transcript), greet=greet)
         except asyncio.CancelledError:
-            await _close_engine(engine, self.log)  # the call ended meanwhile: no socket left
+            if engine is not None:  # the call ended meanwhile: leave no socket open
+                await _close_engine(engine, self.log)
             raise
         except Exception as exc:
             self.log.error("call.engine_unavailable", engine=mode, error=repr(exc), exc_info=exc)
             self.observers.provider_error(mode, "unavailable")
             self._engines.report(mode, ok=False)
-            await _close_engine(engine, self.log)
-            return False
+            if engine is not None:
+                await _close_engine(engine, self.log)
+            return None
         self._engines.report(mode, ok=True)
-        return True
+        return engine
 
     async def _fail_over(self, lost: Engine) -> None:
         """The engine died mid-call: carry on with another, or end our side cleanly."""
@@ -281,8 +285,8 @@ class CallSession:
         """One message from Twilio, after `start`."""
         if isinstance(message, Media):
             # The payload string goes to the engine as is; the recorder and the VAD share
-            # one decode of it through the frame.
-            frame = MulawFrame(message.payload, message.timestamp_ms)
+            # the bytes the parser decoded to check it, through the frame.
+            frame = MulawFrame(message.payload, message.timestamp_ms, message.audio)
             self.observers.caller_audio(frame)
             await self._forward(message.payload)
             self.bargein.push(frame)

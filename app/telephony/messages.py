@@ -66,11 +66,13 @@ class Start:
 
 @dataclass(frozen=True, slots=True)
 class Media:
-    """20 ms of caller audio: `payload` is base64 mu-law, forwarded untouched."""
+    """20 ms of caller audio: `payload` is base64 mu-law, forwarded untouched; `audio` its
+    bytes, from the decode that checked it (so no one decodes the frame again)."""
 
     payload: str
     timestamp_ms: int
     chunk: int
+    audio: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,24 +134,26 @@ def _sid(value: Any, name: str, prefix: str) -> str:
     return str(value)
 
 
-def _check_base64(payload: Any) -> str:
+def _check_base64(payload: Any) -> tuple[str, bytes]:
     if not isinstance(payload, str) or not payload:
         raise BadMessage("media payload missing or not a string")
     if not payload.isascii():
         raise BadMessage("media payload is not base64: non-ASCII characters")
     try:
-        binascii.a2b_base64(payload, strict_mode=True)
+        audio = binascii.a2b_base64(payload, strict_mode=True)
     except binascii.Error as exc:
         raise BadMessage(f"media payload is not base64: {exc}") from None
-    return payload
+    return payload, audio
 
 
 def _media(data: dict[str, Any]) -> Media:
     media = _object(data, "media")
+    payload, audio = _check_base64(media.get("payload"))
     return Media(
-        payload=_check_base64(media.get("payload")),
+        payload=payload,
         timestamp_ms=_int(media.get("timestamp", 0), "timestamp", MAX_TIMESTAMP_MS),
         chunk=_int(media.get("chunk", 0), "chunk", MAX_COUNTER),
+        audio=audio,
     )
 
 

@@ -214,8 +214,9 @@ class _Explodes:
         self.closed = True
 
 
+@pytest.mark.parametrize("fails_in", ["create", "start"])
 async def test_any_exception_while_opening_an_engine_tries_the_next(
-    fake: FakeRealtime, vad: VadBatcher
+    fake: FakeRealtime, vad: VadBatcher, fails_in: str
 ) -> None:
     settings = settings_for(fake, together_api_key="tg-test")
     made: list[Any] = []
@@ -223,8 +224,12 @@ async def test_any_exception_while_opening_an_engine_tries_the_next(
     def make() -> Engine:
         # The first engine (realtime) explodes; the next one is a working realtime
         # session standing in for the fallback.
-        engine: Any = _Explodes() if not made else RealtimeEngine(settings)
-        made.append(engine)
+        first = not made
+        made.append(None)
+        if first and fails_in == "create":
+            raise ValueError("scheme https is not supported")
+        engine: Any = _Explodes() if first else RealtimeEngine(settings)
+        made[-1] = engine
         return engine
 
     engines = _OddEngines(settings, make)
@@ -233,7 +238,7 @@ async def test_any_exception_while_opening_an_engine_tries_the_next(
             assert await call.session.start()
         failed = next(e for e in logs if e["event"] == "call.engine_unavailable")
         assert "scheme https" in failed["error"]
-        assert made[0].closed
+        assert made[0] is None or made[0].closed
         assert engines.reports[0] == ("realtime", False)  # the breaker was told
         await until(lambda: bool(call.line.events("media")), what="the next engine's greeting")
         await call.session.close()

@@ -1,4 +1,33 @@
-"""Shared fixtures: settings for tests and the service on 127.0.0.1."""
+"""Shared fixtures: settings for tests and the service on 127.0.0.1.
+
+Time in tests (the suite must end in about a minute):
+
+- A test that waits for something the loop schedules (pacing, deadlines, retries, the
+  fake's reply audio) runs on looptime's virtual clock: mark it `@pytest.mark.looptime`.
+  When every task waits on a timer, the loop jumps to the next one, so `asyncio.sleep(10)`
+  or a 5 s `asyncio.timeout` costs no real time; the `looptime` fixture reads the loop's
+  clock (`float(looptime)`; assert on differences).
+- It works with everything on the test's own loop: aiohttp servers and fakes on 127.0.0.1
+  (`serve`, `LoopbackServer`, started in the test or in a function-scoped fixture),
+  aiohttp and `websockets` clients, `asyncio.timeout`, `wait_for`, `Event`, `Condition`.
+  Loopback bytes written on the loop are readable at once, so I/O never races the clock.
+- Work in executors (`run_in_executor`, `asyncio.to_thread`: VAD inference) runs in real
+  time while the virtual clock waits for it; a loop that always has such work pending
+  moves at real speed.
+- It does not work for I/O that comes from another thread or process (redis-server, a
+  subprocess, `threading.Thread` + `call_soon_threadsafe`): the loop jumps to its next
+  timer before the answer arrives, so a 5 s timeout fires at once. Keep those in real time.
+- Code under test must read the loop's clock (`asyncio.get_running_loop().time()`, or a
+  `clock=` given that), never `time.monotonic()`/`time.time()` for waits: those stand
+  still under looptime. A `time.monotonic()` deadline around `asyncio.sleep` polling only
+  ends in real time (the fakes' `wait_until` does this: prefer events to polling).
+- Fixtures run on real time even for a marked test (looptime is on for the test body
+  only), and the loop's clock jumps between the two: do not start in a fixture a deadline
+  the test relies on.
+- pytest-timeout counts real time. A test that must wait in real time for more than a
+  fraction of a second (a subprocess, a signal, redis) is marked `@pytest.mark.slow`;
+  `make test` runs it, `pytest -m "not slow"` skips it while iterating.
+"""
 
 from __future__ import annotations
 

@@ -285,8 +285,8 @@ class CallSession:
         """One message from Twilio, after `start`."""
         if isinstance(message, Media):
             # The payload string goes to the engine as is; the recorder and the VAD share
-            # one decode of it through the frame.
-            frame = MulawFrame(message.payload, message.timestamp_ms)
+            # the bytes the parser decoded to check it, through the frame.
+            frame = MulawFrame(message.payload, message.timestamp_ms, message.audio)
             self.observers.caller_audio(frame)
             await self._forward(message.payload)
             self.bargein.push(frame)

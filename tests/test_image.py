@@ -280,6 +280,7 @@ def _serving(image: Image) -> Iterator[tuple[str, subprocess.Popen[str], dict[st
                 proc.wait()
 
 
+@pytest.mark.slow  # a pip build and a service start: about 3 s of real time
 def test_image_serves_from_the_wheel(image: Image) -> None:
     """The service the image runs answers its probes, with the package from the wheel."""
     with _serving(image) as (base, proc, env):

@@ -21,6 +21,8 @@ SPEECH = sorted(name for name, label in LABELS.items() if label["speech_ms"])
 NONSPEECH = sorted(name for name, label in LABELS.items() if not label["speech_ms"])
 # A long agent reply of real speech: the agent is talking whenever the caller speaks.
 AGENT = b"".join((FIXTURES / f"{n}.ulaw").read_bytes() for n in ("book_cleaning", "wait_stop"))
+# Its first sentence, for a test that must hear the reply to its end.
+AGENT_SHORT = (FIXTURES / "book_cleaning.ulaw").read_bytes()
 MARK_MS = 60  # Playback's chunk, hence mark, granularity
 
 
@@ -34,17 +36,25 @@ async def talking_agent(
     settings_factory: Callable[..., Settings],
 ) -> AsyncIterator[Callable[..., Awaitable[tuple[FakeRealtime, str]]]]:
     fakes: list[FakeRealtime] = []
+    servers: list[TestServer] = []
 
-    async def start(**settings: Any) -> tuple[FakeRealtime, str]:
-        # The model's own VAD stays deaf here (threshold above full scale), so it never
-        # starts a second reply: everything the caller hears is the interrupted one.
-        fake = FakeRealtime(reply_audio=AGENT, pace=1.0, vad_threshold_dbfs=10.0)
+    async def start(
+        reply: bytes = AGENT, model_vad_dbfs: float = 10.0, **settings: Any
+    ) -> tuple[FakeRealtime, str]:
+        # The model's own VAD stays deaf by default (threshold above full scale), so it
+        # never starts a second reply: everything the caller hears is the interrupted one.
+        fake = FakeRealtime(reply_audio=reply, pace=1.0, vad_threshold_dbfs=model_vad_dbfs)
         await fake.start()
         fakes.append(fake)
         server = await serve(settings_factory(realtime_url=fake.url, **settings))
+        servers.append(server)
         return fake, f"http://{server.host}:{server.port}"
 
     yield start
+    # The service first: its calls close their model sockets, so the fakes stop at once
+    # instead of waiting out the close handshake of a socket still in use.
+    for server in servers:
+        await server.close()
     for fake in fakes:
         await fake.stop()
 
@@ -100,9 +110,9 @@ async def test_every_speech_clip_interrupts_and_nothing_else_does(
 async def test_a_backchannel_pauses_the_agent_and_it_resumes(
     talking_agent: Callable[..., Awaitable[tuple[FakeRealtime, str]]],
 ) -> None:
-    fake, url = await talking_agent()
+    fake, url = await talking_agent(reply=AGENT_SHORT)
     yes = clip("yes").ulaw
-    mhm = yes[: 810 * 8 + 200 * 8] + b"\xff" * (8 * 10_500)  # 200 ms of speech, then quiet
+    mhm = yes[: 810 * 8 + 200 * 8] + b"\xff" * (8 * 5_800)  # 200 ms of speech, then quiet
     result = await simulate_call(Clip(mhm, (1010,), "mhm"), url=url, tail_s=0.0)
     conn = fake.connections[0]
     assert result.clear_times_ms, "the agent paused for the caller"
@@ -110,7 +120,23 @@ async def test_a_backchannel_pauses_the_agent_and_it_resumes(
     assert conn.truncates == []
     # the reply went on where it stopped: the caller heard all of it, and at most a few
     # tens of ms twice (what Twilio played between our estimate and the clear)
-    assert 0 <= result.played_bytes - len(AGENT) <= 8 * 30
+    assert 0 <= result.played_bytes - len(AGENT_SHORT) <= 8 * 30
+
+
+async def test_the_models_vad_alone_does_not_interrupt(
+    talking_agent: Callable[..., Awaitable[tuple[FakeRealtime, str]]],
+) -> None:
+    """The speakerphone guard: our own voice comes back from the caller's line 30 dB
+    down. The model's VAD (here hearing anything above -60 dBFS) takes it for the caller
+    and says speech_started; ours heard no caller, so the agent goes on."""
+    fake, url = await talking_agent(model_vad_dbfs=-60.0)
+    echo = Clip(clip("nonspeech_echo").ulaw[: 8 * 2500], (), "echo")  # its first 2.5 s
+    result = await simulate_call(echo, url=url, tail_s=0.3)
+    conn = connection_of(fake, result)
+    assert "input_audio_buffer.speech_started" in conn.sent_types()
+    assert result.clear_times_ms == []
+    assert "response.cancel" not in conn.event_types()
+    assert conn.truncates == []
 
 
 async def test_dtmf_star_interrupts(

@@ -1,24 +1,29 @@
 """BargeIn: decides from the caller's audio when the caller takes the floor.
 
 Each 20 ms caller frame is decoded and scored by the process-wide Silero batcher in a
-task of its own, so the relay never waits for the VAD. The policy, per 32 ms window:
+task of its own, so the relay never waits for the VAD. The policy, per 32 ms window, is
+a small state machine (`Phase`):
 
 - Echo gate: while the agent speaks, a window counts as speech only if the caller is
   no quieter than the agent's recent level plus `vad_echo_gate_db`. A speakerphone
   returns our own voice tens of dB down; a caller talking over us is about as loud.
-- Onset: `vad_min_speech_ms` of ungated speech while the agent plays. From the first
-  speech window the caller's audio is held back from the model, so the model's own
-  VAD cannot act on a half-heard "mhm".
-- Backchannel window: at onset the agent is paused at once (Twilio `clear`, its
-  unplayed audio kept). If, once `backchannel_ms` has passed, the caller has been
-  quiet for a quarter second, it was an "mhm": the agent resumes where it stopped, and
-  the held audio is dropped unless the caller goes on within a second (then it was a
-  pause between words, and everything held goes to the model). If the caller is still
-  talking, the interruption is committed (cancel, truncate) and the held audio goes to
-  the model, so nothing the caller said is lost. With `backchannel_ms = 0` onset
-  interrupts at once.
-- Turn end (for engines without their own turn detection): `turn_silence_ms` of
-  silence after at least `turn_min_speech_ms` of speech.
+- HOLDING: from the first speech window over the agent, the caller's audio is held back
+  from the model, so the model's own VAD cannot act on a half-heard "mhm". A window
+  without speech before `vad_min_speech_ms` was a blip: the audio goes on to the model.
+- DECIDING: after `vad_min_speech_ms` of speech (the onset) the agent is paused at once
+  (Twilio `clear`, its unplayed audio kept). If, once `backchannel_ms` has passed, the
+  caller has been quiet for a quarter second, it was an "mhm" (LINGERING); if the caller
+  is still talking, the interruption is committed (cancel, truncate) and the held audio
+  goes to the model, so nothing the caller said is lost. With `backchannel_ms = 0` the
+  onset interrupts at once.
+- LINGERING: the agent resumes where it stopped; the held audio is dropped unless the
+  caller goes on within a second (a pause between words: interrupt at once, and
+  everything held goes to the model).
+- SPEAKING: the caller has the floor. For engines without their own turn detection,
+  `turn_silence_ms` of silence after at least `turn_min_speech_ms` of speech ends the turn.
+
+Every buffer of a call is bounded: the agent's levels by time (the echo memory), the held
+audio and the frames waiting for the VAD by size.
 """
 
 from __future__ import annotations
@@ -29,17 +34,20 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 
-from app.audio.frame import MulawFrame
 from app.audio.g711 import ulaw_decode
 from app.call.observer import CallObserver
 from app.config import Settings
-from app.vad.batcher import VadBatcher
+from app.states import checked
 from app.vad.silero import VadStream
+
+__all__ = ["WINDOW_MS", "BargeIn", "Floor", "Phase", "Scorer", "ulaw_dbfs"]
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +61,45 @@ _QUIET_AGENT_DBFS = -20.0
 _STILL_TALKING_S = 0.1  # speech this recent at the end of the window commits the interruption
 _SETTLE_MS = 250.0  # silence that tells an "mhm" that ended from a pause between words
 _LINGER_S = 1.0  # how long a backchannel's audio is kept in case the caller goes on
+# Size bounds, far beyond what the policy needs, for when something stalls (the VAD
+# thread starved of CPU, a huge BACKCHANNEL_MS): the oldest entry goes first.
+_MAX_AGENT_LEVELS = 1024  # agent chunks (>= 20 ms each) within the echo memory and lead
+_MAX_BACKLOG_FRAMES = 250  # 5 s of caller frames waiting for the VAD
+_HELD_SPARE_S = 10.0  # held caller audio beyond the longest decision
+_FRAME_S = 0.02
+
+
+class Phase(StrEnum):
+    """Who holds the floor, as barge-in sees it."""
+
+    QUIET = "quiet"  # the caller is not talking over the agent; their audio flows
+    HOLDING = "holding"  # speech over the agent, too short to count yet: audio held
+    DECIDING = "deciding"  # the agent paused: a backchannel or an interruption?
+    LINGERING = "lingering"  # it was a backchannel: the agent resumed, audio kept a second
+    COMMITTING = "committing"  # the agent is being interrupted; held audio goes next
+    SPEAKING = "speaking"  # the caller has the floor; their audio flows
+
+
+_MOVES: dict[Phase, frozenset[Phase]] = {
+    Phase.QUIET: frozenset({Phase.HOLDING, Phase.SPEAKING}),
+    Phase.HOLDING: frozenset({Phase.QUIET, Phase.DECIDING, Phase.COMMITTING, Phase.SPEAKING}),
+    Phase.DECIDING: frozenset({Phase.COMMITTING, Phase.LINGERING, Phase.SPEAKING}),
+    Phase.LINGERING: frozenset({Phase.QUIET, Phase.COMMITTING, Phase.SPEAKING}),
+    Phase.COMMITTING: frozenset({Phase.SPEAKING}),
+    Phase.SPEAKING: frozenset({Phase.QUIET}),
+}
+# Where an interruption (ours, DTMF's or the model's) leaves each phase: the caller who
+# was past the onset has the floor; a blip or a backchannel was no utterance.
+_SETTLED: dict[Phase, Phase] = {
+    Phase.QUIET: Phase.QUIET,
+    Phase.HOLDING: Phase.QUIET,
+    Phase.DECIDING: Phase.SPEAKING,
+    Phase.LINGERING: Phase.QUIET,
+    Phase.COMMITTING: Phase.SPEAKING,
+    Phase.SPEAKING: Phase.SPEAKING,
+}
+_HOLDING = frozenset({Phase.HOLDING, Phase.DECIDING, Phase.LINGERING, Phase.COMMITTING})
+_IN_UTTERANCE = frozenset({Phase.DECIDING, Phase.COMMITTING, Phase.SPEAKING})
 
 
 class Floor(Protocol):
@@ -70,11 +117,19 @@ class Floor(Protocol):
 
     def resume_agent(self) -> None: ...
 
-    async def interrupt(self, reason: str) -> bool: ...
+    async def interrupt(self, reason: str) -> bool:
+        """Stop the agent (clear, cancel, truncate); calls `BargeIn.settle` when done."""
+        ...
 
     async def end_of_turn(self) -> None: ...
 
     async def send_held(self, payload: str) -> None: ...
+
+
+class Scorer(Protocol):
+    """The VAD: speech probabilities of the 32 ms windows a stream's audio completes."""
+
+    async def feed(self, stream: VadStream, pcm: npt.NDArray[np.int16]) -> list[float]: ...
 
 
 _POWER = (ulaw_decode(bytes(range(256))).astype(np.float64) / 32768.0) ** 2
@@ -98,7 +153,7 @@ class BargeIn(CallObserver):
     def __init__(
         self,
         settings: Settings,
-        batcher: VadBatcher,
+        batcher: Scorer,
         floor: Floor,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -107,36 +162,41 @@ class BargeIn(CallObserver):
         self._floor = floor
         self._clock = clock
         self._stream = VadStream()
-        self._frames: asyncio.Queue[MulawFrame] = asyncio.Queue()
-        self._agent_levels: deque[tuple[float, float, float]] = deque()  # start, end, dBFS
+        self._frames: deque[str] = deque(maxlen=_MAX_BACKLOG_FRAMES)
+        self._frame_ready = asyncio.Event()
+        self._agent_levels: deque[tuple[float, float, float]] = deque(maxlen=_MAX_AGENT_LEVELS)
         self._levels: deque[float] = deque(maxlen=2)  # caller frames of the current window
-        self._held: list[str] | None = None
-        self._paused_at: float | None = None
-        self._linger_until: float | None = None
+        held_s = settings.backchannel_ms / 1000.0 + _LINGER_S + _HELD_SPARE_S
+        self._held: deque[str] = deque(maxlen=round(held_s / _FRAME_S))
+        self._phase = Phase.QUIET
+        self._since = 0.0  # when the phase began
         self._idle = False
         self._speech_run = 0.0
         self._silence_run = 0.0
         self._utterance_ms = 0.0
-        self._in_utterance = False
         self._last_speech_at = -math.inf
-        self.onsets = 0
-        self.backchannels = 0
+        self._dropped = {"backlog": 0, "held": 0}
 
     # -- fed by the call -------------------------------------------------------------
 
     @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
     def holding(self) -> bool:
         """Caller audio is being held back from the model while we decide."""
-        return self._held is not None
+        return self._phase in _HOLDING
 
     def hold(self, payload: str) -> None:
         """Keep a caller frame until the decision."""
-        if self._held is not None:
-            self._held.append(payload)
+        if self.holding:
+            self._bounded_append(self._held, payload, "held")
 
-    def push(self, frame: MulawFrame) -> None:
+    def push(self, payload: str) -> None:
         """Queue a caller frame for scoring; never blocks the relay."""
-        self._frames.put_nowait(frame)
+        self._bounded_append(self._frames, payload, "backlog")
+        self._frame_ready.set()
 
     def recent_speech(self, within_s: float = 0.3) -> bool:
         """Our VAD heard ungated caller speech lately (to corroborate the model's VAD)."""
@@ -145,28 +205,46 @@ class BargeIn(CallObserver):
     @property
     def deciding(self) -> bool:
         """Inside the backchannel window: the agent is paused, the outcome open."""
-        return self._paused_at is not None
+        return self._phase is Phase.DECIDING
 
     def agent_audio(self, payload: str, starts_at: float) -> None:
         """Remember how loud the agent is, to tell its echo from the caller."""
         data = base64.b64decode(payload)
         self._agent_levels.append((starts_at, starts_at + len(data) / 8000.0, ulaw_dbfs(data)))
+        self._forget_agent_levels(self._clock())
 
     def agent_cleared(self, at: float) -> None:
         while self._agent_levels and self._agent_levels[-1][0] >= at:
             self._agent_levels.pop()
 
+    async def settle(self) -> None:
+        """An interruption was committed (by us, DTMF or the model): stop deciding and
+        hand the held caller audio to the model."""
+        await self._release(_SETTLED[self._phase])
+
     async def run(self) -> None:
         """Score caller frames as they come, and act on the decisions."""
         while True:
-            frame = await self._frames.get()
+            if not self._frames:
+                self._frame_ready.clear()
+                await self._frame_ready.wait()
+                continue
+            payload = self._frames.popleft()
             if not self._listening():
                 continue
-            data = frame.audio
+            data = base64.b64decode(payload)
             self._levels.append(ulaw_dbfs(data))
             pcm = ulaw_decode(data)
             for prob in await self._batcher.feed(self._stream, pcm):
                 await self._window(prob, max(self._levels))
+
+    def _bounded_append(self, buffer: deque[str], payload: str, name: str) -> None:
+        """Append; when full, the oldest frame goes, and the first loss says so once."""
+        if len(buffer) == buffer.maxlen:
+            if not self._dropped[name]:
+                log.warning("bargein.buffer_full", buffer=name, frames=buffer.maxlen)
+            self._dropped[name] += 1
+        buffer.append(payload)
 
     def _listening(self) -> bool:
         """Score this frame? Only while the agent speaks, an engine needs our turn ends,
@@ -174,13 +252,8 @@ class BargeIn(CallObserver):
 
         Scoring resumes from a fresh state, not one left over from older audio.
         """
-        needed = (
-            self._floor.agent_playing
-            or self._floor.local_turns
-            or self._held is not None
-            or self._in_utterance
-            or self._paused_at is not None
-        )
+        floor = self._floor
+        needed = floor.agent_playing or floor.local_turns or self._phase is not Phase.QUIET
         if needed and self._idle:
             self._stream.reset()
             self._speech_run = self._silence_run = 0.0
@@ -189,120 +262,143 @@ class BargeIn(CallObserver):
 
     # -- policy ----------------------------------------------------------------------
 
-    def _agent_level(self, now: float) -> float | None:
-        """The loudest agent audio that may be echoing back now."""
+    def _forget_agent_levels(self, now: float) -> None:
         levels = self._agent_levels
         while levels and levels[0][1] < now - _ECHO_MEMORY_S:
             levels.popleft()
-        heard = [db for start, _, db in levels if start <= now]
+
+    def _agent_level(self, now: float) -> float | None:
+        """The loudest agent audio that may be echoing back now."""
+        self._forget_agent_levels(now)
+        heard = [db for start, _, db in self._agent_levels if start <= now]
         return max(heard) if heard else None
 
-    def _is_speech(self, prob: float, level: float, now: float) -> bool:
+    def _is_speech(self, prob: float, level: float, now: float, playing: bool) -> bool:
         if prob < self._settings.vad_start_threshold:
             return False
-        if not self._floor.agent_playing:
+        if not playing:
             return True
         agent = self._agent_level(now)
         reference = _QUIET_AGENT_DBFS if agent is None else max(agent, _QUIET_AGENT_DBFS)
         return level >= reference + self._settings.vad_echo_gate_db
 
-    async def _window(self, prob: float, level: float) -> None:
-        settings = self._settings
-        now = self._clock()
-        playing = self._floor.agent_playing
-        if self._is_speech(prob, level, now):
+    def _tally(self, speech: bool, now: float) -> None:
+        """Run lengths of speech and silence, and the utterance's speech."""
+        if speech:
             self._last_speech_at = now
             self._speech_run += WINDOW_MS
-            self._utterance_ms += WINDOW_MS if self._in_utterance else 0.0
             self._silence_run = 0.0
-            if playing and self._held is None and not self._in_utterance:
-                self._held = []
+            if self._phase in _IN_UTTERANCE:
+                self._utterance_ms += WINDOW_MS
         else:
             self._silence_run += WINDOW_MS
             if self._silence_run >= 2 * WINDOW_MS:
                 self._speech_run = 0.0
-            if not self._in_utterance and self._paused_at is None and self._held is not None:
-                if self._linger_until is None:
-                    await self._release()  # a blip that never became speech
-                elif now >= self._linger_until:
-                    self._drop_backchannel()
 
-        if not self._in_utterance and self._speech_run >= settings.vad_min_speech_ms:
-            self._in_utterance = True
-            self._utterance_ms = self._speech_run
-            went_on = self._linger_until is not None  # speaking again right after an "mhm"
-            self._linger_until = None
-            if playing:
-                await self._onset(now, went_on)
-            else:
-                await self._release()
-        elif self._paused_at is not None and (now - self._paused_at) * 1000.0 >= (
-            settings.backchannel_ms
-        ):
-            if now - self._last_speech_at <= _STILL_TALKING_S:
-                await self._commit("vad")
-            elif self._silence_run >= _SETTLE_MS:
-                self._backchannel(now)
-            # else: a gap that may be between two words; the next windows decide
+    def _onset_reached(self) -> bool:
+        return self._speech_run >= max(self._settings.vad_min_speech_ms, WINDOW_MS)
 
-        if self._in_utterance and self._silence_run >= settings.turn_silence_ms:
-            self._in_utterance = False
-            if self._utterance_ms >= settings.turn_min_speech_ms:
-                await self._floor.end_of_turn()
-            self._utterance_ms = 0.0
+    async def _window(self, prob: float, level: float) -> None:
+        now = self._clock()
+        playing = self._floor.agent_playing
+        speech = self._is_speech(prob, level, now, playing)
+        self._tally(speech, now)
+        match self._phase:
+            case Phase.QUIET:
+                if speech and playing:
+                    self._move(Phase.HOLDING)
+                    await self._holding(speech, playing)
+                elif self._onset_reached():
+                    self._begin_utterance(Phase.SPEAKING)
+            case Phase.HOLDING:
+                await self._holding(speech, playing)
+            case Phase.DECIDING:
+                await self._deciding(now)
+            case Phase.LINGERING:
+                await self._lingering(speech, playing, now)
+            case Phase.SPEAKING:
+                await self._speaking()
+            case Phase.COMMITTING:
+                pass  # settled by the interruption under way
 
-    async def _onset(self, now: float, went_on: bool) -> None:
-        """The caller started talking over the agent. Speech that resumes within a
-        second of a backchannel was a pause between words: interrupt at once."""
-        self.onsets += 1
-        if self._settings.backchannel_ms > 0 and not went_on:
-            self._paused_at = now
+    async def _holding(self, speech: bool, playing: bool) -> None:
+        if self._onset_reached():
+            await self._take_floor(playing, may_be_backchannel=True)
+        elif not speech:
+            await self._release(Phase.QUIET)  # a blip that never became speech
+
+    async def _deciding(self, now: float) -> None:
+        if (now - self._since) * 1000.0 < self._settings.backchannel_ms:
+            return
+        if now - self._last_speech_at <= _STILL_TALKING_S:
+            await self._commit()
+        elif self._silence_run >= _SETTLE_MS:
+            self._backchannel()
+        # else: a gap that may be between two words; the next windows decide
+
+    async def _lingering(self, speech: bool, playing: bool, now: float) -> None:
+        if self._onset_reached():  # speaking again right after an "mhm": a pause, not one
+            await self._take_floor(playing, may_be_backchannel=False)
+        elif not speech and now - self._since >= _LINGER_S:
+            self._drop_backchannel()
+
+    async def _speaking(self) -> None:
+        if self._silence_run < self._settings.turn_silence_ms:
+            return
+        self._move(Phase.QUIET)
+        if self._utterance_ms >= self._settings.turn_min_speech_ms:
+            await self._floor.end_of_turn()
+
+    def _begin_utterance(self, phase: Phase) -> None:
+        self._utterance_ms = self._speech_run
+        self._move(phase)
+
+    async def _take_floor(self, playing: bool, *, may_be_backchannel: bool) -> None:
+        """The onset: over the agent, pause it (or interrupt it at once); otherwise the
+        caller simply has the floor and the held audio goes to the model."""
+        self._utterance_ms = self._speech_run
+        if not playing:
+            await self._release(Phase.SPEAKING)
+        elif may_be_backchannel and self._settings.backchannel_ms > 0:
+            self._move(Phase.DECIDING)
             await self._floor.pause_agent()
             log.info("bargein.paused")
         else:
-            await self._commit("vad")
+            await self._commit()
 
-    async def _commit(self, reason: str) -> None:
-        self._paused_at = None
-        self._linger_until = None
-        await self._floor.interrupt(reason)
+    async def _commit(self) -> None:
+        self._move(Phase.COMMITTING)
+        await self._floor.interrupt("vad")
+        await self._release(Phase.SPEAKING)  # if the floor's interrupt has not settled us
 
-    def _backchannel(self, now: float) -> None:
+    def _backchannel(self) -> None:
         """The caller went quiet within the window: let the agent carry on.
 
         The held audio is kept a little longer: if the caller goes on after all (a
         pause between words, not an "mhm"), it reaches the model with what follows.
         """
-        self.backchannels += 1
-        self._paused_at = None
-        self._in_utterance = False
         self._utterance_ms = 0.0
-        self._linger_until = now + _LINGER_S
+        self._move(Phase.LINGERING)
         self._floor.resume_agent()
         log.info("bargein.backchannel")
 
     def _drop_backchannel(self) -> None:
-        dropped = len(self._held or ())
-        self._held = None
-        self._linger_until = None
+        dropped = len(self._held)
+        self._held.clear()
+        self._move(Phase.QUIET)
         log.info("bargein.backchannel_dropped", dropped_ms=dropped * 20)
 
-    async def _release(self) -> None:
-        """Send held caller audio to the model, in order.
+    async def _release(self, to: Phase) -> None:
+        """Send held caller audio to the model, in order, then move to `to`.
 
         Frames that arrive while the backlog drains join its end, and holding stops
         only once it is empty, so no frame overtakes an older one.
         """
-        held = self._held
-        if held is None:
-            return
-        while held:
-            await self._floor.send_held(held.pop(0))
-        self._held = None
+        while self._held:
+            await self._floor.send_held(self._held.popleft())
+        if self._phase is not to:
+            self._move(to)
 
-    async def settle(self) -> None:
-        """An interruption was committed (by us, DTMF or the model): stop deciding and
-        hand the held caller audio to the model."""
-        self._paused_at = None
-        self._linger_until = None
-        await self._release()
+    def _move(self, phase: Phase) -> None:
+        self._phase = checked("bargein", self._phase, phase, _MOVES)
+        self._since = self._clock()

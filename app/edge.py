@@ -90,5 +90,7 @@ def middlewares(settings: Settings) -> list[Any]:
 
 def runner_options(settings: Settings) -> dict[str, Any]:
     """aiohttp server options: a connection must send a whole request head within
-    HTTP_TIMEOUT of opening (or of the last response), else it is closed."""
-    return {"keepalive_timeout": settings.http_timeout}
+    HTTP_TIMEOUT of opening (or of the last response), else it is closed; after a 408 the
+    rest of the body is drained for at most HTTP_TIMEOUT (so the client reads the answer
+    before the close), then the connection closes."""
+    return {"keepalive_timeout": settings.http_timeout, "lingering_time": settings.http_timeout}

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from app import edge
 from app.admin import api
@@ -168,6 +168,7 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
             refusal = "no start" if start is None else _refusal(request, start)
             if start is not None and refusal is not None:
                 log.warning("twilio.stream_refused", call_sid=start.call_sid, reason=refusal)
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=refusal[:120].encode())
             if start is not None and refusal is None:
                 # Every log line of this call, in this task and those it starts, carries these.
                 structlog.contextvars.bind_contextvars(

@@ -325,7 +325,7 @@ async def test_steered_instructions_reach_the_model_and_stay(rig: RigFactory) ->
         None,
     )
     assert live.session.setup_for("chained").instructions == "Speak like a pirate."
-    await live.result()
+    await live.twilio_ends_stream()
 
 
 # -- voices --------------------------------------------------------------------------------
@@ -403,7 +403,7 @@ async def test_voice_steer_superseded_or_failed_leaves_the_voice_alone(rig: RigF
     assert "could not be opened" in steers[second["steer_id"]]["error"]
     assert detail["voice"] == "marin" and detail["mode"] == "realtime"
     assert live.session.engine is not None and not old.closed  # the call goes on as it was
-    await live.result()
+    await live.twilio_ends_stream()
     assert r.realtime.refused and len(r.realtime.connections) == 1  # no session was swapped in
 
 
@@ -415,7 +415,7 @@ async def test_voice_steer_before_the_model_speaks_needs_no_new_session(rig: Rig
     status, _ = await r.service.api("POST", f"/admin/calls/{live.sid}/steer", {"voice": "ash"})
     assert status == 202
     await wait_until(lambda: conn.session["audio"]["output"]["voice"] == "ash")
-    await live.result()
+    await live.twilio_ends_stream()
     assert len(r.realtime.connections) == 1
     assert conn.errors == []
 
@@ -454,7 +454,7 @@ async def test_chained_voice_change_and_a_realtime_voice_kept_for_later(
     )
     assert (status, body) == (200, {"call_sid": live.sid, "mode": "realtime"})
     assert r.realtime.last_connection.session["audio"]["output"]["voice"] == "ash"
-    await live.result()
+    await live.twilio_ends_stream()
     assert r.realtime.invalid_events == []
 
 
@@ -510,7 +510,7 @@ async def test_mode_toggle_to_an_unconfigured_engine_is_refused(rig: RigFactory)
     assert status == 503
     assert "still on realtime" in body["error"]
     assert live.session.info.mode == "realtime"
-    await live.result()
+    await live.twilio_ends_stream()
 
 
 # -- hang up and transfer through Twilio's REST API ----------------------------------------
@@ -545,7 +545,7 @@ async def test_hangup_and_transfer_through_twilio(rig: RigFactory) -> None:
     assert (status, body) == (200, {"call_sid": sid, "status": "already_ended"})
     status, body = await api("POST", f"/admin/calls/{sid}/transfer", {"to": "+15557654321"})
     assert body["status"] == "already_ended"
-    await live.result()
+    await live.twilio_ends_stream()
 
 
 async def test_without_twilio_credentials_hangup_closes_the_stream(rig: RigFactory) -> None:
@@ -669,5 +669,5 @@ async def test_realtime_session_is_renewed_at_a_turn_boundary(rig: RigFactory) -
     greeting_text = first.responses[0]["output"][0]["content"][0]["transcript"]
     assert seeded_texts(second) == [("assistant", greeting_text)]
     assert second.session["audio"]["output"]["voice"] == "marin"
-    await live.result()
+    await live.twilio_ends_stream()
     assert r.realtime.invalid_events == []

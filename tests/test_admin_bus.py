@@ -21,11 +21,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 import redis.asyncio as redis
 from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
 
-from app.admin.bus import call_key
+from app.admin.bus import SUBSCRIBE_WAIT_S, call_key
 from app.config import Settings
 from app.simulator import simulate_call
 from tests.admin_rig import (
@@ -37,7 +39,7 @@ from tests.admin_rig import (
     silence,
     wait_until,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_settings
 from tests.fakes.realtime import FakeRealtime
 from tests.fakes.together import FakeTogether
 from tests.fakes.twilio_rest import TOKEN, FakeTwilioRest, fake_twilio_rest
@@ -101,8 +103,8 @@ async def test_instances_share_the_registry_and_route_commands(
     async with aiohttp.ClientSession() as http:
         a = Instance(await serve(settings_factory(**values)), http, TOKEN)
         b = Instance(await serve(settings_factory(**values)), http, TOKEN)
-        on_b = await b.call(silence(4000), tail_s=0.2)
-        on_a = await a.call(silence(4000), tail_s=0.2)
+        on_b = await b.call(silence(30_000), tail_s=0)  # both end when the test is done
+        on_a = await a.call(silence(30_000), tail_s=0)
         b_model = model.connections[0]
 
         for instance in (a, b):
@@ -137,8 +139,8 @@ async def test_instances_share_the_registry_and_route_commands(
         assert (status, body) == (200, {"call_sid": on_b.sid, "status": "completed"})
         assert [u.call_sid for u in twilio.updates] == [on_b.sid]
 
-        await on_a.result()
-        await on_b.result()
+        await on_a.twilio_ends_stream()
+        await on_b.twilio_ends_stream()
         await wait_until(lambda: not a.calls and not b.calls)
 
         async def none_listed() -> bool:
@@ -246,8 +248,10 @@ async def test_calls_go_on_while_redis_is_unreachable(
         "redis_url": f"redis://127.0.0.1:{free_port()}",
     }
     async with aiohttp.ClientSession() as http:
+        started = time.monotonic()
         a = Instance(await serve(settings_factory(**values)), http, None)
-        live = await a.call(silence(2000), tail_s=0.2)
+        assert time.monotonic() - started < SUBSCRIBE_WAIT_S  # a refusal is not waited out
+        live = await a.call(silence(1200), tail_s=0.2)
         status, listed = await a.api("GET", "/admin/calls")  # ours, said to be partial
         assert status == 200 and listed["partial"] is True
         assert [c["call_sid"] for c in listed["calls"]] == [live.sid]
@@ -257,3 +261,37 @@ async def test_calls_go_on_while_redis_is_unreachable(
         assert status == 503 and "Redis" in body["error"]
         result = await live.result()
         assert result.ended_by == "caller" and result.received_payloads
+
+
+async def test_a_record_that_is_not_a_call_is_skipped(
+    redis_url: str, serve: Callable[[Settings], Awaitable[TestServer]]
+) -> None:
+    """Whatever another writer left under our keys, the list is still served."""
+    client = redis.from_url(redis_url)
+    good = {
+        "call_sid": "CA" + "1" * 32,
+        "from": "+15005550006",
+        "to": "+15005550001",
+        "persona": "kira",
+        "mode": "realtime",
+        "engine_state": "listening",
+        "voice": "marin",
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "duration_s": 1.0,
+        "last_turn_latency_ms": None,
+        "barge_ins": 0,
+        "instance": "elsewhere",
+    }
+    await client.set(call_key(good["call_sid"]), orjson.dumps(good))
+    await client.set(call_key("CA" + "2" * 32), b"{not json")
+    await client.set(call_key("CA" + "3" * 32), orjson.dumps({**good, "mode": "fast"}))
+    await client.set(call_key("CA" + "4" * 32), orjson.dumps({**good, "started_at": "yesterday"}))
+    await client.aclose()
+    server = await serve(make_settings(admin_token=ADMIN, redis_url=redis_url))
+    async with aiohttp.ClientSession() as http:
+        with capture_logs() as logs:
+            status, listed = await Instance(server, http, None).api("GET", "/admin/calls")
+    assert status == 200 and listed["partial"] is False
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["bus.bad_record"] * 3
+    [call] = listed["calls"]
+    assert call["call_sid"] == good["call_sid"] and call["duration_s"] > 1.0

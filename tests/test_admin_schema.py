@@ -120,8 +120,9 @@ async def test_the_document_states_the_rules(serve: Serve) -> None:
     assert models["TransferBody"]["properties"]["to"]["pattern"] == E164_PATTERN
     personas = dial["persona"]["anyOf"][0]["enum"]
     assert personas == sorted(p.stem for p in make_settings().prompts_dir.glob("*.toml"))
-    assert dial["mode"]["anyOf"][0]["enum"] == ["realtime", "chained"]
-    assert models["ModeBody"]["properties"]["mode"]["enum"] == ["realtime", "chained"]
+    mode = {"$ref": "#/components/schemas/Mode"}
+    assert dial["mode"]["anyOf"][0] == models["ModeBody"]["properties"]["mode"] == mode
+    assert models["Mode"]["enum"] == ["realtime", "chained"]
     steer = models["SteerBody"]
     assert steer["properties"]["instructions"]["anyOf"][0]["minLength"] == 1
     assert [a["required"] for a in steer["anyOf"]] == [["instructions"], ["voice"]]
@@ -158,9 +159,11 @@ async def live_service() -> AsyncIterator[tuple[Instance, str, FakeTwilioCalls]]
         live = await service.call(silence(60_000), tail_s=0)
         yield service, live.sid, twilio
         await live.twilio_ends_stream()
-        await wait_until(
-            lambda: not service.calls and realtime.open_connections == 0,
-            what="the call to close",
+        await wait_until(  # before the fakes stop under sockets still closing
+            lambda: (
+                not service.calls and realtime.open_connections == 0 and together.open_sockets == 0
+            ),
+            what="the call and its sockets to close",
         )
 
 

@@ -106,6 +106,7 @@ class RedisBus(LocalBus):
         self._replies = f"{PREFIX}replies:{self.instance}"
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._subscribed = asyncio.Event()
+        self._tried = asyncio.Event()  # the first attempt to subscribe is over, either way
         # Writes and removals one at a time: a refresh in flight cannot land after the
         # removal of a call that ended meanwhile and bring it back until the TTL.
         self._registry_lock = asyncio.Lock()
@@ -119,8 +120,8 @@ class RedisBus(LocalBus):
             asyncio.create_task(self._listen(), name="bus-listen"),
             asyncio.create_task(self._refresh(), name="bus-refresh"),
         ]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), SUBSCRIBE_WAIT_S)
+        with contextlib.suppress(TimeoutError):  # Redis refusing is not worth waiting for
+            await asyncio.wait_for(self._tried.wait(), SUBSCRIBE_WAIT_S)
         log.info("bus.started", instance=self.instance, ready=self._subscribed.is_set())
 
     async def close(self) -> None:
@@ -240,11 +241,13 @@ class RedisBus(LocalBus):
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(self._commands, self._replies)
                     self._subscribed.set()
+                    self._tried.set()
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
                             self._on_message(str(message["channel"]), str(message["data"]))
             except (RedisError, OSError) as exc:
                 log.warning("bus.disconnected", error=str(exc))
+            self._tried.set()
             self._subscribed.clear()
             await asyncio.sleep(RECONNECT_S)
 

@@ -79,7 +79,7 @@ class DialRequest:
         model = schemas.DialBody if personas is None else schemas.dial_body(personas)
         given = {"to": to, "persona": persona, "mode": mode, "from": caller_id}
         try:
-            return cls.of(model.model_validate(given, strict=True))
+            return cls.of(model.model_validate(given))
         except ValidationError as exc:
             raise DialRequestError(_first_error(exc)) from None
 

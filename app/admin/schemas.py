@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from app.engines.modes import Mode
 from app.phone import E164
 
 __all__ = [
@@ -27,7 +28,6 @@ __all__ = [
     "ErrorBody",
     "HangupBody",
     "HangupResult",
-    "Mode",
     "ModeBody",
     "ModeResult",
     "SteerAccepted",
@@ -39,7 +39,6 @@ __all__ = [
     "dial_body",
 ]
 
-Mode = Literal["realtime", "chained"]
 # Twilio's CallSid, as the media stream's `start` must carry it (app.telephony.messages).
 CALL_SID_PATTERN = r"^CA[0-9a-fA-F]{32}$"
 CallSid = Annotated[str, Field(pattern=CALL_SID_PATTERN, description="Twilio's CallSid")]

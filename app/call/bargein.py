@@ -35,12 +35,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import structlog
 
+from app.audio.frame import MulawFrame
 from app.audio.g711 import ulaw_decode
 from app.call.observer import CallObserver
 from app.config import Settings
@@ -50,6 +51,8 @@ from app.vad.silero import VadStream
 __all__ = ["WINDOW_MS", "BargeIn", "Floor", "Phase", "Scorer", "ulaw_dbfs"]
 
 log = structlog.get_logger(__name__)
+
+_Item = TypeVar("_Item")  # what a bounded buffer holds: caller frames, or held payloads
 
 WINDOW_MS = 32.0
 # The agent's loudest recent audio is the echo reference: long enough to cover the echo
@@ -162,7 +165,7 @@ class BargeIn(CallObserver):
         self._floor = floor
         self._clock = clock
         self._stream = VadStream()
-        self._frames: deque[str] = deque(maxlen=_MAX_BACKLOG_FRAMES)
+        self._frames: deque[MulawFrame] = deque(maxlen=_MAX_BACKLOG_FRAMES)
         self._frame_ready = asyncio.Event()
         self._agent_levels: deque[tuple[float, float, float]] = deque(maxlen=_MAX_AGENT_LEVELS)
         self._levels: deque[float] = deque(maxlen=2)  # caller frames of the current window
@@ -193,9 +196,9 @@ class BargeIn(CallObserver):
         if self.holding:
             self._bounded_append(self._held, payload, "held")
 
-    def push(self, payload: str) -> None:
+    def push(self, frame: MulawFrame) -> None:
         """Queue a caller frame for scoring; never blocks the relay."""
-        self._bounded_append(self._frames, payload, "backlog")
+        self._bounded_append(self._frames, frame, "backlog")
         self._frame_ready.set()
 
     def recent_speech(self, within_s: float = 0.3) -> bool:
@@ -229,22 +232,22 @@ class BargeIn(CallObserver):
                 self._frame_ready.clear()
                 await self._frame_ready.wait()
                 continue
-            payload = self._frames.popleft()
+            frame = self._frames.popleft()
             if not self._listening():
                 continue
-            data = base64.b64decode(payload)
+            data = frame.audio
             self._levels.append(ulaw_dbfs(data))
             pcm = ulaw_decode(data)
             for prob in await self._batcher.feed(self._stream, pcm):
                 await self._window(prob, max(self._levels))
 
-    def _bounded_append(self, buffer: deque[str], payload: str, name: str) -> None:
+    def _bounded_append(self, buffer: deque[_Item], item: _Item, name: str) -> None:
         """Append; when full, the oldest frame goes, and the first loss says so once."""
         if len(buffer) == buffer.maxlen:
             if not self._dropped[name]:
                 log.warning("bargein.buffer_full", buffer=name, frames=buffer.maxlen)
             self._dropped[name] += 1
-        buffer.append(payload)
+        buffer.append(item)
 
     def _listening(self) -> bool:
         """Score this frame? Only while the agent speaks, an engine needs our turn ends,

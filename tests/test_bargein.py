@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from app.audio.frame import MulawFrame
 from app.audio.g711 import ulaw_encode
 from app.call.bargein import BargeIn, Phase
 from app.vad.silero import VadStream
@@ -90,7 +91,7 @@ class Call:
             self.bargein.hold(payload)
         else:
             self.to_model.append(payload)
-        self.bargein.push(payload)
+        self.bargein.push(MulawFrame(payload))
 
     def names(self) -> list[str]:
         return [name for _, name in self.actions]
@@ -268,7 +269,7 @@ async def test_frames_waiting_for_the_vad_are_bounded() -> None:
     vad = LoudVad()
     bargein = BargeIn(make_settings(), vad, call, clock=lambda: 0.0)
     call.bargein = bargein
-    retained = _retained_after(lambda _: bargein.push(LOUD), 30_000)  # 10 minutes
+    retained = _retained_after(lambda _: bargein.push(MulawFrame(LOUD)), 30_000)  # 10 minutes
     assert retained < 256_000, f"{retained} bytes of caller audio queued"
     task = asyncio.create_task(bargein.run())
     while bargein.phase is Phase.QUIET or vad.windows < 150:

@@ -9,10 +9,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 
-from app.audio.g711 import ulaw_decode
+from app.audio.g711 import ulaw_decode, ulaw_encode
+from app.audio.resample import StreamResampler
 from app.engines.base import (
     AgentSetup,
     AudioOut,
@@ -173,7 +175,8 @@ class Call:
     async def until(self, condition: Callable[[], bool], within_s: float = 5.0) -> None:
         deadline = time.monotonic() + within_s
         while not condition():
-            assert time.monotonic() < deadline, f"timed out; events: {self.events}"
+            kinds = [type(e).__name__ for e in self.events]
+            assert time.monotonic() < deadline, f"timed out; events: {kinds}"
             await asyncio.sleep(0.005)
 
     async def responses_done(self, count: int) -> list[ResponseDone]:
@@ -206,7 +209,7 @@ async def open_call(fake: FakeTogether) -> AsyncIterator[Callable[..., Any]]:
         setup: AgentSetup = SETUP, history: list[Turn] | None = None, greet: bool = False, **kw: Any
     ) -> Call:
         settings = make_settings(together_api_key="test-key", together_base_url=fake.base_url)
-        options = {"llm_backoff_s": 0.01, **kw}
+        options = {"llm_backoff_s": 0.01, "tts_tail_s": 0.05, **kw}
         engine = ChainedEngine(settings, **options)
         await engine.start(setup, history or [], greet)
         calls.append(Call(engine))
@@ -215,6 +218,7 @@ async def open_call(fake: FakeTogether) -> AsyncIterator[Callable[..., Any]]:
     yield start
     for call in calls:
         await call.engine.close()
+    assert fake.refusals == []  # nothing we sent would be refused by Together
 
 
 async def test_full_turn_streams_the_reply_sentence_by_sentence(
@@ -608,3 +612,147 @@ async def test_start_fails_without_a_key_or_a_reachable_service(fake: FakeTogeth
     dead = make_settings(together_api_key="test-key", together_base_url="http://127.0.0.1:9/v1")
     with pytest.raises(EngineUnavailable):
         await ChainedEngine(dead, connect_timeout_s=1.0).start(SETUP, [], greet=False)
+
+
+# The strict fake refuses what Together refuses
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status"),
+    [
+        ({"Content-Type": "application/octet-stream"}, {"model": "m", "messages": []}, 415),
+        ({}, {"messages": [{"role": "user", "content": "hi"}]}, 400),  # no model
+        ({}, {"model": "m", "messages": [{"role": "user", "content": "hi"}], "voice": 1}, 400),
+        ({}, {"model": "m", "messages": [{"role": "user", "content": "hi", "x": 1}]}, 400),
+        ({}, {"model": "m", "messages": [{"role": "robot", "content": "hi"}]}, 400),
+    ],
+)
+async def test_fake_chat_refuses_what_together_refuses(
+    fake: FakeTogether, headers: dict[str, str], body: dict[str, Any], status: int
+) -> None:
+    auth = {"Authorization": "Bearer test-key", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        url = fake.base_url + "/chat/completions"
+        async with http.post(url, data=json.dumps(body), headers={**auth, **headers}) as resp:
+            assert resp.status == status
+            error = (await resp.json())["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert len(fake.refusals) == 1
+
+
+async def test_fake_sockets_refuse_unknown_parameters_and_events(fake: FakeTogether) -> None:
+    auth = {"Authorization": "Bearer test-key"}
+    async with aiohttp.ClientSession(headers=auth) as http:
+        base = fake.base_url.replace("http", "ws")
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(base + "/realtime?model=m")  # no input_audio_format
+        assert refused.value.status == 400
+        with pytest.raises(aiohttp.WSServerHandshakeError):
+            await http.ws_connect(base + "/audio/speech/websocket?model=m&pitch=2")
+        query = "?model=m&input_audio_format=pcm_s16le_16000"
+        async with http.ws_connect(base + "/realtime" + query) as ws:
+            assert (await ws.receive_json())["type"] == "session.created"
+            await ws.send_json({"type": "input_audio_buffer.append", "audio": "AA=="})  # 1 byte
+            await ws.send_json({"type": "input_audio_buffer.commit", "final": True})
+            await ws.send_json({"type": "session.update"})
+            errors = [await ws.receive_json() for _ in range(3)]
+        assert [e["type"] for e in errors] == ["error"] * 3
+        async with http.ws_connect(base + "/audio/speech/websocket?voice=v") as ws:
+            assert (await ws.receive_json())["type"] == "session.created"
+            await ws.send_json({"type": "input_text_buffer.append", "text": "Hi.", "x": 1})
+            await ws.send_json({"type": "tts_session.updated", "session": {"pitch": 2}})
+            errors = [await ws.receive_json() for _ in range(2)]
+        assert [e["type"] for e in errors] == ["conversation.item.tts.failed"] * 2
+    assert len(fake.refusals) == 7
+
+
+# Together's own ways: split items, error events, reconnects
+
+
+async def test_a_sentence_split_into_several_tts_items_is_spoken_to_the_end(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    fake.tts_split_items = True  # every committed sentence comes back as two items
+    reply = "One two three four. Five six seven eight."
+    fake.replies.append(reply)
+    call = await open_call()
+    await call.speak("opening_hours")
+    (done,) = await call.responses_done(1)
+    assert done.status == "completed"
+    assert len(fake.tts_items) == 4 and all(item.done for item in fake.tts_items)
+    agent = call.of(Transcript)[-1]
+    assert agent.text == reply
+    produced_ms = sum(item.samples_sent for item in fake.tts_items) / (TTS_RATE / 1000)
+    assert call.audio_ms(agent.item_id) == pytest.approx(produced_ms, abs=2.0)  # no tail lost
+
+
+async def test_an_stt_error_event_fails_the_turn_at_once_and_reopens_the_session(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    fake.stt_error_next = 1
+    call = await open_call(finalize_timeout_s=30.0)  # the apology must not wait for this
+    started = time.monotonic()
+    await call.speak("opening_hours")
+    await call.responses_done(1)
+    assert time.monotonic() - started < 2.0
+    assert call.of(EngineError)[0].code == "server_error"
+    assert call.of(Transcript)[-1].text == APOLOGY
+    await fake.wait_until(lambda: len(fake.stt) == 2, what="a fresh STT session")
+    fake.transcripts.append("Are you open today?")
+    await call.speak("yes")
+    await call.responses_done(2)
+    assert [t.text for t in call.of(Transcript) if t.role == "caller"] == ["Are you open today?"]
+
+
+async def test_committed_turns_are_replayed_after_an_stt_drop(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    fake.stt_finalize_delay_s = 0.5  # the socket drops before the transcript comes
+    fake.transcripts.append("What are your opening hours on Saturday?")
+    call = await open_call()
+    await call.speak("opening_hours")
+    await fake.wait_until(lambda: len(fake.stt[0].commits) == 1, what="the commit")
+    fake.stt_finalize_delay_s = 0.01
+
+    await fake.drop_stt()
+
+    await call.responses_done(1)
+    assert call.of(Transcript)[0].text == "What are your opening hours on Saturday?"
+    assert fake.stt[1].commits == fake.stt[0].commits  # the whole turn, sent again
+    assert bytes(fake.stt[1].audio) == bytes(fake.stt[0].audio)
+
+
+def _chunked_equals_whole(chunked: np.ndarray[Any, Any], whole: np.ndarray[Any, Any]) -> None:
+    assert len(chunked) > 0.8 * len(whole)
+    difference = np.abs(chunked.astype(np.int32) - whole[: len(chunked)].astype(np.int32))
+    assert difference.max() <= 1  # a resampler restarted per chunk clicks at every join
+
+
+async def test_stt_resampling_keeps_its_state_across_frames(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    pcm8k = tone(8000, rate=8000)  # one second, 440 Hz
+    ulaw = ulaw_encode(pcm8k)
+    call = await open_call()
+    for i in range(0, len(ulaw), 160):  # Twilio's 20 ms frames
+        await call.engine.send_audio(base64.b64encode(ulaw[i : i + 160]).decode())
+    await fake.wait_until(lambda: len(fake.stt[0].audio) >= 27_000, what="the audio")
+    resampler = StreamResampler(8000, 16000)
+    decoded = ulaw_decode(ulaw)
+    whole = np.concatenate([resampler.process(decoded), resampler.flush()])
+    _chunked_equals_whole(np.frombuffer(bytes(fake.stt[0].audio), dtype="<i2"), whole)
+
+
+async def test_tts_resampling_keeps_its_state_across_deltas(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    fake.tts_wav_header = False
+    call = await open_call(greet=True)
+    await call.responses_done(1)
+    chunked = ulaw_decode(b"".join(base64.b64decode(a.payload) for a in call.of(AudioOut)))
+    (item,) = fake.tts_items
+    resampler = StreamResampler(TTS_RATE, 8000)
+    source = tone(item.samples_sent)
+    whole = ulaw_decode(ulaw_encode(np.concatenate([resampler.process(source), resampler.flush()])))
+    assert len(chunked) == len(whole)
+    _chunked_equals_whole(chunked, whole)

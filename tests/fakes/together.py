@@ -1,12 +1,21 @@
 """Fake Together services on 127.0.0.1, in one aiohttp app, for the chained engine's tests.
 
+Strict as the real services (see `together_api` and docs/together.md): the chat endpoint
+refuses a body that is not `application/json` (415), unknown fields, a missing model or
+misshapen messages (400, Together's `ErrorData`); the sockets refuse unknown or missing
+query parameters at the handshake (400) and answer a client event they do not know, or
+one with fields they do not take, with an error event. Refusals are kept in `refusals`.
+
 - STT socket `/v1/realtime`: `session.created` first, records the PCM16 it is appended,
   answers each `input_audio_buffer.commit` after `stt_finalize_delay_s` with a delta and a
-  `completed` carrying the next scripted transcript (`.failed` for `stt_fail_next` commits).
-- Chat `/v1/chat/completions`: OpenAI-style SSE, one word per chunk, after
+  `completed` carrying the next scripted transcript (`.failed` for `stt_fail_next` commits;
+  an `error` event for `stt_error_next` commits).
+- Chat `/v1/chat/completions`: `ChatCompletionChunk` SSE, one word per chunk, after
   `llm_first_token_delay_s`; a scripted reply may end in a tool call. Failure injection:
   statuses queued in `chat_failures` (500, 429, ...) answer the next requests.
-- TTS socket `/v1/audio/speech/websocket`: one item per commit, spoken in order; the audio
+- TTS socket `/v1/audio/speech/websocket`: acknowledges each append
+  (`conversation.item.input_text.received`), one item per commit spoken in order, or two
+  when `tts_split_items` (Together may cut a committed text into several items); the audio
   is a real 24 kHz PCM16 tone, `tts_ms_per_char` long per character, in 100 ms deltas
   every `tts_chunk_interval_s`, the first led by a WAV header when `tts_wav_header`.
   `clear` drops committed items not yet started (the docs say only text already being
@@ -35,6 +44,17 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from tests.fakes.loopback import LoopbackServer
+from tests.fakes.together_api import (
+    STT_QUERY,
+    TTS_QUERY,
+    chat_request_error,
+    error_body,
+    query_error,
+    stt_event_error,
+    tts_event_error,
+)
+
+__all__ = ["DEFAULT_REPLY", "DEFAULT_TRANSCRIPT", "TTS_RATE", "FakeTogether", "ToolReply", "tone"]
 
 TTS_RATE = 24_000
 TTS_CHUNK_SAMPLES = TTS_RATE // 10  # 100 ms per delta
@@ -123,7 +143,10 @@ class FakeTogether(LoopbackServer):
         self.replies: deque[str | ToolReply] = deque()  # next chat replies
         self.chat_failures: deque[int] = deque()  # statuses for the next chat requests
         self.tts_fail_next = 0
+        self.tts_split_items = False
         self.stt_fail_next = 0
+        self.stt_error_next = 0
+        self.refusals: list[str] = []  # why each refused request or event was refused
         self.stt: list[SttConnection] = []
         self.tts: list[TtsConnection] = []
         self.tts_items: list[TtsItem] = []
@@ -159,9 +182,19 @@ class FakeTogether(LoopbackServer):
 
     # STT
 
-    async def _stt_socket(self, request: web.Request) -> web.StreamResponse:
+    def _handshake_refusal(
+        self, request: web.Request, spec: dict[str, bool]
+    ) -> web.Response | None:
         if not self._authorized(request):
-            return web.json_response({"error": {"code": "invalid_api_key"}}, status=401)
+            return web.json_response(error_body("bad key", "invalid_api_key"), status=401)
+        if problem := query_error(dict(request.query), spec):
+            self.refusals.append(problem)
+            return web.json_response(error_body(problem), status=400)
+        return None
+
+    async def _stt_socket(self, request: web.Request) -> web.StreamResponse:
+        if refusal := self._handshake_refusal(request, STT_QUERY):
+            return refusal
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
         conn = SttConnection(dict(request.headers), dict(request.query), ws=ws)
@@ -171,12 +204,16 @@ class FakeTogether(LoopbackServer):
         finals: asyncio.Queue[int] = asyncio.Queue()
         worker = asyncio.create_task(self._stt_finalize(ws, finals))
         try:
-            await ws.send_json({"type": "session.created", "session": {"id": "stt_1"}})
+            session = {"id": "stt_1", "object": "realtime.session", "modalities": ["audio"]}
+            await ws.send_json({"type": "session.created", "session": session})
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
                     continue
                 event = json.loads(msg.data)
-                if event["type"] == "input_audio_buffer.append":
+                if problem := stt_event_error(event):
+                    self.refusals.append(problem)
+                    await ws.send_json({"type": "error", **error_body(problem)})
+                elif event["type"] == "input_audio_buffer.append":
                     chunk = base64.b64decode(event["audio"])
                     conn.audio += chunk
                     buffered += chunk
@@ -197,6 +234,11 @@ class FakeTogether(LoopbackServer):
             await finals.get()
             await asyncio.sleep(self.stt_finalize_delay_s)
             text = self.transcripts.popleft() if self.transcripts else DEFAULT_TRANSCRIPT
+            if self.stt_error_next:
+                self.stt_error_next -= 1
+                error = error_body("fake server fault", "server_error", "server_error")
+                await ws.send_json({"type": "error", **error})
+                continue
             if self.stt_fail_next:
                 self.stt_fail_next -= 1
                 error = {"message": "fake transcription failure", "code": "stt_error"}
@@ -220,11 +262,21 @@ class FakeTogether(LoopbackServer):
     # Chat
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.chat_requests.append(body)
         self.chat_headers.append(dict(request.headers))
         if not self._authorized(request):
-            return web.json_response({"error": {"code": "invalid_api_key"}}, status=401)
+            return web.json_response(error_body("bad key", "invalid_api_key"), status=401)
+        if request.content_type != "application/json":
+            problem = f"Content-Type must be application/json, not {request.content_type}"
+            self.refusals.append(problem)
+            return web.json_response(error_body(problem), status=415)
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            body = None
+        self.chat_requests.append(body)
+        if problem := chat_request_error(body):
+            self.refusals.append(problem)
+            return web.json_response(error_body(problem), status=400)
         if self.chat_failures:
             status = self.chat_failures.popleft()
             error = {"message": f"fake failure {status}", "type": "server_error", "code": None}
@@ -237,18 +289,18 @@ class FakeTogether(LoopbackServer):
         words = text.split(" ") if text else []
         for index, word in enumerate(words):
             piece = word if index == 0 else " " + word
-            await self._sse(resp, {"content": piece}, None)
+            await self._sse(resp, {"role": "assistant", "content": piece}, None)
             await asyncio.sleep(self.llm_token_delay_s)
         if isinstance(reply, ToolReply):
             arguments = json.dumps(reply.arguments)
             half = len(arguments) // 2
             first = {"index": 0, "id": reply.call_id, "type": "function"}
             first["function"] = {"name": reply.name, "arguments": arguments[:half]}
-            await self._sse(resp, {"tool_calls": [first]}, None)
+            await self._sse(resp, {"role": "assistant", "tool_calls": [first]}, None)
             rest = {"index": 0, "function": {"arguments": arguments[half:]}}
-            await self._sse(resp, {"tool_calls": [rest]}, "tool_calls")
+            await self._sse(resp, {"role": "assistant", "tool_calls": [rest]}, "tool_calls")
         else:
-            await self._sse(resp, {}, "stop")
+            await self._sse(resp, {"role": "assistant"}, "stop")
         await resp.write(b"data: [DONE]\n\n")
         self.chat_finished_at.append(time.monotonic())
         await resp.write_eof()
@@ -259,6 +311,8 @@ class FakeTogether(LoopbackServer):
         chunk = {
             "id": "chatcmpl-fake",
             "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": "fake-model",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
         }
         await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
@@ -266,8 +320,8 @@ class FakeTogether(LoopbackServer):
     # TTS
 
     async def _tts_socket(self, request: web.Request) -> web.StreamResponse:
-        if not self._authorized(request):
-            return web.json_response({"error": {"code": "invalid_api_key"}}, status=401)
+        if refusal := self._handshake_refusal(request, TTS_QUERY):
+            return refusal
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
         conn = TtsConnection(dict(request.headers), dict(request.query), ws=ws)
@@ -279,26 +333,34 @@ class FakeTogether(LoopbackServer):
         wake = asyncio.Event()
         worker = asyncio.create_task(self._tts_speak(ws, queue, wake))
         try:
-            await ws.send_json({"type": "session.created", "session": {"voice": voice}})
+            session = {"id": "tts_session", "object": "realtime.tts.session", "voice": voice}
+            await ws.send_json({"type": "session.created", "session": session})
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
                     continue
                 event = json.loads(msg.data)
                 conn.events.append(event)
-                kind = event["type"]
-                if kind == "input_text_buffer.append":
+                kind = event.get("type") if isinstance(event, dict) else None
+                if problem := tts_event_error(event):
+                    self.refusals.append(problem)
+                    failed = {"type": "conversation.item.tts.failed", **error_body(problem)}
+                    await ws.send_json(failed)
+                elif kind == "input_text_buffer.append":
                     text += event["text"]
+                    received = {"type": "conversation.item.input_text.received"}
+                    await ws.send_json({**received, "text": event["text"]})
                 elif kind == "input_text_buffer.commit" and text:
-                    item = TtsItem(text, voice)
-                    self.tts_items.append(item)
-                    queue.append(item)
+                    for piece in self._tts_pieces(text):
+                        item = TtsItem(piece, voice)
+                        self.tts_items.append(item)
+                        queue.append(item)
                     text = ""
                     wake.set()
                 elif kind == "input_text_buffer.clear":
                     text = ""
                     queue.clear()
                 elif kind == "tts_session.updated":
-                    voice = event["session"]["voice"]
+                    voice = event["session"].get("voice", voice)
         finally:
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -306,6 +368,14 @@ class FakeTogether(LoopbackServer):
             conn.ws = None
             self.open_sockets -= 1
         return ws
+
+    def _tts_pieces(self, text: str) -> list[str]:
+        """The items one committed text becomes: itself, or two halves at a space."""
+        words = text.split(" ")
+        if not self.tts_split_items or len(words) < 2:
+            return [text]
+        half = len(words) // 2
+        return [" ".join(words[:half]), " ".join(words[half:])]
 
     async def _tts_speak(
         self, ws: web.WebSocketResponse, queue: deque[TtsItem], wake: asyncio.Event

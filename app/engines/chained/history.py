@@ -97,13 +97,15 @@ class Conversation:
                     {
                         "role": "assistant",
                         "content": message.content or None,
+                        # Together's OpenAPI (`ToolChoice`) requires `index` as well.
                         "tool_calls": [
                             {
+                                "index": index,
                                 "id": call.call_id,
                                 "type": "function",
                                 "function": {"name": call.name, "arguments": call.arguments},
                             }
-                            for call in calls
+                            for index, call in enumerate(calls)
                         ],
                     }
                 )

@@ -54,6 +54,9 @@ class ChatClient:
         self._headers = {
             "Authorization": f"Bearer {settings.together_api_key.get_secret_value()}",
             "Accept": "text/event-stream",
+            # Together's OpenAPI declares only JSON bodies; aiohttp would send bytes as
+            # application/octet-stream, which OpenAI-compatible servers refuse (415).
+            "Content-Type": "application/json",
         }
         self._max_retries = max_retries
         self._backoff_s = backoff_s

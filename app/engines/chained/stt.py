@@ -8,7 +8,8 @@ Protocol relied on (docs.together.ai/docs/inference/transcription/streaming and
 we commit (our local VAD decides the turn). The server sends `session.created` first.
 Client: `input_audio_buffer.append {audio: base64 PCM16 16 kHz}`, `input_audio_buffer.commit`.
 Server: `conversation.item.input_audio_transcription.delta {delta}` (each replaces the
-last), `.completed {transcript}`, `.failed {error: {message, code}}`.
+last), `.completed {transcript}`, `.failed {error: {message, code}}`, and `error`, which
+fails every turn still waiting at once and reopens the session (docs/together.md).
 
 Audio is appended continuously. Everything not yet transcribed is also kept here, bounded,
 so that if the socket drops the new session is sent it again: the caller's words are
@@ -30,7 +31,7 @@ from app.audio.g711 import ulaw_decode
 from app.audio.resample import StreamResampler
 from app.config import Settings
 from app.engines.chained.errors import ProviderError
-from app.engines.chained.socket import Event, ProviderSocket, ws_base
+from app.engines.chained.socket import Event, ProviderSocket, SessionFailed, ws_base
 
 log = structlog.get_logger(__name__)
 
@@ -74,7 +75,7 @@ class TogetherSTT:
         }
         self._socket = ProviderSocket(
             "stt",
-            lambda: url,
+            url,
             headers,
             self._on_event,
             on_open=self._replay,
@@ -181,8 +182,23 @@ class TogetherSTT:
                         ProviderError(code, str(error.get("message", "")), retryable=True)
                     )
         elif kind == "error":
-            error = event.get("error") or {}
-            log.warning("stt_error", code=error.get("code"), error=error.get("message"))
+            self._on_error(event)
+
+    def _on_error(self, event: Event) -> None:
+        """The session failed: every turn waiting on it fails now (the caller hears the
+        apology at once, not after the finalize timeout), and a fresh session is opened."""
+        error = event.get("error")
+        if not isinstance(error, dict):
+            error = {"message": str(error)}
+        code = str(error.get("code") or "stt_error")
+        log.warning("stt_error", code=code, error=error.get("message"), turns=len(self._pending))
+        failure = ProviderError(code, str(error.get("message", "")), retryable=True)
+        while self._pending:
+            entry = self._pending.popleft()
+            if not entry.result.done():
+                entry.result.set_exception(failure)
+        self._partial = ""
+        raise SessionFailed(code)
 
     def _expire(self, entry: _Commit) -> None:
         """No transcript in time: use what was heard so far, or fail the turn."""

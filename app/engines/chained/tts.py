@@ -10,8 +10,11 @@ finishes), `tts_session.updated {session: {voice}}` (voice change). Server:
 `conversation.item.audio_output.done {item_id}`, `conversation.item.tts.failed {error}`.
 Audio is PCM16 mono 24 kHz, sometimes led by a WAV header.
 
-Each sentence is appended and committed as soon as it is complete, and is expected to
-come back as one item (one `done`); the sentences of a reply are pipelined on one socket.
+Each sentence is appended and committed as soon as it is complete; the sentences of a reply
+are pipelined on one socket. Together may cut one committed text into several items
+(it processes buffered text when it judges it complete, or past `max_partial_length`), so
+items are tracked by `item_id`, and a reply ends once every item seen is done and no
+further one starts within `tail_s` (docs/together.md).
 Audio is resampled 24 -> 8 kHz with one stateful resampler per reply (no clicks at chunk
 joins), then mu-law encoded.
 """
@@ -22,7 +25,7 @@ import asyncio
 import base64
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
@@ -57,6 +60,42 @@ class _Sentence:
     session: int | None = None  # the session that took it, if any
 
 
+@dataclass(slots=True)
+class _Progress:
+    """A reply's sentences and its TTS items, tracked by `item_id`.
+
+    One committed sentence may come back as several items, so a count of `done` events
+    says nothing of how much was spoken: a reply waits until every item it saw is done.
+    Which sentence an item voices is estimated in order (one item per sentence, the
+    surplus of a split given to the last), as only the total matters for truncation.
+    """
+
+    committed: list[_Sentence] = field(default_factory=list)
+    started: set[str] = field(default_factory=set)
+    done: set[str] = field(default_factory=set)
+    text_ended: bool = False
+
+    def finish(self, item_id: str) -> None:
+        self.started.add(item_id)
+        self.done.add(item_id)
+
+    def waiting_on_tts(self) -> bool:
+        """Audio is owed: an item under way, or a sentence that no item has voiced."""
+        return bool(self.started - self.done) or len(self.done) < len(self.committed)
+
+    def spoken(self) -> int:
+        """Sentences taken as spoken in full."""
+        return min(len(self.done), len(self.committed))
+
+    def sentence(self) -> int:
+        """The sentence the audio now arriving belongs to."""
+        return max(0, min(len(self.done), len(self.committed) - 1))
+
+    def outstanding(self) -> int:
+        """Items still owed when the reply stops early."""
+        return max(len(self.committed) - len(self.done), len(self.started - self.done))
+
+
 class _Reconnected:
     """Marker: the socket was reopened while a reply was being spoken."""
 
@@ -79,16 +118,18 @@ class TogetherTTS:
         connect_timeout_s: float = 5.0,
         stall_timeout_s: float = 10.0,
         drain_timeout_s: float = 1.0,
+        tail_s: float = 0.3,
         on_fatal: Callable[[ProviderError], None] | None = None,
     ) -> None:
         if settings.together_api_key is None:
             raise ProviderError("no_api_key", "TOGETHER_API_KEY is not set")
-        self._base = f"{ws_base(settings.together_base_url)}/audio/speech/websocket"
-        self._model = settings.tts_model
+        query = urlencode({"model": settings.tts_model, "voice": voice})
+        url = f"{ws_base(settings.together_base_url)}/audio/speech/websocket?{query}"
         self.voice = voice
+        self._session_voice = voice  # the voice a new session starts with (from the URL)
         self._socket = ProviderSocket(
             "tts",
-            self._url,
+            url,
             {"Authorization": f"Bearer {settings.together_api_key.get_secret_value()}"},
             self._on_event,
             on_open=self._on_open,
@@ -97,6 +138,7 @@ class TogetherTTS:
         )
         self._stall_timeout_s = stall_timeout_s
         self._drain_timeout_s = drain_timeout_s
+        self._tail_s = tail_s
         self._queue: asyncio.Queue[_Item] | None = None
         self._session = 0  # counts the sessions opened, to know which one took a sentence
         # Items of a cancelled reply still being spoken: their audio must not leak into
@@ -114,49 +156,31 @@ class TogetherTTS:
     async def set_voice(self, voice: str) -> None:
         """Speak with `voice` from the next sentence on (and after any reconnect)."""
         self.voice = voice
-        await self._socket.send({"type": "tts_session.updated", "session": {"voice": voice}})
+        await self._socket.send(_voice_event(voice))
 
     async def synthesize(self, sentences: AsyncIterator[str]) -> AsyncGenerator[SpeechChunk, None]:
         """Speak each sentence as it arrives; stop early by closing the iterator."""
         await self._settle()
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._queue = queue
-        committed: list[_Sentence] = []
-        done = 0
-        finished_sending = False
+        progress = _Progress()
         failed = False
         pcm = _PcmTo8k()
         feeder = asyncio.create_task(_feed(sentences, queue))
         try:
-            while not finished_sending or done < len(committed):
-                waiting_on_tts = done < len(committed)
+            while (timeout := self._wait_s(progress)) != 0.0:
                 try:
-                    item = await asyncio.wait_for(
-                        queue.get(), self._stall_timeout_s if waiting_on_tts else None
-                    )
+                    item = await asyncio.wait_for(queue.get(), timeout)
                 except TimeoutError:
-                    raise ProviderError("tts_stalled", "no audio in time", retryable=True) from None
-                if isinstance(item, str):
-                    committed.append(_Sentence(item))
-                    await self._send(committed[-1:])
-                elif isinstance(item, _NoMoreText):
-                    finished_sending = True
-                elif isinstance(item, _Reconnected):
-                    # The new session has none of our text: resend what is not spoken
-                    # yet (a sentence cut off by the drop is spoken again, whole).
-                    await self._send([s for s in committed[done:] if s.session != self._session])
-                elif isinstance(item, BaseException):
-                    raise item
-                elif item.get("type") == "conversation.item.audio_output.delta":
-                    if chunk := pcm.convert(base64.b64decode(item.get("delta", ""))):
-                        yield SpeechChunk(done, *chunk)
-                elif item.get("type") == "conversation.item.audio_output.done":
-                    done += 1
-                    pcm.end_item()
-                else:
-                    raise _failure(item)
-            if chunk := pcm.flush():
-                yield SpeechChunk(max(done - 1, 0), *chunk)
+                    if progress.waiting_on_tts():
+                        raise ProviderError(
+                            "tts_stalled", "no audio in time", retryable=True
+                        ) from None
+                    break  # no further item started: the reply is all spoken
+                if chunk := await self._take(item, progress, pcm):
+                    yield chunk
+            if tail := pcm.flush():
+                yield SpeechChunk(progress.sentence(), *tail)
         except Exception:
             failed = True
             raise
@@ -165,14 +189,46 @@ class TogetherTTS:
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feeder
-            if done < len(committed):
-                await self._abandon(len(committed) - done, failed)
+            if outstanding := progress.outstanding():
+                await self._abandon(outstanding, failed)
+
+    def _wait_s(self, progress: _Progress) -> float | None:
+        """How long to wait for the next event: 0 when the reply is over."""
+        if progress.waiting_on_tts():
+            return self._stall_timeout_s
+        if not progress.text_ended:
+            return None  # the chat model is still writing
+        # All the items seen are done, but the last text may yet come back as one more
+        # item: wait a moment for it to start.
+        return self._tail_s if progress.committed else 0.0
+
+    async def _take(self, item: _Item, progress: _Progress, pcm: _PcmTo8k) -> SpeechChunk | None:
+        """Apply one queued item to the reply; audio comes back as a chunk."""
+        if isinstance(item, str):
+            progress.committed.append(_Sentence(item))
+            await self._send(progress.committed[-1:])
+        elif isinstance(item, _NoMoreText):
+            progress.text_ended = True
+        elif isinstance(item, _Reconnected):
+            # The new session has none of our text: resend what is not spoken yet (a
+            # sentence cut off by the drop is spoken again, whole).
+            unspoken = progress.committed[progress.spoken() :]
+            await self._send([s for s in unspoken if s.session != self._session])
+        elif isinstance(item, BaseException):
+            raise item
+        elif item.get("type") == "conversation.item.audio_output.delta":
+            progress.started.add(str(item.get("item_id")))
+            if chunk := pcm.convert(base64.b64decode(item.get("delta", ""))):
+                return SpeechChunk(progress.sentence(), *chunk)
+        elif item.get("type") == "conversation.item.audio_output.done":
+            progress.finish(str(item.get("item_id")))
+            pcm.end_item()
+        else:
+            raise _failure(item)
+        return None
 
     async def close(self) -> None:
         await self._socket.close()
-
-    def _url(self) -> str:
-        return f"{self._base}?{urlencode({'model': self._model, 'voice': self.voice})}"
 
     async def _send(self, sentences: list[_Sentence]) -> None:
         """Append and commit each sentence, noting the session that took it; one that
@@ -217,6 +273,8 @@ class TogetherTTS:
         await self._socket.recycle()
 
     async def _on_open(self) -> None:
+        if self.voice != self._session_voice:  # a reopened session starts on the URL's voice
+            await self._socket.send(_voice_event(self.voice))
         self._session += 1
         self._discard = False
         self._mark_drained()  # a new session owes us nothing
@@ -254,6 +312,10 @@ async def _feed(sentences: AsyncIterator[str], queue: asyncio.Queue[_Item]) -> N
         queue.put_nowait(_NoMoreText())
     except Exception as exc:  # the reply's source failed (e.g. the chat model)
         queue.put_nowait(exc)
+
+
+def _voice_event(voice: str) -> Event:
+    return {"type": "tts_session.updated", "session": {"voice": voice}}
 
 
 def _failure(event: Event) -> ProviderError:

@@ -13,6 +13,9 @@ same handoff renews a realtime session before the provider's maximum duration.
 A voice's name says which engine it is for: OpenAI's voices (`marin`, `cedar`, ...) are
 realtime voices, anything else is a TTS voice id (`af_heart`). A voice for the mode the
 call is not on is kept for when the call moves there.
+
+Steering depends on `SteeredCall`, the few things it needs of its call, not on the
+session. Each steer is pending until it settles, once, as applied or failed.
 """
 
 from __future__ import annotations
@@ -22,16 +25,34 @@ import contextlib
 import secrets
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from enum import StrEnum
+from typing import Any, Protocol
 
+import structlog
+
+from app.call.info import CallInfo
 from app.call.observer import CallObserver
+from app.config import Settings
 from app.engines.base import AgentSetup, Engine, EngineUnavailable
+from app.engines.modes import Mode, parse_mode
 from app.engines.realtime import RealtimeEngine
+from app.states import checked
 
-if TYPE_CHECKING:
-    from app.call.session import CallSession
+__all__ = [
+    "BOUNDARY_WAIT_S",
+    "REALTIME_VOICES",
+    "STEERS_IN_FLIGHT",
+    "STEERS_KEPT",
+    "Steer",
+    "SteerState",
+    "SteeredCall",
+    "Steering",
+    "voice_mode",
+]
+
+log = structlog.get_logger(__name__)
 
 REALTIME_VOICES = frozenset(
     {"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"}
@@ -39,18 +60,71 @@ REALTIME_VOICES = frozenset(
 BOUNDARY_WAIT_S = 120.0  # a voice steer fails if the call finds no turn boundary this long
 RENEW_RETRY_S = 30.0  # after a failed renewal; the old session serves meanwhile
 BETA_MAX_MINUTES = 28.0  # the beta dialect's sessions last 30 minutes whatever we set
-STEERS_KEPT = 50
+STEERS_KEPT = 50  # the log an operator sees; older steers are forgotten
+STEERS_IN_FLIGHT = 8  # steers being applied at once; more fail at once (a runaway client)
 
-SteerState = Literal["pending", "applied", "failed"]
+
+class SteerState(StrEnum):
+    PENDING = "pending"
+    APPLIED = "applied"
+    FAILED = "failed"
 
 
-def voice_mode(voice: str) -> Literal["realtime", "chained"]:
+_MOVES: dict[SteerState, frozenset[SteerState]] = {
+    SteerState.PENDING: frozenset({SteerState.APPLIED, SteerState.FAILED}),
+    SteerState.APPLIED: frozenset(),
+    SteerState.FAILED: frozenset(),
+}
+
+
+def voice_mode(voice: str) -> Mode:
     """The engine a voice name belongs to."""
-    return "realtime" if voice in REALTIME_VOICES else "chained"
+    return Mode.REALTIME if voice in REALTIME_VOICES else Mode.CHAINED
 
 
-def steer_id() -> str:
+def _steer_id() -> str:
     return "st_" + secrets.token_hex(6)
+
+
+class _Turns(Protocol):
+    @property
+    def at_boundary(self) -> bool: ...
+
+    async def wait_for(self, condition: Callable[[], bool], timeout_s: float) -> bool: ...
+
+
+class SteeredCall(Protocol):
+    """What steering needs of its call."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def info(self) -> CallInfo: ...
+
+    @property
+    def observers(self) -> CallObserver: ...
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine serving the call now."""
+        ...
+
+    @property
+    def turn(self) -> _Turns: ...
+
+    @property
+    def switching(self) -> bool:
+        """A new engine is being brought in."""
+        ...
+
+    def setup_for(self, mode: str) -> AgentSetup: ...
+
+    def new_engine(self, mode: str) -> Engine: ...
+
+    async def switch_engine(self, mode: str, reason: str, engine: Engine | None = None) -> bool:
+        """Move the call to a new engine of `mode` (`engine`, if one was opened ahead)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -61,7 +135,7 @@ class Steer:
     instructions: str | None
     voice: str | None
     created_at: float = field(default_factory=time.time)
-    state: SteerState = "pending"
+    state: SteerState = SteerState.PENDING
     error: str | None = None
     note: str | None = None
     settled_at: float | None = None
@@ -83,15 +157,16 @@ class Steering(CallObserver):
     lock, so a steer arriving during a swap reaches the engine that comes out of it.
     """
 
-    def __init__(self, session: CallSession) -> None:
-        self._session = session
+    def __init__(self, call: SteeredCall) -> None:
+        self._session = call
+        self._log = log.bind(call_sid=call.info.call_sid)
         self.instructions: str | None = None
-        self.voices: dict[str, str] = {}  # mode -> voice
+        self.voices: dict[str, str] = {}  # Mode -> voice
         self.log: deque[Steer] = deque(maxlen=STEERS_KEPT)
         self._lock = asyncio.Lock()
         self._pending_voice: Steer | None = None
         self._wake = asyncio.Event()
-        settings = session.settings
+        settings = call.settings
         minutes = settings.realtime_max_session_minutes
         if settings.realtime_dialect == "beta":
             minutes = min(minutes, BETA_MAX_MINUTES)
@@ -115,32 +190,39 @@ class Steering(CallObserver):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._pending_voice is not None:
-            self._settle(self._pending_voice, "failed", error="the call ended first")
-            self._pending_voice = None
+        self._pending_voice = None
+        for steer in self.log:
+            if steer.state is SteerState.PENDING:
+                self._settle(steer, SteerState.FAILED, error="the call ended first")
         await self._drop_warm()
 
     # -- steers -------------------------------------------------------------------------
 
     def submit(self, instructions: str | None, voice: str | None) -> Steer:
         """Record a steer and start applying it; it settles in the background."""
-        steer = Steer(steer_id(), instructions, voice)
+        steer = Steer(_steer_id(), instructions, voice)
         self.log.append(steer)
+        if len(self._tasks) >= STEERS_IN_FLIGHT:
+            error = f"{STEERS_IN_FLIGHT} steers are still being applied; send it again later"
+            self._settle(steer, SteerState.FAILED, error=error)
+            return steer
         observers = self._session.observers
         if instructions is not None:
             self.instructions = instructions  # engines started from now on get them
-            observers.steered("instructions", instructions[:500], "pending")
+            observers.steered("instructions", instructions[:500], SteerState.PENDING)
         if voice is not None:
-            observers.steered("voice", voice, "pending")
+            observers.steered("voice", voice, SteerState.PENDING)
         self._spawn(self._apply(steer))
         return steer
 
     async def switch_mode(self, mode: str) -> bool:
         """The operator's live toggle; True when the call is on `mode` afterwards."""
+        target = parse_mode(mode)
         session = self._session
         async with self._lock:
-            ok = session.info.mode == mode or await session.switch_engine(mode, "operator")
-        session.observers.steered("mode", mode, "applied" if ok else "failed")
+            ok = session.info.mode == target or await session.switch_engine(target, "operator")
+        state = SteerState.APPLIED if ok else SteerState.FAILED
+        session.observers.steered("mode", target, state)
         return ok
 
     async def _apply(self, steer: Steer) -> None:
@@ -148,17 +230,19 @@ class Steering(CallObserver):
             async with self._lock:
                 if (engine := self._session.engine) is not None:
                     await engine.update(instructions=steer.instructions)
-            self._session.observers.steered("instructions", steer.instructions[:500], "applied")
+            observers = self._session.observers
+            observers.steered("instructions", steer.instructions[:500], SteerState.APPLIED)
         if steer.voice is None:
-            self._settle(steer, "applied")
+            self._settle(steer, SteerState.APPLIED)
             return
         if not self._keep_for_other_mode(steer):
             engine = self._session.engine
             in_place = isinstance(engine, RealtimeEngine) and not engine.voice_locked
-            if voice_mode(steer.voice) == "realtime" and not in_place:
+            if voice_mode(steer.voice) is Mode.REALTIME and not in_place:
                 await self._warm_up(steer.voice)  # a new session will be needed
-            if self._pending_voice is not None:
-                self._settle(self._pending_voice, "failed", error=f"superseded by {steer.id}")
+            if (superseded := self._pending_voice) is not None:
+                error = f"superseded by {steer.id}"
+                self._settle(superseded, SteerState.FAILED, error=error)
             self._pending_voice = steer
             self._wake.set()
 
@@ -170,7 +254,7 @@ class Steering(CallObserver):
             return False
         self.voices[mode] = steer.voice
         note = f"kept for {mode} mode (the call is on {current}): used when it moves there"
-        self._settle(steer, "applied", note=note)
+        self._settle(steer, SteerState.APPLIED, note=note)
         return True
 
     async def _change_voice(self, steer: Steer) -> None:
@@ -194,18 +278,19 @@ class Steering(CallObserver):
                 else:
                     self.voices[mode] = previous
                 error = "a new realtime session could not be opened; the voice is unchanged"
-                self._settle(steer, "failed", error=error)
+                self._settle(steer, SteerState.FAILED, error=error)
                 return
-        self._settle(steer, "applied")
+        self._settle(steer, SteerState.APPLIED)
 
     def _settle(
         self, steer: Steer, state: SteerState, *, error: str | None = None, note: str | None = None
     ) -> None:
-        steer.state, steer.error, steer.note = state, error, note
+        steer.state = checked("steer", steer.state, state, _MOVES)
+        steer.error, steer.note = error, note
         steer.settled_at = time.time()
         if steer.voice is not None:
             self._session.observers.steered("voice", steer.voice, state)
-        self._session.log.info(
+        self._log.info(
             "steer.settled", steer_id=steer.id, state=state, error=error, voice=steer.voice
         )
 
@@ -216,10 +301,10 @@ class Steering(CallObserver):
         if self._warm is not None and self._warm.voice == voice:
             return
         await self._drop_warm()
-        engine = self._session.new_engine("realtime")
+        engine = self._session.new_engine(Mode.REALTIME)
         if not isinstance(engine, RealtimeEngine):
             return
-        setup = replace(self._session.setup_for("realtime"), voice=voice)
+        setup = replace(self._session.setup_for(Mode.REALTIME), voice=voice)
         connecting = asyncio.create_task(self._connect(engine, setup))
         self._warm = _Warm(voice, engine, connecting)
 
@@ -227,7 +312,7 @@ class Steering(CallObserver):
         try:
             await engine.connect(setup)
         except EngineUnavailable as exc:
-            self._session.log.warning("steering.warm_up_failed", error=str(exc))
+            self._log.warning("steering.warm_up_failed", error=str(exc))
             await engine.close()
             return False
         return True
@@ -270,7 +355,7 @@ class Steering(CallObserver):
 
     def _renewal_in(self) -> float | None:
         """Seconds until the realtime session is due for renewal; None on chained."""
-        if self._session.info.mode != "realtime":
+        if self._session.info.mode != Mode.REALTIME:
             return None
         return self._renew_at - time.monotonic()
 
@@ -288,13 +373,13 @@ class Steering(CallObserver):
                     await asyncio.wait_for(self._wake.wait(), due_in)
                 continue
             if self._pending_voice is None:  # a renewal: same voice, new session
-                await self._warm_up(self._session.setup_for("realtime").voice)
+                await self._warm_up(self._session.setup_for(Mode.REALTIME).voice)
             await self._warm_ready()  # so that the boundary, once found, is not missed
             if not await self._session.turn.wait_for(self._at_boundary, BOUNDARY_WAIT_S):
                 if (steer := self._pending_voice) is not None:
                     self._pending_voice = None
                     error = f"no turn boundary within {BOUNDARY_WAIT_S:.0f} s"
-                    self._settle(steer, "failed", error=error)
+                    self._settle(steer, SteerState.FAILED, error=error)
                     await self._drop_warm()
                 continue
             async with self._lock:
@@ -306,7 +391,7 @@ class Steering(CallObserver):
 
     async def _renew(self) -> None:
         session = self._session
-        session.log.info("realtime.renewing", max_minutes=self._max_age_s / 60.0)
-        warm = await self._take_warm(session.setup_for("realtime").voice)
-        if not await session.switch_engine("realtime", reason="renewal", engine=warm):
+        self._log.info("realtime.renewing", max_minutes=self._max_age_s / 60.0)
+        warm = await self._take_warm(session.setup_for(Mode.REALTIME).voice)
+        if not await session.switch_engine(Mode.REALTIME, reason="renewal", engine=warm):
             self._renew_at = time.monotonic() + RENEW_RETRY_S

@@ -274,7 +274,7 @@ async def test_openapi_document_describes_every_route(rig: RigFactory) -> None:
 
 async def test_list_detail_and_transcript_of_a_live_call(rig: RigFactory) -> None:
     r = await rig()
-    live = await r.service.call(speech_after(1500), tail_s=2.0, admin_token=ADMIN)
+    live = await r.service.call(speech_after(1500), tail_s=0.5, admin_token=ADMIN)
     await wait_until(lambda: len(live.session.transcript) >= 3, what="three turns")
     status, listed = await r.service.api("GET", "/admin/calls")
     assert status == 200

@@ -10,13 +10,16 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from app.config import Settings
+from app.engines.base import INAUDIBLE
 from app.engines.breaker import Breaker
 from app.server import CALLS
-from app.simulator import Clip, simulate_call
+from app.simulator import CallResult, Clip, simulate_call
 from tests.conftest import FIXTURES
-from tests.fakes.realtime import FakeRealtime
+from tests.fakes.realtime import NO_QUOTA, RATE_LIMITED, FakeFailure, FakeRealtime
 from tests.fakes.together import FakeTogether
 
 GREETING = (FIXTURES / "yes.ulaw").read_bytes()  # 2.5 s of real speech
@@ -244,3 +247,138 @@ def test_breaker_opens_then_probes_once_then_closes() -> None:
     assert breaker.allow()
     breaker.success()
     assert breaker.state == "closed" and breaker.allow() and breaker.allow()
+
+
+# --- a realtime provider that fails without hanging up (issue 9) -----------------------
+# Each case ends with the caller hearing an answer, from realtime or from the chained
+# engine, within a stated time from the start of the stream. Deadlines are shortened.
+
+FAST = {"realtime_session_timeout": 0.3, "realtime_response_timeout": 0.3}
+
+
+async def provider_errors(r: Rig) -> dict[str, float]:
+    """phone_agent_provider_errors_total by (engine/code), from GET /metrics."""
+    async with aiohttp.ClientSession() as http, http.get(f"{r.url}/metrics") as resp:
+        text = await resp.text()
+    return {
+        f"{s.labels['engine']}/{s.labels['code']}": s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "phone_agent_provider_errors_total"
+    }
+
+
+def quiet(ms: int) -> Clip:
+    """A caller who says nothing for `ms` (and so never talks over the agent)."""
+    return Clip(b"\xff" * 8 * ms, (), "quiet")
+
+
+def first_heard_ms(result: CallResult) -> float:
+    assert result.received_at_ms, "the caller heard nothing"
+    return result.received_at_ms[0]
+
+
+@pytest.mark.parametrize("failure", [FakeFailure(), RATE_LIMITED], ids=["server", "rate"])
+async def test_failed_response_is_retried_once(
+    rig: Callable[..., Awaitable[Rig]], failure: FakeFailure
+) -> None:
+    r = await rig(response_failures=[failure])
+    result = await simulate_call(quiet(1500), url=r.url, tail_s=0.5)
+    await r.settled()
+    assert first_heard_ms(result) < 1000  # the realtime greeting, on the second try
+    assert r.together.tts_items == [] and len(r.realtime.connections) == 1
+    conn = r.realtime.connections[0]
+    assert conn.event_types().count("response.create") == 2
+    assert conn.responses[0]["status"] == "failed"
+    assert GREETING.startswith(result.received_bytes)
+    assert (await provider_errors(r)) == {f"realtime/{failure.code}": 1.0}
+
+
+@pytest.mark.parametrize(
+    "failures", [[NO_QUOTA], [FakeFailure(), FakeFailure()]], ids=["quota", "twice"]
+)
+async def test_failed_response_that_will_not_pass_fails_over(
+    rig: Callable[..., Awaitable[Rig]], failures: list[FakeFailure]
+) -> None:
+    r = await rig(response_failures=failures)
+    r.together.replies.append("Hello, thanks for calling.")
+    result = await simulate_call(quiet(1500), url=r.url, tail_s=0.5)
+    await r.settled()
+    assert first_heard_ms(result) < 1500  # the chained engine's answer
+    assert spoken(r.together) == ["Hello, thanks for calling."]
+    assert r.realtime.connections[0].closed and result.ended_by == "caller"
+    code = failures[0].code
+    assert (await provider_errors(r)) == {f"realtime/{code}": float(len(failures))}
+
+
+@pytest.mark.parametrize(
+    ("code", "counted"),
+    [(None, "server_error"), ("response_cancel_not_active", None)],
+    ids=["null-code", "race"],
+)
+async def test_recoverable_error_keeps_the_realtime_session(
+    rig: Callable[..., Awaitable[Rig]], code: str | None, counted: str | None
+) -> None:
+    r = await rig(error_after_events=6, error_code=code)
+    result = await simulate_call(quiet(2500), url=r.url, tail_s=0.5)
+    await r.settled()
+    assert first_heard_ms(result) < 1000
+    assert r.realtime.connections[0].sent_types().count("error") == 1
+    assert r.together.tts_items == [] and len(r.realtime.connections) == 1
+    assert result.received_bytes == GREETING  # the whole greeting, from realtime
+    assert (await provider_errors(r)) == ({f"realtime/{counted}": 1.0} if counted else {})
+
+
+async def test_retired_beta_dialect_is_named_and_the_call_starts_chained(
+    rig: Callable[..., Awaitable[Rig]],
+) -> None:
+    r = await rig(settings={"realtime_dialect": "beta"}, dialect="beta", beta_retired=True)
+    with capture_logs() as logs:
+        result = await simulate_call(quiet(1500), url=r.url, tail_s=0.5)
+    await r.settled()
+    assert first_heard_ms(result) < 1000  # the chained greeting
+    assert spoken(r.together)[0].startswith("Hi, this is Kira")
+    retired = [e for e in logs if e["event"] == "realtime.beta_dialect_retired"]
+    assert len(retired) == 1 and "REALTIME_DIALECT=ga" in retired[0]["error"]
+    assert r.realtime.connections[0].sent_types() == ["error"]
+
+
+@pytest.mark.parametrize(
+    "silence", [{"silent": True}, {"mute_responses": True}], ids=["no-session", "no-response"]
+)
+async def test_silent_provider_is_failed_over_at_its_deadline(
+    rig: Callable[..., Awaitable[Rig]], silence: dict[str, bool]
+) -> None:
+    r = await rig(settings=FAST, **silence)
+    r.together.replies.append("Hello, thanks for calling.")
+    result = await simulate_call(quiet(1500), url=r.url, tail_s=0.5)
+    await r.settled()
+    # the 0.3 s deadline, then the chained engine's first audio
+    assert first_heard_ms(result) < 1000
+    assert spoken(r.together)
+    assert r.realtime.connections[0].closed and result.ended_by == "caller"
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["late", "failed"])
+async def test_caller_turn_stays_before_the_reply_it_caused(
+    rig: Callable[..., Awaitable[Rig]], fails: bool
+) -> None:
+    r = await rig(
+        settings={"admin_token": "admin-secret"},
+        reply_audio=GREETING[:8000],  # a 1 s greeting, done before the caller speaks
+        pace=0,
+        transcript_delay_s=0.4,  # the caller's transcript comes after the reply's
+        transcription_fails=fails,
+    )
+    result = await simulate_call(
+        clip_after(1500, "yes"), url=r.url, tail_s=1.5, admin_token="admin-secret"
+    )
+    await r.settled()
+    caller = INAUDIBLE if fails else CALLER_TEXT
+    assert [(t["role"], t["text"]) for t in result.transcript] == [
+        ("agent", REPLY_TEXT),
+        ("caller", caller),
+        ("agent", REPLY_TEXT),
+    ]
+    # the caller heard the reply within a second of the end of their speech
+    assert result.latencies_ms[-1] is not None and result.latencies_ms[-1] < 1000

@@ -21,7 +21,7 @@ from pydantic import Field, TypeAdapter
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.fakes.realtime import Dialect, FakeRealtime, validate_client_event
+from tests.fakes.realtime import NO_QUOTA, Dialect, FakeRealtime, validate_client_event
 
 FIXTURES = Path("/work/shared/fixtures/audio")
 LABELS = json.loads((FIXTURES / "labels.json").read_text())
@@ -533,3 +533,107 @@ async def test_slow_connect_trips_client_timeout() -> None:
         await asyncio.sleep(1.0)  # the fake finishes its delay and finds the client gone
         assert fake.attempts == 1
         assert fake.connections == []
+
+
+# --- the failures OpenAI really produces (see README "How it works") -------------------
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+async def test_failed_response_carries_its_error(dialect: Dialect) -> None:
+    async with FakeRealtime(dialect, bytes(800), pace=0, response_failures=[NO_QUOTA]) as fake:
+        ws, client = await open_client(fake)
+        async with ws:
+            await client.recv()
+            await client.send(session_update(dialect))
+            await client.send({"type": "response.create"})
+            failed = await client.until("response.done")
+            await client.send({"type": "response.create"})  # the script is spent
+            done = await client.until("response.done")
+        assert failed["response"]["status"] == "failed"
+        assert failed["response"]["status_details"] == {
+            "type": "failed",
+            "error": {
+                "type": "insufficient_quota",
+                "code": "insufficient_quota",
+                "message": NO_QUOTA.message,
+            },
+        }
+        assert failed["response"]["output"] == []
+        before = client.received[: client.received.index(failed)]
+        assert audio_delta(dialect) not in [e["type"] for e in before]
+        assert done["response"]["status"] == "completed"
+        assert fake.invalid_events == []
+
+
+async def test_error_with_a_null_code_leaves_the_session_open() -> None:
+    async with FakeRealtime("ga", bytes(800), pace=0, error_after_events=2) as fake:
+        ws, client = await open_client(fake)
+        async with ws:
+            await client.recv()
+            await client.send(session_update("ga"))
+            await client.until("session.updated")
+            error = await client.recv()
+            await client.send({"type": "response.create"})
+            done = await client.until("response.done")
+        assert error["type"] == "error"
+        assert error["error"]["type"] == "server_error"
+        assert error["error"]["code"] is None
+        assert done["response"]["status"] == "completed"
+
+
+async def test_beta_shape_is_refused_with_close_4000() -> None:
+    async with FakeRealtime("beta", beta_retired=True) as fake:
+        ws, client = await open_client(fake)  # with OpenAI-Beta: realtime=v1
+        error = await client.recv()
+        with pytest.raises(ConnectionClosed):
+            await client.recv()
+        assert error["error"]["code"] == "beta_api_shape_disabled"
+        assert error["error"]["type"] == "invalid_request_error"
+        assert ws.close_code == 4000
+        assert ws.close_reason == "invalid_request_error.beta_api_shape_disabled"
+
+
+async def test_silent_socket_answers_pings_and_nothing_else() -> None:
+    async with FakeRealtime("ga", silent=True, faulty_connections=1) as fake:
+        ws, client = await open_client(fake)
+        async with ws:
+            await client.send(session_update("ga"))
+            await asyncio.wait_for(await ws.ping(), 1.0)  # the socket is alive
+            with pytest.raises(TimeoutError):
+                await client.recv(within_s=0.3)
+        assert fake.last_connection.event_types() == ["session.update"]
+        ws, client = await open_client(fake)  # the next connection is served
+        async with ws:
+            assert (await client.recv())["type"] == "session.created"
+
+
+async def test_muted_responses_never_start() -> None:
+    async with FakeRealtime("ga", pace=0, mute_responses=True) as fake:
+        ws, client = await open_client(fake)
+        async with ws:
+            await client.recv()
+            await client.send(session_update("ga"))
+            await client.until("session.updated")
+            await client.send({"type": "response.create"})
+            with pytest.raises(TimeoutError):
+                await client.until("response.created", within_s=0.3)
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["late", "failed"])
+async def test_caller_transcript_may_come_after_the_reply(fails: bool) -> None:
+    clip = (FIXTURES / "yes.ulaw").read_bytes() + b"\xff" * 8000
+    async with FakeRealtime(
+        "ga", bytes(800), pace=0, transcript_delay_s=0.2, transcription_fails=fails
+    ) as fake:
+        ws, client = await open_client(fake)
+        async with ws:
+            await client.recv()
+            await client.send(session_update("ga", **turn_detection("ga")))
+            await append_audio(client, clip)
+            added = await client.until("conversation.item.added")
+            kind = "failed" if fails else "completed"
+            transcript = await client.until(f"conversation.item.input_audio_transcription.{kind}")
+        types = [e["type"] for e in client.received]
+        assert types.index("response.done") < types.index(transcript["type"])
+        assert transcript["item_id"] == added["item"]["id"]
+        assert added["item"]["content"][0]["type"] == "input_audio"

@@ -11,12 +11,37 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+__all__ = [
+    "INAUDIBLE",
+    "AgentSetup",
+    "AudioOut",
+    "Engine",
+    "EngineError",
+    "EngineEvent",
+    "EngineUnavailable",
+    "ResponseDone",
+    "ResponseStarted",
+    "Role",
+    "SpeechStarted",
+    "SpeechStopped",
+    "ToolCall",
+    "ToolSpec",
+    "Transcript",
+    "Turn",
+]
+
 Role = Literal["caller", "agent"]
+
+# The text of a caller turn whose words the provider could not transcribe: the turn is
+# kept (the caller did speak, and the reply followed it), marked so that a model seeded
+# with it reads it as unclear speech.
+INAUDIBLE = "[inaudible]"
 
 
 @dataclass(slots=True)
 class Turn:
-    """One utterance of the conversation, as the caller heard it."""
+    """One utterance of the conversation, as the caller heard it (`INAUDIBLE` when the
+    caller's words could not be transcribed)."""
 
     role: Role
     text: str
@@ -99,7 +124,8 @@ class ToolCall:
 
 @dataclass(frozen=True, slots=True)
 class EngineError:
-    """A provider error. `fatal` means the engine cannot go on and must be replaced."""
+    """A provider error, counted per `code` in the call's metrics. `fatal` means the
+    engine cannot go on: its event stream ends after it and the call fails over."""
 
     code: str
     message: str

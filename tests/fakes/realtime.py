@@ -4,8 +4,10 @@ Our realtime engine is tested against this instead of OpenAI: it validates every
 event with the `openai` package's own types (so a malformed or wrong-dialect event fails
 the test that sent it), enforces the server rules that bit peers (truncation past the
 audio produced, voice change after audio, one response at a time), emulates server VAD on
-the caller's mu-law audio, and can fail on purpose (refused upgrade, abrupt drop, fatal
-error, slow connect) to drive failover tests. Reply audio is sent exactly as given, so a
+the caller's mu-law audio, and can fail on purpose as OpenAI does (refused upgrade, abrupt
+drop, fatal error, slow connect, a failed `response.done`, an `error` with a null code, the
+beta-retired 4000 close, a silent accepted socket, responses that never come) to drive
+failover tests. Reply audio is sent exactly as given, so a
 test can check byte-exact passthrough to Twilio.
 """
 
@@ -187,6 +189,31 @@ class FakeToolCall:
     call_id: str = field(default_factory=lambda: _new_id("call"))
 
 
+@dataclass(frozen=True)
+class FakeFailure:
+    """How a response fails: `response.done` with `status: "failed"` and this error in
+    `status_details.error`, as OpenAI reports quota, rate limits and server faults."""
+
+    code: str | None = "server_error"
+    type: str = "server_error"
+    message: str = "The server had an error while processing your request."
+
+
+RATE_LIMITED = FakeFailure(
+    "rate_limit_exceeded",
+    "invalid_request_error",
+    "Rate limit reached for gpt-realtime. Please try again in 20ms.",
+)
+NO_QUOTA = FakeFailure(
+    "insufficient_quota",
+    "insufficient_quota",
+    "You exceeded your current quota, please check your plan and billing details.",
+)
+BETA_RETIRED_MESSAGE = (
+    "The Realtime Beta API is no longer supported. Please use /v1/realtime for the GA API."
+)
+
+
 class _Dropped(Exception):
     """The fake cut the connection on purpose; stop whatever was sending."""
 
@@ -260,6 +287,7 @@ class _Session:
         self.vad_silence_ms = 0
         self.vad_item_id: str | None = None
         self.dropped = False
+        self.tasks: set[asyncio.Task[None]] = set()
 
     # --- sending -----------------------------------------------------------------------
 
@@ -279,6 +307,8 @@ class _Session:
         if not self.faulty:
             return
         count = len(self.rec.sent)
+        if count == self.fake.error_after_events:
+            await self.send({"type": "error", "error": self.fake.injected_error()})
         if self.fake.drop_after_events is not None and count >= self.fake.drop_after_events:
             self.drop()
             raise _Dropped
@@ -395,6 +425,13 @@ class _Session:
 
     async def serve(self) -> None:
         drop_timer: asyncio.Task[None] | None = None
+        beta = self.rec.headers.get("OpenAI-Beta") == "realtime=v1"
+        if self.faulty and self.fake.beta_retired and beta:
+            await self.retire_beta()
+            return
+        if self.faulty and self.fake.silent:
+            await self.listen_silently()
+            return
         try:
             await self.send({"type": "session.created", "session": self.rec.session})
             if self.faulty and self.fake.drop_after_s is not None:
@@ -411,9 +448,36 @@ class _Session:
         finally:
             if drop_timer is not None:
                 drop_timer.cancel()
+            for task in self.tasks:
+                task.cancel()
             await self.stop_response()
             if not self.ws.closed and not self.dropped:
                 await self.ws.close()
+
+    async def retire_beta(self) -> None:
+        """What OpenAI does since the beta shape was retired: an `error`, then close 4000."""
+        with contextlib.suppress(_Dropped):
+            await self.send(
+                {
+                    "type": "error",
+                    "error": {
+                        "type": "invalid_request_error",
+                        "code": "beta_api_shape_disabled",
+                        "message": BETA_RETIRED_MESSAGE,
+                        "param": None,
+                        "event_id": None,
+                    },
+                }
+            )
+        await self.ws.close(code=4000, message=b"invalid_request_error.beta_api_shape_disabled")
+
+    async def listen_silently(self) -> None:
+        """Accept the socket, answer pings (aiohttp does), record events, say nothing."""
+        async for msg in self.ws:
+            if msg.type != WSMsgType.TEXT:
+                break
+            with contextlib.suppress(ValueError):
+                self.rec.events.append(json.loads(msg.data))
 
     async def _drop_later(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -604,13 +668,38 @@ class _Session:
         )
         for out in self.item_event(item, previous):
             await self.send(out)
-        if self.transcribing():
+        if not self.transcribing():
+            return
+        if self.fake.transcript_delay_s > 0:
+            task = asyncio.create_task(self.transcribe(item, seconds, self.fake.transcript_delay_s))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        else:
+            await self.transcribe(item, seconds)
+
+    async def transcribe(self, item: dict[str, Any], seconds: float, delay: float = 0.0) -> None:
+        """The caller's transcript, which runs apart from the response (and may come after
+        it, as OpenAI documents), or its failure."""
+        await asyncio.sleep(delay)
+        ids = {"item_id": item["id"], "content_index": 0}
+        with contextlib.suppress(_Dropped):
+            if self.fake.transcription_fails:
+                error = {
+                    "type": "invalid_request_error",
+                    "code": "audio_unintelligible",
+                    "message": "The audio could not be transcribed.",
+                    "param": None,
+                }
+                await self.send(
+                    {"type": "conversation.item.input_audio_transcription.failed", **ids}
+                    | {"error": error}
+                )
+                return
             item["content"][0]["transcript"] = self.fake.caller_text
             await self.send(
                 {
                     "type": "conversation.item.input_audio_transcription.completed",
-                    "item_id": item_id,
-                    "content_index": 0,
+                    **ids,
                     "transcript": self.fake.caller_text,
                     "usage": {"type": "duration", "seconds": round(seconds, 3)},
                 }
@@ -670,7 +759,12 @@ class _Session:
     # --- responses -----------------------------------------------------------------------
 
     def _response_body(
-        self, response: _Response, status: str, item: dict[str, Any] | None, reason: str | None
+        self,
+        response: _Response,
+        status: str,
+        item: dict[str, Any] | None,
+        reason: str | None,
+        failure: FakeFailure | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "id": response.id,
@@ -680,6 +774,9 @@ class _Session:
         }
         if reason is not None:
             body["status_details"] = {"type": status, "reason": reason}
+        if failure is not None:
+            error = {"type": failure.type, "code": failure.code, "message": failure.message}
+            body["status_details"] = {"type": "failed", "error": error}
         if self._ga:
             body["output_modalities"] = ["audio"]
             body["audio"] = {
@@ -703,7 +800,13 @@ class _Session:
         return item
 
     async def start_response(self) -> None:
+        if self.faulty and self.fake.mute_responses:
+            return  # asked, and never answered
         response = _Response(id=_new_id("resp"), item_id=_new_id("item"))
+        failure = self.fake.response_failures.popleft() if self.fake.response_failures else None
+        if failure is not None:
+            await self.fail_response(response, failure)
+            return
         self.response = response
         item = {
             "id": response.item_id,
@@ -735,6 +838,18 @@ class _Session:
             if out["type"] != "conversation.item.done":
                 await self.send(out)
         response.task = asyncio.create_task(self._stream(response))
+
+    async def fail_response(self, response: _Response, failure: FakeFailure) -> None:
+        """A response that fails before any output: created, then done with the error."""
+        await self.send(
+            {
+                "type": "response.created",
+                "response": self._response_body(response, "in_progress", None, None),
+            }
+        )
+        body = self._response_body(response, "failed", None, None, failure)
+        self.rec.responses.append(body)
+        await self.send({"type": "response.done", "response": body})
 
     async def _stream(self, response: _Response) -> None:
         """Send the reply audio and transcript, paced, then complete the response."""
@@ -929,6 +1044,17 @@ class FakeRealtime(LoopbackServer):
     `tool_calls` scripts function calls: one entry per response, across connections, in
     order; a `FakeToolCall` ends that response with a function call item (after its
     audio), None leaves it plain. Without it no response calls a function.
+    `response_failures` scripts failed responses the same way: a `FakeFailure` makes that
+    response end at once with `status: "failed"`.
+
+    On the faulty connections: `error_after_events` sends one `error` after that many
+    events, with `error_code` (None: a `server_error` with a null code, as OpenAI sends
+    them), and the session goes on; `beta_retired` answers a client sending `OpenAI-Beta:
+    realtime=v1` as OpenAI does since the beta shape was retired (an `error`
+    `beta_api_shape_disabled`, then close code 4000); `silent` accepts the socket and never
+    says anything (not even `session.created`); `mute_responses` never starts a response.
+    `transcript_delay_s` sends each caller transcript that long after its commit (after
+    the reply, which OpenAI allows); `transcription_fails` sends `.failed` instead.
     """
 
     def __init__(
@@ -949,6 +1075,14 @@ class FakeRealtime(LoopbackServer):
         fatal_error_after_events: int | None = None,
         faulty_connections: int | None = None,
         tool_calls: Sequence[FakeToolCall | None] = (),
+        response_failures: Sequence[FakeFailure | None] = (),
+        error_after_events: int | None = None,
+        error_code: str | None = None,
+        beta_retired: bool = False,
+        silent: bool = False,
+        mute_responses: bool = False,
+        transcript_delay_s: float = 0.0,
+        transcription_fails: bool = False,
     ) -> None:
         super().__init__()
         if dialect not in ("ga", "beta"):
@@ -972,10 +1106,36 @@ class FakeRealtime(LoopbackServer):
         # One entry per response, across connections, in order: a function call that
         # response ends with, or None for a plain response.
         self.tool_calls: deque[FakeToolCall | None] = deque(tool_calls)
+        self.response_failures: deque[FakeFailure | None] = deque(response_failures)
+        self.error_after_events = error_after_events
+        self.error_code = error_code
+        self.beta_retired = beta_retired
+        self.silent = silent
+        self.mute_responses = mute_responses
+        self.transcript_delay_s = transcript_delay_s
+        self.transcription_fails = transcription_fails
         self.attempts = 0  # upgrade requests, refused ones included
         self.refused: list[dict[str, str]] = []  # headers of refused upgrade requests
         self.connections: list[RealtimeConnection] = []
         self.open_connections = 0
+
+    def injected_error(self) -> dict[str, Any]:
+        """The body of the `error` that `error_after_events` sends."""
+        if self.error_code is None:
+            return {
+                "type": "server_error",
+                "code": None,
+                "message": "The server had an error while processing your request.",
+                "param": None,
+                "event_id": None,
+            }
+        return {
+            "type": "invalid_request_error",
+            "code": self.error_code,
+            "message": f"injected by the fake: {self.error_code}",
+            "param": None,
+            "event_id": None,
+        }
 
     @property
     def url(self) -> str:
@@ -1037,7 +1197,7 @@ class FakeRealtime(LoopbackServer):
         )
         record.session = _initial_session(self.dialect, request.query.get("model", ""))
         beta_header = request.headers.get("OpenAI-Beta") == "realtime=v1"
-        if beta_header != (self.dialect == "beta"):
+        if beta_header != (self.dialect == "beta") and not self.beta_retired:
             # OpenAI picks the dialect by this header: without it a beta client is
             # answered in GA, with it a GA client in beta.
             record.invalid_events.append(

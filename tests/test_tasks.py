@@ -6,7 +6,7 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from app.call.tasks import Supervisor
+from app.call.tasks import Supervisor, wait_event
 
 
 async def _crash() -> None:
@@ -53,3 +53,23 @@ async def test_a_task_spawned_while_closing_is_cancelled_too() -> None:
     await asyncio.sleep(0)
     await tasks.close()
     assert spawned and spawned[0].cancelled() and len(tasks) == 0
+
+
+async def test_a_wait_on_an_event_never_loses_a_cancellation() -> None:
+    event = asyncio.Event()
+
+    async def loop_forever() -> None:  # like playback's pacing loop
+        while True:
+            event.clear()
+            await wait_event(event, 10.0)
+
+    task = asyncio.create_task(loop_forever())
+    await asyncio.sleep(0)
+    event.set()  # the event fires in the very moment the call ends
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=0.5)
+    assert task in done and task.cancelled()
+
+
+async def test_a_wait_on_an_event_times_out() -> None:
+    assert await wait_event(asyncio.Event(), 0.01) is False

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import itertools
 import time
 from collections import deque
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 
 from app.audio.g711 import ulaw_b64_duration_ms
 from app.call.observer import CallObserver
+from app.call.tasks import wait_event
 from app.telephony import messages
 
 __all__ = ["MAX_CHUNK_CHARS", "Heard", "Playback", "split_payload"]
@@ -116,8 +116,7 @@ class Playback:
             wait = ahead + chunk.ms / 1000.0 - self._lead
             if wait > 0 and ahead > 0:
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                await wait_event(self._wake, wait)
                 continue
             self._queue.popleft()
             chunk.mark = str(next(self._marks))

@@ -57,6 +57,10 @@ __all__ = ["CallSession"]
 
 log = structlog.get_logger(__name__)
 
+# A cleanup step still running after this long is left behind (logged): above the 10 s a
+# websocket may take to close with a provider that never answers the close.
+_CLEANUP_STEP_S = 12.0
+
 
 class CallSession:
     """One live call."""
@@ -481,9 +485,12 @@ class CallSession:
         )
 
     async def _step(self, part: str, cleanup: Awaitable[Any]) -> None:
-        """One step of the cleanup; its failure is logged and the next step runs."""
+        """One step of the cleanup; its failure or hang is logged and the next step runs."""
         try:
-            await cleanup
+            async with asyncio.timeout(_CLEANUP_STEP_S):
+                await cleanup
+        except TimeoutError:
+            self.log.error("call.cleanup_stuck", part=part, timeout_s=_CLEANUP_STEP_S)
         except Exception:
             self.log.exception("call.cleanup_failed", part=part)
 

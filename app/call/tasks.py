@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-__all__ = ["Supervisor"]
+__all__ = ["Supervisor", "wait_event"]
 
 log = structlog.get_logger(__name__)
 
@@ -24,6 +24,21 @@ T = TypeVar("T")
 
 # A task that swallows its cancellation is waited for this long at close, then reported.
 _STUCK_S = 5.0
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
+    """Wait for `event`, at most `timeout_s` seconds; False on timeout.
+
+    Not `asyncio.wait_for`: on Python 3.11 it loses a cancellation that arrives as the
+    event is set, and a task cancelled at the end of a call then runs on forever (the
+    leak test caught playback tasks doing so).
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 class Supervisor:

@@ -13,11 +13,11 @@ the caller stops, and our VAD's recent caller speech.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Protocol
 
+from app.call.tasks import wait_event
 from app.engines.base import (
     EngineEvent,
     ResponseDone,
@@ -126,9 +126,7 @@ class TurnState:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
-            wake = self._changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), min(remaining, self._look_again_in()))
+            await wait_event(self._changed, min(remaining, self._look_again_in()))
         return True
 
     def _look_again_in(self) -> float:

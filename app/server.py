@@ -244,6 +244,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     sessions = list(app[CALLS].values())
     await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
     await app[VAD].close()
+    await app[ENGINES].close()
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -6,6 +6,9 @@ caller turn we take the session's own span from the moment its VAD decides the t
 is over to the first agent audio sent to Twilio, and subtract the providers' fixed
 delays: what remains is ours (resampling, sentence splitting, queues, pacing).
 
+The same turns run twice in one process, the chat stream read first by our aiohttp client
+and then by the `openai` SDK pointed at Together (`base_url`), to weigh adopting the SDK.
+
 The failover run drops the realtime socket once the greeting has played and times, inside
 the service, the span from the loss to the first chained audio sent to Twilio; minus
 the chat and TTS delays, that is the silence the failover itself adds.
@@ -19,13 +22,18 @@ import asyncio
 import logging
 import statistics
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+from unittest import mock
 
 import structlog
 from aiohttp.test_utils import TestServer
 
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
+from app.config import Settings
+from app.engines.chained.history import ToolCallRequest
 from app.server import OBSERVERS, create_app
 from app.simulator import Clip, simulate_call
 from tests.conftest import FIXTURES, make_settings
@@ -82,6 +90,34 @@ async def serve(probes: list[Probe], **settings: object) -> TestServer:
     return server
 
 
+class OpenAIChat:
+    """The chat stream through the `openai` SDK, shaped like `ChatClient` for the engine."""
+
+    def __init__(self, settings: Settings, http: object, **_: object) -> None:
+        from openai import AsyncOpenAI  # a dev dependency: only this comparison needs it
+
+        assert settings.together_api_key is not None
+        self._client = AsyncOpenAI(
+            api_key=settings.together_api_key.get_secret_value(),
+            base_url=settings.together_base_url,
+            max_retries=0,
+        )
+        self._model = settings.llm_model
+
+    async def stream(
+        self, messages: list[dict[str, Any]], tools: Sequence[dict[str, Any]] = ()
+    ) -> AsyncIterator[str | ToolCallRequest]:
+        extra: dict[str, Any] = {"tools": list(tools)} if tools else {}
+        stream = await self._client.chat.completions.create(
+            model=self._model, messages=messages, stream=True, **extra
+        )
+        async with stream:
+            async for chunk in stream:
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        yield choice.delta.content
+
+
 def fake_together() -> FakeTogether:
     return FakeTogether(
         stt_finalize_delay_s=STT_S,
@@ -91,7 +127,14 @@ def fake_together() -> FakeTogether:
     )
 
 
-async def turn_latency() -> tuple[list[float], list[float | None]]:
+async def turn_latency(sdk: bool = False) -> tuple[list[float], list[float | None]]:
+    if sdk:
+        with mock.patch("app.engines.chained.engine.ChatClient", OpenAIChat):
+            return await _turn_latency()
+    return await _turn_latency()
+
+
+async def _turn_latency() -> tuple[list[float], list[float | None]]:
     together = fake_together()
     await together.start()
     together.transcripts.extend(["What are your opening hours on Saturday?"] * TURNS)
@@ -138,23 +181,34 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def report(spans: list[float], providers_ms: float, label: str) -> None:
+    added = [s - providers_ms for s in spans]
+    print(f"  {label}:")
+    print(
+        f"    turn end -> first audio sent: p50 {statistics.median(spans):.1f} ms, "
+        f"p95 {pct(spans, 0.95):.1f} ms"
+    )
+    print(
+        f"    added by the project:         p50 {statistics.median(added):.1f} ms, "
+        f"p95 {pct(added, 0.95):.1f} ms (target < 20 ms p50)"
+    )
+
+
 async def main() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     providers_ms = (STT_S + LLM_S + TTS_S) * 1000.0
     spans, heard = await turn_latency()
-    added = [s - providers_ms for s in spans]
     print(
         f"chained turns: {len(spans)}; provider delays {providers_ms:.0f} ms "
         f"(STT {STT_S * 1000:.0f}, first token {LLM_S * 1000:.0f}, first TTS audio "
         f"{TTS_S * 1000:.0f})"
     )
+    report(spans, providers_ms, "aiohttp chat client")
+    sdk_spans, _ = await turn_latency(sdk=True)
+    report(sdk_spans, providers_ms, "openai SDK chat client")
     print(
-        f"  turn end -> first audio sent: p50 {statistics.median(spans):.1f} ms, "
-        f"p95 {pct(spans, 0.95):.1f} ms"
-    )
-    print(
-        f"  added by the project:         p50 {statistics.median(added):.1f} ms, "
-        f"p95 {pct(added, 0.95):.1f} ms (target < 20 ms p50)"
+        f"  openai SDK minus aiohttp: p50 "
+        f"{statistics.median(sdk_spans) - statistics.median(spans):+.1f} ms"
     )
     caller = [h for h in heard if h is not None]
     if caller:

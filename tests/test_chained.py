@@ -30,6 +30,7 @@ from app.engines.base import (
 )
 from app.engines.chained.engine import APOLOGY, ChainedEngine
 from app.engines.chained.history import Conversation, ToolCallRequest, heard_text
+from app.engines.chained.http import SharedSession
 from app.engines.chained.sentences import SentenceSplitter
 from app.engines.chained.tts import _PcmTo8k
 from tests.conftest import FIXTURES, make_settings
@@ -756,3 +757,20 @@ async def test_tts_resampling_keeps_its_state_across_deltas(
     whole = ulaw_decode(ulaw_encode(np.concatenate([resampler.process(source), resampler.flush()])))
     assert len(chunked) == len(whole)
     _chunked_equals_whole(chunked, whole)
+
+
+async def test_calls_share_one_http_session_and_its_connections(fake: FakeTogether) -> None:
+    shared = SharedSession()
+    settings = make_settings(together_api_key="test-key", together_base_url=fake.base_url)
+    try:
+        for _ in range(2):  # two calls, one after the other
+            engine = ChainedEngine(settings, shared, tts_tail_s=0.05)
+            await engine.start(SETUP, [Turn("caller", "Hello?")], greet=False)
+            call = Call(engine)
+            await engine.respond()
+            await call.responses_done(1)
+            await engine.close()  # a call's end leaves the shared session open
+        assert len(fake.chat_peers) == 2
+        assert fake.chat_peers[0] == fake.chat_peers[1]  # the same kept-alive connection
+    finally:
+        await shared.close()

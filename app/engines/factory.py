@@ -8,6 +8,7 @@ from app.config import Settings
 from app.engines.base import Engine
 from app.engines.breaker import Breaker, BreakerState
 from app.engines.chained.engine import ChainedEngine
+from app.engines.chained.http import SharedSession
 from app.engines.modes import Mode, parse_mode
 from app.engines.realtime import RealtimeEngine
 
@@ -36,6 +37,7 @@ class Engines:
     def __init__(self, settings: Settings, breaker: Breaker | None = None) -> None:
         self._settings = settings
         self.breaker = breaker or Breaker()
+        self._together_http = SharedSession()  # every chained call's chat requests
 
     def configured(self, mode: str) -> bool:
         """The mode has the credentials it needs."""
@@ -82,7 +84,11 @@ class Engines:
             case Mode.REALTIME:
                 return RealtimeEngine(self._settings)
             case Mode.CHAINED:
-                return ChainedEngine(self._settings)
+                return ChainedEngine(self._settings, self._together_http)
+
+    async def close(self) -> None:
+        """At shutdown: close the HTTP sessions the engines share."""
+        await self._together_http.close()
 
     def report(self, mode: str, ok: bool) -> None:
         """Feed the realtime breaker with an outcome."""

@@ -152,6 +152,7 @@ class FakeTogether(LoopbackServer):
         self.tts_items: list[TtsItem] = []
         self.chat_requests: list[dict[str, Any]] = []
         self.chat_headers: list[dict[str, str]] = []
+        self.chat_peers: list[Any] = []  # the client address of each chat request
         self.chat_finished_at: list[float] = []  # monotonic time each chat stream ended
         self.open_sockets = 0
 
@@ -263,6 +264,8 @@ class FakeTogether(LoopbackServer):
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         self.chat_headers.append(dict(request.headers))
+        if request.transport is not None:
+            self.chat_peers.append(request.transport.get_extra_info("peername"))
         if not self._authorized(request):
             return web.json_response(error_body("bad key", "invalid_api_key"), status=401)
         if request.content_type != "application/json":

@@ -23,7 +23,6 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 import structlog
 
@@ -43,6 +42,7 @@ from app.engines.base import (
 )
 from app.engines.chained.errors import ProviderError
 from app.engines.chained.history import Conversation, ToolCallRequest, heard_text
+from app.engines.chained.http import SharedSession
 from app.engines.chained.llm import ChatClient
 from app.engines.chained.sentences import SentenceSplitter
 from app.engines.chained.stt import TogetherSTT
@@ -130,7 +130,7 @@ class ChainedEngine:
     def __init__(
         self,
         settings: Settings,
-        http: aiohttp.ClientSession | None = None,
+        http: SharedSession | None = None,
         *,
         connect_timeout_s: float = 5.0,
         finalize_timeout_s: float = 5.0,
@@ -140,7 +140,8 @@ class ChainedEngine:
         llm_backoff_s: float = 0.5,
     ) -> None:
         self._settings = settings
-        self._http = http
+        # The process's session when given (one per provider, see `http`), else our own.
+        self._http = http or SharedSession()
         self._owns_http = http is None
         self._connect_timeout_s = connect_timeout_s
         self._finalize_timeout_s = finalize_timeout_s
@@ -167,8 +168,6 @@ class ChainedEngine:
         settings = self._settings
         if settings.together_api_key is None:
             raise EngineUnavailable("TOGETHER_API_KEY is not set")
-        if self._http is None:
-            self._http = aiohttp.ClientSession()
         self._stt = TogetherSTT(
             settings,
             connect_timeout_s=self._connect_timeout_s,
@@ -184,7 +183,7 @@ class ChainedEngine:
             on_fatal=self._fatal,
         )
         self._llm = ChatClient(
-            settings, self._http, max_retries=self._llm_retries, backoff_s=self._llm_backoff_s
+            settings, self._http.get(), max_retries=self._llm_retries, backoff_s=self._llm_backoff_s
         )
         opening = [
             asyncio.create_task(self._stt.connect()),
@@ -275,7 +274,7 @@ class ChainedEngine:
         for part in (self._stt, self._tts):
             if part is not None:
                 await part.close()
-        if self._owns_http and self._http is not None:
+        if self._owns_http:
             await self._http.close()
         self._events.put_nowait(None)
         log.info("chained_closed")

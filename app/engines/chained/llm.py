@@ -34,7 +34,7 @@ _RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 
 
 class ChatClient:
-    """Streams one reply at a time; the HTTP session belongs to the engine."""
+    """Streams one reply at a time over a session shared by the process (see `http`)."""
 
     def __init__(
         self,

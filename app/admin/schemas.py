@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from app.engines.modes import Mode
+from app.modes import Mode
 from app.phone import E164
 
 __all__ = [

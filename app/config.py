@@ -20,6 +20,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.modes import Mode
+
 __all__ = ["ConfigError", "Settings", "load_settings"]
 
 Network = IPv4Network | IPv6Network
@@ -53,7 +55,7 @@ class Settings(BaseSettings):
     twilio_api_base: str = "https://api.twilio.com"
     twilio_from_number: str | None = None
 
-    agent_mode: Literal["realtime", "chained"] = "realtime"
+    agent_mode: Mode = Mode.REALTIME
     realtime_url: str = "wss://api.openai.com/v1/realtime"
     realtime_model: str = "gpt-realtime"
     realtime_api_key: SecretStr | None = Field(

@@ -10,8 +10,8 @@ import pytest
 from app.engines.breaker import Breaker, BreakerState
 from app.engines.chained.engine import ChainedEngine
 from app.engines.factory import Engines, EngineState
-from app.engines.modes import Mode, UnknownMode, parse_mode
 from app.engines.realtime import RealtimeEngine
+from app.modes import Mode, UnknownMode, parse_mode
 from app.states import InvalidTransition, checked
 from tests.conftest import make_settings
 

@@ -13,7 +13,7 @@ from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.call.steering import STEERS_IN_FLIGHT, Steering, SteerState
 from app.engines.base import AgentSetup
-from app.engines.modes import Mode
+from app.modes import Mode
 from tests.conftest import make_settings
 
 

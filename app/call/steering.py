@@ -34,10 +34,11 @@ import structlog
 
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
+from app.call.tasks import wait_event
 from app.config import Settings
 from app.engines.base import AgentSetup, Engine, EngineUnavailable
-from app.engines.modes import Mode, parse_mode
 from app.engines.realtime import RealtimeEngine
+from app.modes import Mode, parse_mode
 from app.states import checked
 
 __all__ = [
@@ -369,8 +370,7 @@ class Steering(CallObserver):
             self._wake.clear()
             due_in = self._renewal_in()
             if self._pending_voice is None and (due_in is None or due_in > 0):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), due_in)
+                await wait_event(self._wake, due_in)  # not wait_for: see its docstring
                 continue
             if self._pending_voice is None:  # a renewal: same voice, new session
                 await self._warm_up(self._session.setup_for(Mode.REALTIME).voice)

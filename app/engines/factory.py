@@ -9,8 +9,8 @@ from app.engines.base import Engine
 from app.engines.breaker import Breaker, BreakerState
 from app.engines.chained.engine import ChainedEngine
 from app.engines.chained.http import SharedSession
-from app.engines.modes import Mode, parse_mode
 from app.engines.realtime import RealtimeEngine
+from app.modes import Mode, parse_mode
 
 __all__ = ["MODES", "EngineState", "Engines"]
 

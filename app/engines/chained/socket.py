@@ -24,6 +24,7 @@ from websockets.client import process_exception
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from app.engines.chained.errors import ProviderError
+from app.urls import websocket_url
 
 __all__ = ["Event", "ProviderSocket", "SessionFailed", "ws_base"]
 
@@ -39,11 +40,7 @@ class SessionFailed(Exception):
 
 def ws_base(http_base: str) -> str:
     """`https://host/v1` -> `wss://host/v1` (and http -> ws), as Together derives them."""
-    if http_base.startswith("https://"):
-        return "wss://" + http_base.removeprefix("https://").rstrip("/")
-    if http_base.startswith("http://"):
-        return "ws://" + http_base.removeprefix("http://").rstrip("/")
-    raise ValueError(f"TOGETHER_BASE_URL must be http(s), got {http_base!r}")
+    return websocket_url(http_base.rstrip("/"))
 
 
 class ProviderSocket:

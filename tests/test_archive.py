@@ -9,6 +9,7 @@ import json
 import math
 import os
 import struct
+import sys
 import threading
 import time
 import tracemalloc
@@ -419,6 +420,14 @@ def test_record_lists_are_bounded(tmp_path: Path, writer: ArchiveWriter) -> None
     assert record["barge_ins"][-1]["item_id"] == f"item_{MAX_ENTRIES - 1}"
     assert record["recording"]["entries_dropped"] == 10
     assert [e["event"] for e in logs] == ["archive.entries_dropped"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_writer_thread_yields_the_core_to_calls(writer: ArchiveWriter) -> None:
+    seen: list[int] = []
+    writer.submit(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    assert writer.drain(5)
+    assert seen[0] > os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def caller_clip() -> Clip:

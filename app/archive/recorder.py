@@ -108,6 +108,14 @@ def _place(track: bytearray, offset: int, data: bytes, snap: int = 0) -> int:
     return cut
 
 
+def _held_bytes(segments: list[_Segment]) -> int:
+    return sum(len(s) for s in segments if isinstance(s, bytes))
+
+
+def _frames(segments: list[_Segment]) -> int:
+    return sum(len(s) // 2 if isinstance(s, bytes) else s for s in segments)
+
+
 class CallRecorder(CallObserver):
     """Writes one call's archive as the call runs; finalised by `ended`."""
 
@@ -367,33 +375,36 @@ class CallRecorder(CallObserver):
 
     def _queue_audio(self, segments: list[_Segment], *, final: bool) -> None:
         """Submit audio unless the writer is `max_backlog_s` behind: then owe silence."""
-        jobs = self._audio_jobs
-        while jobs and jobs[0][0].done():
-            self._backlog -= jobs.popleft()[1]
-        size = sum(len(s) for s in segments if isinstance(s, bytes))
-        if size and self._backlog + size > self._max_backlog:
-            frames = sum(len(s) // 2 if isinstance(s, bytes) else s for s in segments)
+        size = _held_bytes(segments)
+        if size and not self._room_for(size):
+            frames = _frames(segments)
             self._owed += frames
             self._silenced_frames += frames
             segments = []
-            if not self._behind:
-                self._behind = True
+        if self._owed and (segments or final):
+            segments.insert(0, self._owed)
+            self._owed = 0
+        if segments and (job := self._submit(self._write_audio, segments)) and size:
+            self._audio_jobs.append((job, size))
+            self._backlog += size
+
+    def _room_for(self, size: int) -> bool:
+        """Has the backlog room for `size` more bytes? Logs falling behind and catching up."""
+        jobs = self._audio_jobs
+        while jobs and jobs[0][0].done():
+            self._backlog -= jobs.popleft()[1]
+        room = self._backlog + size <= self._max_backlog
+        if room == self._behind:  # the writer fell behind, or caught up
+            self._behind = not room
+            if self._behind:
                 self.log.warning(
                     "archive.writer_behind",
                     backlog_s=round(self._backlog / 2 / 1000 / BYTES_PER_MS, 1),
                     detail="the disk is slow: audio is recorded as silence until it catches up",
                 )
-        elif size and self._behind:
-            self._behind = False
-            self.log.info("archive.writer_caught_up", silenced_s=self._silenced_s())
-        if self._owed and (segments or final):
-            segments.insert(0, self._owed)
-            self._owed = 0
-        if segments:
-            job = self._submit(self._write_audio, segments)
-            if job is not None and size:
-                jobs.append((job, size))
-                self._backlog += size
+            else:
+                self.log.info("archive.writer_caught_up", silenced_s=self._silenced_s())
+        return room
 
     def _queue_json(self) -> None:
         """Have the writer rewrite the JSON files; a snapshot still queued is replaced."""

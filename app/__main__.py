@@ -46,9 +46,7 @@ def _serve(_: argparse.Namespace) -> int:
         )
     log.info("starting", mode=settings.agent_mode, drain_timeout_s=settings.drain_timeout)
     options = edge.runner_options(settings)
-    asyncio.run(
-        drain.serve(app, settings.host, settings.port, settings.drain_timeout, **options)
-    )
+    asyncio.run(drain.serve(app, settings.host, settings.port, settings.drain_timeout, **options))
     return 0
 
 

@@ -422,6 +422,23 @@ def test_record_lists_are_bounded(tmp_path: Path, writer: ArchiveWriter) -> None
     assert [e["event"] for e in logs] == ["archive.entries_dropped"]
 
 
+def test_frames_faster_than_time_are_dropped(tmp_path: Path, writer: ArchiveWriter) -> None:
+    """A client flooding ten seconds of frames in one instant: at most five are kept."""
+    clock = Clock()
+    rec = recorder(tmp_path, writer, clock)
+    clock.now = ARRIVAL
+    with structlog.testing.capture_logs() as logs:
+        for i in range(500):
+            rec.caller_audio(MulawFrame(b64(audio(20, i)), i * 20))
+    rec.ended("completed")
+    assert writer.drain(5)
+    left, _ = read_wav(tmp_path / info().call_sid / "recording.wav")
+    assert len(left) == 5000 * BYTES_PER_MS
+    assert left == b"".join(audio(20, i) for i in range(250))
+    assert [e["event"] for e in logs] == ["archive.audio_dropped"]
+    assert load(tmp_path / info().call_sid / "call.json")["recording"]["chunks_dropped"] == 250
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 def test_the_writer_thread_yields_the_core_to_calls(writer: ArchiveWriter) -> None:
     seen: list[int] = []

@@ -27,7 +27,9 @@ queued snapshot (a newer one replaces it), each event list by `MAX_ENTRIES`.
 Timestamps come from the network. One outside [0, 48 h] or not a number is ignored (the
 frame goes where our clock says, logged once per call); one far ahead of our clock is not
 believed; a first timestamp far ahead opens no gap; and no gap is filled with more than
-`MAX_GAP_MS` of silence (logged), so no timestamp makes us allocate or raise.
+`MAX_GAP_MS` of silence (logged), so no timestamp makes us allocate or raise. Audio that
+would take a track more than `MAX_AHEAD_MS` ahead of our clock (a client sending frames
+faster than real time) is dropped and counted.
 
 Disk trouble (full disk, unwritable directory) disables the recorder for the call with
 one log line; the call itself never notices.
@@ -160,6 +162,7 @@ class CallRecorder(CallObserver):
         self._errors: list[dict[str, Any]] = []
         self._dropped_entries = 0
         self._bad_timestamps = 0
+        self._overruns = 0  # frames or chunks dropped for running ahead of the clock
         self._cut_ms = 0.0
         # The writer's side. The loop reads `_failed` and the futures' state; the thread
         # writes `_failed`, `directory` and `_wav`, and reads `_snapshot`.
@@ -225,6 +228,19 @@ class CallRecorder(CallObserver):
             return float(timestamp)
         return min(float(timestamp), here + MAX_AHEAD_MS)
 
+    def _overrun(self, track: bytearray, now: float) -> bool:
+        """Is `track` already `MAX_AHEAD_MS` ahead of our clock? More audio than time has
+        passed (a flooding client): the audio is dropped, counted, logged once."""
+        if len(track) < self._position(self._media_ms(now) + MAX_AHEAD_MS):
+            return False
+        self._overruns += 1
+        if self._overruns == 1:
+            self.log.warning(
+                "archive.audio_dropped",
+                detail="more audio than time: a track ran ahead of the clock; not logged again",
+            )
+        return True
+
     def _shorten(self, cut: int) -> None:
         if cut > 0:
             self._cut += cut
@@ -244,6 +260,8 @@ class CallRecorder(CallObserver):
         except (OverflowError, TypeError, ValueError):
             timestamp = math.nan
         at_ms = self._caller_ms(timestamp, now)
+        if self._overrun(self._caller, now):
+            return
         self._shorten(_place(self._caller, self._position(at_ms), frame.audio))
 
     def agent_audio(self, payload: str, starts_at: float) -> None:
@@ -252,6 +270,8 @@ class CallRecorder(CallObserver):
         now = self._clock()
         if now >= self._next_flush:
             self._flush(now)
+        if self._overrun(self._agent, now):
+            return
         data = binascii.a2b_base64(payload)
         offset = self._position(self._media_ms(starts_at))
         self._shorten(_place(self._agent, offset, data, _SNAP_BYTES))
@@ -535,6 +555,7 @@ class CallRecorder(CallObserver):
                 "silenced_s": self._silenced_s(),
                 "gaps_left_out_s": round(self._cut_ms / 1000.0, 3),
                 "timestamps_ignored": self._bad_timestamps,
+                "chunks_dropped": self._overruns,
                 "entries_dropped": self._dropped_entries,
             },
         }

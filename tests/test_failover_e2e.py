@@ -137,14 +137,15 @@ async def test_unreachable_realtime_starts_the_call_chained(
 
 
 @pytest.mark.parametrize(
-    "failure", [{"drop_after_s": 9.0}, {"fatal_error_after_events": 60}], ids=["drop", "error"]
+    "failure", [{"drop_after_s": 6.3}, {"fatal_error_after_events": 60}], ids=["drop", "error"]
 )
 async def test_realtime_failure_mid_call_fails_over_with_the_conversation(
     rig: Callable[..., Awaitable[Rig]], failure: dict[str, Any]
 ) -> None:
-    r = await rig(**failure)
+    # 1 s replies: the greeting, then the answer to the caller, then the failure
+    r = await rig(reply_audio=GREETING[:8000], **failure)
     r.together.replies.append("Sorry about that. As I said, nine to one.")
-    result = await simulate_call(clip_after(2600, "opening_hours"), url=r.url, tail_s=6.0)
+    result = await simulate_call(clip_after(1300, "opening_hours"), url=r.url, tail_s=3.0)
     await r.settled()
     assert r.realtime.connections[0].closed
     # the chained engine took over and answered at once, knowing the conversation

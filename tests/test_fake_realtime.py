@@ -602,6 +602,7 @@ async def test_silent_socket_answers_pings_and_nothing_else() -> None:
             with pytest.raises(TimeoutError):
                 await client.recv(within_s=0.3)
         assert fake.last_connection.event_types() == ["session.update"]
+        assert fake.invalid_events == []
         ws, client = await open_client(fake)  # the next connection is served
         async with ws:
             assert (await client.recv())["type"] == "session.created"

@@ -472,12 +472,19 @@ class _Session:
         await self.ws.close(code=4000, message=b"invalid_request_error.beta_api_shape_disabled")
 
     async def listen_silently(self) -> None:
-        """Accept the socket, answer pings (aiohttp does), record events, say nothing."""
+        """Accept the socket, answer pings (aiohttp does), check and record what the client
+        sends, say nothing."""
         async for msg in self.ws:
             if msg.type != WSMsgType.TEXT:
                 break
-            with contextlib.suppress(ValueError):
-                self.rec.events.append(json.loads(msg.data))
+            try:
+                event = json.loads(msg.data)
+            except ValueError:
+                self.rec.invalid_events.append({"event": msg.data, "message": "not JSON"})
+                continue
+            self.rec.events.append(event)
+            if (problem := validate_client_event(self.dialect, event)) is not None:
+                self.rec.invalid_events.append({"event": event, "message": problem})
 
     async def _drop_later(self, delay: float) -> None:
         await asyncio.sleep(delay)

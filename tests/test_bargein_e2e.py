@@ -1,4 +1,9 @@
-"""Barge-in end to end: fixture clips played over a talking agent, through the simulator."""
+"""Barge-in end to end: fixture clips played over a talking agent, through the simulator.
+
+These calls run in real time (the simulator paces the caller's clip by the clock, and the
+VAD runs on its thread): slow, and `make test` still runs them. The policy's cases run on
+virtual time in tests/test_bargein.py.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from app.config import Settings
 from app.simulator import CallResult, Clip, Dtmf, simulate_call
 from tests.conftest import FIXTURES
 from tests.fakes.realtime import FakeRealtime, RealtimeConnection
+
+pytestmark = pytest.mark.slow
 
 LABELS = json.loads((FIXTURES / "labels.json").read_text())
 SPEECH = sorted(name for name, label in LABELS.items() if label["speech_ms"])

@@ -20,6 +20,8 @@ import structlog
 
 from app.vad.silero import SileroVad, VadStream
 
+__all__ = ["VadBatcher"]
+
 log = structlog.get_logger(__name__)
 
 

@@ -17,6 +17,8 @@ import numpy.typing as npt
 import onnxruntime as ort
 import structlog
 
+__all__ = ["CONTEXT", "SAMPLE_RATE", "STATE_SIZE", "WINDOW", "SileroVad", "VadStream", "get_vad"]
+
 log = structlog.get_logger(__name__)
 
 SAMPLE_RATE = 8000

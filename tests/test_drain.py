@@ -196,6 +196,10 @@ async def test_sigterm_drains_live_call_then_exits(
     assert result.received_ms == 2 * 1024, "the greeting, and the reply after SIGTERM"
     events = service.events()
     assert events.index("drain.started") < events.index("call.ended") < events.index("drain.done")
+    # start-up says what the edge accepts: dev mode, loopback only, not through a proxy
+    lines = [json.loads(line) for line in service.log.read_text().splitlines() if line[:1] == "{"]
+    exposure = next(line for line in lines if line["event"] == "exposure")
+    assert exposure["level"] == "warning" and "loopback only" in exposure["detail"]
     record = json.loads((tmp_path / "calls" / result.call_sid / "call.json").read_text())
     assert record["outcome"] == "completed"
 

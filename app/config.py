@@ -156,9 +156,12 @@ class Settings(BaseSettings):
         return self.twilio_auth_token is None
 
     def secret_values(self) -> list[str]:
-        """Every secret this process holds, for the logs to mask wherever it appears."""
+        """Every secret this process holds, for the logs to mask wherever it appears: the
+        SecretStr settings, and the password in REDIS_URL."""
         values = (getattr(self, name) for name in type(self).model_fields)
-        return [v.get_secret_value() for v in values if isinstance(v, SecretStr)]
+        secrets = [v.get_secret_value() for v in values if isinstance(v, SecretStr)]
+        password = urlsplit(self.redis_url).password if self.redis_url else None
+        return [*secrets, password] if password else secrets
 
 
 def _aliases(alias: object) -> list[str]:

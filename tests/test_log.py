@@ -107,6 +107,8 @@ def test_console_lines_carry_tracebacks_from_the_standard_library(
 def test_secret_values_are_every_secret_setting(settings_factory: Callable[..., Settings]) -> None:
     settings = settings_factory(**SECRETS)
     assert set(settings.secret_values()) == set(SECRETS.values())
+    with_redis = settings_factory(redis_url="redis://:redis-pass-42@cache:6379/0")
+    assert "redis-pass-42" in with_redis.secret_values()
     assert settings_factory(realtime_api_key="").secret_values() == []
 
 

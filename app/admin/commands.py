@@ -47,19 +47,19 @@ def _iso(epoch: float | None) -> str | None:
     return None if epoch is None else iso_utc(epoch)
 
 
-def engine_state(session: CallSession) -> str:
+def engine_state(session: CallSession) -> schemas.EngineActivity:
     """What the call's engine is doing, for the operator."""
     if session.engine is None:
-        return "starting"
+        return schemas.EngineActivity.STARTING
     if session.switching:
-        return "switching"
+        return schemas.EngineActivity.SWITCHING
     if session.turn.responding:
-        return "responding"
+        return schemas.EngineActivity.RESPONDING
     if session.playback.playing:
-        return "speaking"
+        return schemas.EngineActivity.SPEAKING
     if session.turn.caller_speaking:
-        return "caller_speaking"
-    return "listening"
+        return schemas.EngineActivity.CALLER_SPEAKING
+    return schemas.EngineActivity.LISTENING
 
 
 def summary(session: CallSession, instance: str) -> schemas.CallSummary:

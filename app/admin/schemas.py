@@ -10,6 +10,7 @@ may be omitted or null, which mean the same.
 from __future__ import annotations
 
 from collections.abc import Collection
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
@@ -25,6 +26,7 @@ __all__ = [
     "CallSummary",
     "DialBody",
     "DialResult",
+    "EngineActivity",
     "ErrorBody",
     "HangupBody",
     "HangupResult",
@@ -118,6 +120,17 @@ def dial_body(personas: Collection[str]) -> type[DialBody]:
     return model
 
 
+class EngineActivity(StrEnum):
+    """What a call's engine is doing, as the operator sees it (derived, not stored)."""
+
+    STARTING = "starting"
+    SWITCHING = "switching"  # to another engine or session
+    RESPONDING = "responding"  # a reply is being produced
+    SPEAKING = "speaking"  # the reply's audio is still playing to the caller
+    CALLER_SPEAKING = "caller_speaking"
+    LISTENING = "listening"
+
+
 class TranscriptTurn(BaseModel):
     role: Literal["caller", "agent"]
     text: str
@@ -143,9 +156,7 @@ class CallSummary(BaseModel):
     to: str
     persona: str
     mode: Mode
-    engine_state: Literal[
-        "starting", "switching", "responding", "speaking", "caller_speaking", "listening"
-    ]
+    engine_state: EngineActivity
     voice: str = Field(description="The voice of the engine the call is on.")
     started_at: str = Field(description="ISO 8601, UTC.")
     duration_s: float

@@ -48,7 +48,8 @@ from app.engines.base import (
     Transcript,
     Turn,
 )
-from app.engines.factory import MODES, Engines
+from app.engines.factory import Engines
+from app.modes import UnknownMode, parse_mode
 from app.personas import Persona
 from app.telephony.messages import Dtmf, Mark, Media, Start, Stop, TwilioMessage
 from app.vad.batcher import VadBatcher
@@ -77,9 +78,10 @@ class CallSession:
         observers: Observers | None = None,
     ) -> None:
         params = start.parameters
-        mode = params.get("mode") or settings.agent_mode
-        if mode not in MODES:
-            log.warning("call.unknown_mode", mode=mode, using=settings.agent_mode)
+        try:
+            mode = parse_mode(params.get("mode") or settings.agent_mode)
+        except UnknownMode:
+            log.warning("call.unknown_mode", mode=params.get("mode"), using=settings.agent_mode)
             mode = settings.agent_mode
         self.settings = settings
         self.persona = persona

@@ -12,11 +12,7 @@ from app.engines.chained.http import SharedSession
 from app.engines.realtime import RealtimeEngine
 from app.modes import Mode, parse_mode
 
-__all__ = ["MODES", "EngineState", "Engines"]
-
-# The modes in fallback order. Kept for importers that test membership with a bare
-# string (`mode in MODES`); new code parses with `parse_mode`.
-MODES: tuple[Mode, ...] = tuple(Mode)
+__all__ = ["EngineState", "Engines"]
 
 
 class EngineState(StrEnum):

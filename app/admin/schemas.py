@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from app.call import control
+from app.call.steering import SteerState
 from app.modes import Mode
 from app.phone import E164
 
@@ -141,7 +143,7 @@ class SteerView(BaseModel):
     id: str
     instructions: str | None
     voice: str | None
-    state: Literal["pending", "applied", "failed"]
+    state: SteerState
     error: str | None = Field(description="Why it failed.")
     note: str | None = Field(description="E.g. a voice kept for the other mode.")
     created_at: str
@@ -183,7 +185,7 @@ class CallList(BaseModel):
 class SteerAccepted(BaseModel):
     call_sid: str
     steer_id: str
-    state: Literal["pending", "applied", "failed"]
+    state: SteerState
 
 
 class ModeResult(BaseModel):
@@ -193,7 +195,7 @@ class ModeResult(BaseModel):
 
 class HangupResult(BaseModel):
     call_sid: str
-    status: Literal["completed", "already_ended", "stream_closed"] = Field(
+    status: control.HangUpResult = Field(
         description="stream_closed: no Twilio credentials, our side closed the stream."
     )
 
@@ -201,7 +203,7 @@ class HangupResult(BaseModel):
 class TransferResult(BaseModel):
     call_sid: str
     to: str
-    status: Literal["transferring", "already_ended"]
+    status: control.TransferResult
 
 
 class DialResult(BaseModel):

@@ -197,7 +197,9 @@ class Call:
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeTogether]:
-    async with FakeTogether() as server:
+    """The fake at a brisk pace (a test that needs a slower one sets it)."""
+    pace = {"stt_finalize_delay_s": 0.01, "llm_token_delay_s": 0.002}
+    async with FakeTogether(**pace, tts_chunk_interval_s=0.001) as server:
         yield server
 
 
@@ -210,7 +212,8 @@ async def open_call(fake: FakeTogether) -> AsyncIterator[Callable[..., Any]]:
         setup: AgentSetup = SETUP, history: list[Turn] | None = None, greet: bool = False, **kw: Any
     ) -> Call:
         settings = make_settings(together_api_key="test-key", together_base_url=fake.base_url)
-        options = {"llm_backoff_s": 0.01, "tts_tail_s": 0.05, **kw}
+        short = {"llm_backoff_s": 0.01, "tts_tail_s": 0.01, "tts_drain_timeout_s": 0.2}
+        options = {**short, **kw}
         engine = ChainedEngine(settings, **options)
         await engine.start(setup, history or [], greet)
         calls.append(Call(engine))
@@ -229,7 +232,7 @@ async def test_full_turn_streams_the_reply_sentence_by_sentence(
     reply = "Sure, I can book that. Which time on Tuesday works for you? We open at nine."
     fake.transcripts.append(caller_text)
     fake.replies.append(reply)
-    fake.llm_token_delay_s = 0.04  # the reply takes ~0.6 s to write
+    fake.llm_token_delay_s = 0.02  # the reply takes ~0.3 s to write
     call = await open_call()
 
     await call.speak("book_cleaning")
@@ -282,7 +285,7 @@ async def test_full_turn_streams_the_reply_sentence_by_sentence(
 
     # Sentence streaming: the caller hears the first sentence while the model still writes.
     first_audio_at = call.times[order.index(AudioOut)]
-    assert first_audio_at < fake.chat_finished_at[0] - 0.2
+    assert first_audio_at < fake.chat_finished_at[0] - 0.1
 
 
 async def test_greeting_is_spoken_like_a_response(
@@ -310,7 +313,7 @@ async def test_greeting_is_spoken_like_a_response(
 async def test_cancel_mid_reply_stops_the_model_and_the_audio(
     fake: FakeTogether, open_call: Callable[..., Any]
 ) -> None:
-    fake.llm_token_delay_s = 0.05
+    fake.llm_token_delay_s = 0.05  # the reply takes ~2 s to write
     fake.replies.append("This is the first sentence. " + "And here is yet more. " * 10)
     fake.replies.append("Short answer.")
     call = await open_call()
@@ -323,7 +326,7 @@ async def test_cancel_mid_reply_stops_the_model_and_the_audio(
     assert done.status == "cancelled"
     first_item = call.of(AudioOut)[0].item_id
     audio_count = len(call.of(AudioOut))
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.1)
     assert len(call.of(AudioOut)) == audio_count  # nothing after the cancel
     assert fake.chat_finished_at == []  # the chat stream was dropped, not read to the end
     assert len(fake.tts_items) < 11
@@ -362,7 +365,7 @@ async def test_truncate_keeps_only_what_the_caller_heard(
 async def test_truncate_after_a_cancel_cuts_the_stopped_reply(
     fake: FakeTogether, open_call: Callable[..., Any]
 ) -> None:
-    fake.tts_chunk_interval_s = 0.05  # a sentence's audio streams in over ~0.7 s
+    fake.tts_chunk_interval_s = 0.02  # a sentence's audio streams in over ~0.3 s
     fake.replies.extend(["Alpha beta gamma delta. Epsilon zeta eta theta. Iota kappa.", "Ok."])
     call = await open_call()
     await call.speak("opening_hours")
@@ -483,7 +486,7 @@ async def test_stt_drop_mid_turn_loses_nothing_and_later_turns_work(
 async def test_a_voice_change_applies_at_the_next_response(
     fake: FakeTogether, open_call: Callable[..., Any]
 ) -> None:
-    fake.llm_token_delay_s = 0.03
+    fake.llm_token_delay_s = 0.015
     fake.replies.extend(["First one here. Second one here. Third one here.", "New voice now."])
     call = await open_call()
     await call.speak("opening_hours")
@@ -676,7 +679,7 @@ async def test_a_sentence_split_into_several_tts_items_is_spoken_to_the_end(
     fake.tts_split_items = True  # every committed sentence comes back as two items
     reply = "One two three four. Five six seven eight."
     fake.replies.append(reply)
-    call = await open_call()
+    call = await open_call(tts_tail_s=0.3)  # well above the fake's gap between items
     await call.speak("opening_hours")
     (done,) = await call.responses_done(1)
     assert done.status == "completed"
@@ -764,7 +767,7 @@ async def test_calls_share_one_http_session_and_its_connections(fake: FakeTogeth
     settings = make_settings(together_api_key="test-key", together_base_url=fake.base_url)
     try:
         for _ in range(2):  # two calls, one after the other
-            engine = ChainedEngine(settings, shared, tts_tail_s=0.05)
+            engine = ChainedEngine(settings, shared, tts_tail_s=0.01)
             await engine.start(SETUP, [Turn("caller", "Hello?")], greet=False)
             call = Call(engine)
             await engine.respond()

@@ -136,6 +136,7 @@ class ChainedEngine:
         finalize_timeout_s: float = 5.0,
         stall_timeout_s: float = 10.0,
         tts_tail_s: float = 0.3,
+        tts_drain_timeout_s: float = 1.0,
         llm_retries: int = 2,
         llm_backoff_s: float = 0.5,
     ) -> None:
@@ -147,6 +148,7 @@ class ChainedEngine:
         self._finalize_timeout_s = finalize_timeout_s
         self._stall_timeout_s = stall_timeout_s
         self._tts_tail_s = tts_tail_s
+        self._tts_drain_timeout_s = tts_drain_timeout_s
         self._llm_retries = llm_retries
         self._llm_backoff_s = llm_backoff_s
         self._events: asyncio.Queue[EngineEvent | None] = asyncio.Queue()
@@ -180,6 +182,7 @@ class ChainedEngine:
             connect_timeout_s=self._connect_timeout_s,
             stall_timeout_s=self._stall_timeout_s,
             tail_s=self._tts_tail_s,
+            drain_timeout_s=self._tts_drain_timeout_s,
             on_fatal=self._fatal,
         )
         self._llm = ChatClient(

@@ -32,9 +32,8 @@ from app.engines.chained.engine import APOLOGY, ChainedEngine
 from app.engines.chained.history import Conversation, ToolCallRequest, heard_text
 from app.engines.chained.http import SharedSession
 from app.engines.chained.sentences import SentenceSplitter
-from app.engines.chained.tts import _PcmTo8k
 from tests.conftest import FIXTURES, make_settings
-from tests.fakes.together import TTS_RATE, FakeTogether, ToolReply, tone, wav_header
+from tests.fakes.together import TTS_RATE, FakeTogether, ToolReply, tone
 
 LABELS = json.loads((FIXTURES / "labels.json").read_text())
 SETUP = AgentSetup(
@@ -122,22 +121,6 @@ def test_conversation_is_bounded_and_keeps_tool_calls_with_their_results() -> No
     tool_at = [m["role"] for m in messages].index("tool")
     assert messages[tool_at - 1]["tool_calls"][0]["id"] == "call_9"
     assert messages[tool_at]["tool_call_id"] == "call_9"
-
-
-# Audio conversion
-
-
-def test_tts_audio_strips_a_wav_header_and_resamples_to_8k() -> None:
-    pcm = tone(TTS_RATE // 2).astype("<i2").tobytes()  # 500 ms
-    plain, headed = _PcmTo8k(), _PcmTo8k()
-    out_plain = [plain.convert(pcm[:4801]), plain.convert(pcm[4801:]), plain.flush()]
-    out_headed = [headed.convert(wav_header() + pcm[:4801]), headed.convert(pcm[4801:])]
-    out_headed.append(headed.flush())
-    assert out_plain == out_headed  # the header never reaches the caller as noise
-    payloads = [c for c in out_plain if c is not None]
-    assert sum(ms for _, ms in payloads) == pytest.approx(500.0, abs=1.0)
-    audio = ulaw_decode(b"".join(base64.b64decode(p) for p, _ in payloads))
-    assert dominant_hz(audio) == pytest.approx(440, abs=10)
 
 
 # The engine against the fake services
@@ -314,6 +297,7 @@ async def test_cancel_mid_reply_stops_the_model_and_the_audio(
     fake: FakeTogether, open_call: Callable[..., Any]
 ) -> None:
     fake.llm_token_delay_s = 0.05  # the reply takes ~2 s to write
+    fake.tts_chunk_interval_s = 0.005
     fake.replies.append("This is the first sentence. " + "And here is yet more. " * 10)
     fake.replies.append("Short answer.")
     call = await open_call()
@@ -747,10 +731,11 @@ async def test_stt_resampling_keeps_its_state_across_frames(
     _chunked_equals_whole(np.frombuffer(bytes(fake.stt[0].audio), dtype="<i2"), whole)
 
 
+@pytest.mark.parametrize("wav_header", [False, True])
 async def test_tts_resampling_keeps_its_state_across_deltas(
-    fake: FakeTogether, open_call: Callable[..., Any]
+    fake: FakeTogether, open_call: Callable[..., Any], wav_header: bool
 ) -> None:
-    fake.tts_wav_header = False
+    fake.tts_wav_header = wav_header  # a header never reaches the caller as noise
     call = await open_call(greet=True)
     await call.responses_done(1)
     chunked = ulaw_decode(b"".join(base64.b64decode(a.payload) for a in call.of(AudioOut)))
@@ -777,3 +762,21 @@ async def test_calls_share_one_http_session_and_its_connections(fake: FakeTogeth
         assert fake.chat_peers[0] == fake.chat_peers[1]  # the same kept-alive connection
     finally:
         await shared.close()
+
+
+async def test_a_reopened_tts_session_speaks_with_the_current_voice(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    fake.replies.append("Now in the new voice.")
+    call = await open_call()
+    await call.engine.update(voice="am_adam")
+    await call.engine.respond()
+    await call.responses_done(1)
+
+    await fake.drop_tts()
+    await fake.wait_until(lambda: len(fake.tts) == 2, what="the TTS socket to reopen")
+    await call.engine.respond()
+    await call.responses_done(2)
+
+    assert len(fake.tts_items) == 3  # one sentence, then the default reply's two
+    assert {item.voice for item in fake.tts_items} == {"am_adam"}

@@ -171,6 +171,12 @@ class FakeTogether(LoopbackServer):
             if conn.ws is not None and not conn.ws.closed:
                 await conn.ws.close(code=1011, message=b"dropped by the fake")
 
+    async def drop_tts(self) -> None:
+        """Close the live TTS sockets abruptly."""
+        for conn in self.tts:
+            if conn.ws is not None and not conn.ws.closed:
+                await conn.ws.close(code=1011, message=b"dropped by the fake")
+
     async def wait_until(self, condition: Any, within_s: float = 5.0, what: str = "it") -> None:
         deadline = time.monotonic() + within_s
         while not condition():

@@ -48,6 +48,8 @@ from app.engines.chained.sentences import SentenceSplitter
 from app.engines.chained.stt import TogetherSTT
 from app.engines.chained.tts import SpeechChunk, TogetherTTS
 
+__all__ = ["APOLOGY", "ChainedEngine"]
+
 log = structlog.get_logger(__name__)
 
 APOLOGY = "Sorry, I didn't catch that. Could you say it again?"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+__all__ = ["ProviderError"]
+
 
 class ProviderError(Exception):
     """A Together service failed; `retryable` says whether trying again may help."""

@@ -13,6 +13,8 @@ from typing import Any
 
 from app.engines.base import Turn
 
+__all__ = ["Conversation", "ToolCallRequest", "heard_text"]
+
 
 @dataclass(frozen=True, slots=True)
 class ToolCallRequest:

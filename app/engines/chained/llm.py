@@ -28,6 +28,8 @@ from app.config import Settings
 from app.engines.chained.errors import ProviderError
 from app.engines.chained.history import ToolCallRequest
 
+__all__ = ["ChatClient"]
+
 log = structlog.get_logger(__name__)
 
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429})

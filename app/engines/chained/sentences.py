@@ -10,6 +10,8 @@ so TTS never waits on a runaway sentence.
 
 from __future__ import annotations
 
+__all__ = ["SentenceSplitter"]
+
 _TERMINATORS = frozenset(".!?;:")
 _CLOSERS = frozenset("\"')]}\u201d\u2019")
 _ABBREVIATIONS = frozenset(

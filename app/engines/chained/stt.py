@@ -33,6 +33,8 @@ from app.config import Settings
 from app.engines.chained.errors import ProviderError
 from app.engines.chained.socket import Event, ProviderSocket, SessionFailed, ws_base
 
+__all__ = ["TogetherSTT"]
+
 log = structlog.get_logger(__name__)
 
 _BYTES_PER_MS = 32  # PCM16 at 16 kHz

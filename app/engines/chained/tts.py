@@ -39,6 +39,8 @@ from app.config import Settings
 from app.engines.chained.errors import ProviderError
 from app.engines.chained.socket import Event, ProviderSocket, ws_base
 
+__all__ = ["SpeechChunk", "TogetherTTS"]
+
 log = structlog.get_logger(__name__)
 
 _CLEAR: Event = {"type": "input_text_buffer.clear"}

@@ -173,8 +173,13 @@ class ProviderSocket:
             await ws.close()
             raise ProviderError("no_session", f"{self._name}: {exc!r}", retryable=True) from exc
         event = self._parse(first)
-        if event is not None and event.get("type") != "session.created":
+        if event is None or event.get("type") == "session.created":
+            return
+        try:
             self._on_message(event)
+        except SessionFailed as exc:  # the session failed before it started
+            await ws.close()
+            raise ProviderError("no_session", f"{self._name}: {exc}", retryable=True) from exc
 
     def _parse(self, raw: str | bytes) -> Event | None:
         try:

@@ -34,7 +34,7 @@ def call_sid(n: int) -> str:
     return f"CA{n:032x}"
 
 
-def start_frame(sid: str, parameters: dict[str, str], media_format: dict[str, Any]) -> str:
+def start_frame(sid: str, parameters: dict[str, Any], media_format: Any) -> str:
     stream_sid = "MZ" + sid[2:]
     start = {
         "streamSid": stream_sid,
@@ -350,6 +350,26 @@ async def test_a_second_stream_for_a_live_call_is_refused_and_the_call_goes_on(
     assert orjson.loads(msg.data)["event"] == "media"
     await first.send_str(media_frame())
     await first.close()
+    await e.settled()
+
+
+async def test_a_bad_start_is_dropped_and_a_good_one_still_opens_the_call(
+    edge_rig: EdgeFactory,
+) -> None:
+    e = await edge_rig(model=True)
+    ws = await e.http.ws_connect(e.ws_url)
+    token = e.app[STREAM_TOKENS].issue(call_sid(1))
+    with capture_logs() as logs:
+        for bad in (
+            start_frame("CA../../etc", {"stream_token": token}, MULAW_8K),
+            start_frame(call_sid(1), {"stream_token": {"nested": [token]}}, MULAW_8K),
+            start_frame(call_sid(1), {"stream_token": token}, "mulaw"),
+        ):
+            await ws.send_str(bad)
+        await ws.send_str(start_frame(call_sid(1), {"stream_token": token}, MULAW_8K))
+        await wait_for(lambda: call_sid(1) in e.app[CALLS])
+    assert [entry["event"] for entry in logs].count("twilio.frame_dropped") == 3
+    await ws.close()
     await e.settled()
 
 

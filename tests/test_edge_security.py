@@ -267,8 +267,7 @@ def test_stream_tokens_are_per_call_short_lived_and_single_use() -> None:
     now[0] += 61
     with pytest.raises(TokenError, match="expired"):
         tokens.redeem(call_sid(3), late)
-    tokens.redeem(call_sid(4), tokens.issue(call_sid(4)))  # the used list was pruned
-    assert len(tokens._used) == 1
+    tokens.redeem(call_sid(4), tokens.issue(call_sid(4)))  # later tokens still work
 
 
 def test_a_shared_secret_lets_another_instance_accept_the_token() -> None:

@@ -17,7 +17,7 @@ run: $(STAMP)
 	$(BIN)/python -m app serve
 
 test: $(STAMP)
-	$(BIN)/ruff check app tests bench
+	$(BIN)/ruff check app tests bench examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache --no-logo
 	$(BIN)/pytest -q

@@ -274,7 +274,7 @@ async def test_openapi_document_describes_every_route(rig: RigFactory) -> None:
 
 async def test_list_detail_and_transcript_of_a_live_call(rig: RigFactory) -> None:
     r = await rig()
-    live = await r.service.call(speech_after(1500), tail_s=0.5, admin_token=ADMIN)
+    live = await r.service.call(speech_after(1500, "yes"), tail_s=0.5, admin_token=ADMIN)
     await wait_until(lambda: len(live.session.transcript) >= 3, what="three turns")
     status, listed = await r.service.api("GET", "/admin/calls")
     assert status == 200
@@ -580,7 +580,7 @@ class AtUpdate:
 async def test_model_ends_the_call_after_its_goodbye_is_heard(rig: RigFactory) -> None:
     r = await rig(tool_calls=[None, FakeToolCall("end_call")])
     at_update = AtUpdate(r)
-    live = await r.service.call(speech_after(1500), tail_s=6.0)
+    live = await r.service.call(speech_after(1500, "yes"), tail_s=6.0)
     conn = r.realtime.connections[0]
     assert [t["name"] for t in conn.session["tools"]] == ["end_call"]
     await wait_until(lambda: bool(r.twilio.updates), within_s=15, what="the hang-up")
@@ -603,7 +603,7 @@ async def test_model_transfer_refused_then_allowed(rig: RigFactory) -> None:
         ]
     )
     at_update = AtUpdate(r)
-    live = await r.service.call(speech_after(1500), tail_s=6.0, persona="receptionist")
+    live = await r.service.call(speech_after(1500, "yes"), tail_s=6.0, persona="receptionist")
     conn = r.realtime.connections[0]
     tools = {t["name"]: t for t in conn.session["tools"]}
     assert tools["transfer_call"]["parameters"]["properties"]["to"]["enum"] == ["+15550100200"]
@@ -630,7 +630,7 @@ async def test_tool_calls_in_the_beta_dialect(rig: RigFactory, dialect: str) -> 
         tool_calls=[None, FakeToolCall("end_call")],
         settings={"realtime_dialect": dialect},
     )
-    live = await r.service.call(speech_after(1500), tail_s=5.0)
+    live = await r.service.call(speech_after(1500, "yes"), tail_s=5.0)
     await wait_until(lambda: bool(r.twilio.updates), within_s=15, what="the hang-up")
     assert r.twilio.updates[0].form == {"Status": "completed"}
     await live.twilio_ends_stream()

@@ -335,7 +335,7 @@ async def test_realtime_voice_change_swaps_in_a_seeded_session_at_the_turn_end(
     rig: RigFactory,
 ) -> None:
     r = await rig(reply_audio=GREETING[:12000])  # 1.5 s greeting and replies
-    live = await r.service.call(speech_after(2500), tail_s=1.5)
+    live = await r.service.call(speech_after(2500, "yes"), tail_s=1.5)
     watch = SwitchWatch(r, live.sid)
     live.session.observers.add(watch)
     old = r.realtime.connections[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -24,6 +25,7 @@ from structlog.testing import capture_logs
 from examples.clinic import TOOLS, Clinic, Schedule, create_app, running
 from examples.clinic.schedule import CLINIC_HOURS, ClinicError, ErrorCode
 from examples.clinic.signature import HEADER, Rejection, sign, verify
+from tests.conftest import ROOT
 
 TZ = ZoneInfo("America/New_York")
 # Monday 7 January 2030, 10 AM at the clinic.
@@ -342,3 +344,14 @@ async def test_mcp_lists_the_five_tools_and_books(rig: Rig) -> None:
         assert invalid.structured_content is not None
         assert invalid.structured_content["error"] == "invalid_arguments"
     assert rig.booked() == [ALICE_ROW]
+
+
+def test_the_receptionist_declares_the_clinic_schemas() -> None:
+    """The persona offers the model the clinic's own schemas, at the clinic's URLs."""
+    persona = tomllib.loads((ROOT / "prompts" / "receptionist.toml").read_text())
+    declared = {tool["name"]: tool for tool in persona.get("tools", []) if tool["name"] in TOOLS}
+    if not declared:
+        pytest.skip("prompts/receptionist.toml declares no clinic HTTP tools")
+    for name, tool in declared.items():
+        assert tool["parameters"] == TOOLS[name].parameters, name
+        assert tool["url"].endswith(f"/tools/{name}"), name

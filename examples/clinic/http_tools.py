@@ -46,14 +46,14 @@ def tool_routes(clinic: Clinic, *, secret: str | None, clock: Callable[[], float
         name = request.path_params["name"]
         if name not in TOOLS:
             return _error(404, "unknown_tool", f"No tool named {name!r}.")
-        body = b""
+        body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > MAX_BODY:
                 log.warning("clinic.body_too_large", tool=name)
                 return _error(413, "too_large", f"The body is over {MAX_BODY} bytes.")
         if secret is not None:
-            rejected = verify(secret, request.headers.get(HEADER), body, clock())
+            rejected = verify(secret, request.headers.get(HEADER), bytes(body), clock())
             if rejected is not None:
                 log.warning("clinic.signature_rejected", tool=name, reason=str(rejected))
                 return _error(401, "bad_signature", "The request signature is not valid.")

@@ -33,8 +33,8 @@ __all__ = [
     "OpeningHours",
     "Part",
     "Schedule",
-    "fingerprint",
     "local_text",
+    "request_fingerprint",
     "spoken",
     "weekday",
 ]
@@ -140,6 +140,8 @@ Saturday 9 to 1, closed on Sunday."""
 
 @dataclass(frozen=True)
 class Appointment:
+    """One booked slot, as the tools answer it (`to_json`)."""
+
     id: int
     name: str
     phone: str
@@ -200,7 +202,7 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 """
 
 
-def fingerprint(tool: str, arguments: Mapping[str, Any]) -> str:
+def request_fingerprint(tool: str, arguments: Mapping[str, Any]) -> str:
     """What a retry must repeat for its key to replay: the tool and its arguments."""
     canonical = json.dumps([tool, arguments], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -252,7 +254,7 @@ class Schedule:
 
     # Idempotency
 
-    def once(self, key: str, print_: str, run: Callable[[], Answer]) -> tuple[Answer, bool]:
+    def once(self, key: str, fingerprint: str, run: Callable[[], Answer]) -> tuple[Answer, bool]:
         """`run()`'s answer, remembered under `key`; a later call with the key gets the
         remembered answer without running (and True). The answer is stored in the same
         transaction as what `run` wrote, so a booking and its key land together or not at
@@ -263,7 +265,7 @@ class Schedule:
                 "SELECT fingerprint, answer FROM idempotency_keys WHERE key = ?", (key,)
             ).fetchone()
             if row is not None:
-                if row[0] != print_:
+                if row[0] != fingerprint:
                     raise IdempotencyConflict(key)
                 return json.loads(row[1]), True
             answer = run()
@@ -273,7 +275,7 @@ class Schedule:
             self._db.execute(
                 "INSERT INTO idempotency_keys (key, fingerprint, answer, created_at)"
                 " VALUES (?, ?, ?, ?)",
-                (key, print_, json.dumps(answer), now),
+                (key, fingerprint, json.dumps(answer), now),
             )
             return answer, False
 

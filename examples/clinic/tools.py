@@ -24,8 +24,8 @@ from examples.clinic.schedule import (
     ErrorCode,
     Part,
     Schedule,
-    fingerprint,
     local_text,
+    request_fingerprint,
     weekday,
 )
 
@@ -145,7 +145,7 @@ class Outcome:
     """The answer was remembered under the request's idempotency key; nothing ran again."""
 
 
-def validate(tool: str, arguments: object) -> dict[str, Any]:
+def _validate(tool: str, arguments: object) -> dict[str, Any]:
     """`arguments`, checked against the tool's schema; raises InvalidArguments."""
     validator = _VALIDATORS.get(tool)
     if validator is None:
@@ -250,14 +250,14 @@ class Clinic:
 
         Raises InvalidArguments, and IdempotencyConflict for a key reused with another
         request."""
-        args = validate(tool, arguments)
+        args = _validate(tool, arguments)
         if idempotency_key is None:
             return await self._on_thread(lambda: Outcome(_run(self.schedule, tool, args)))
         key = idempotency_key
 
         def once() -> Outcome:
             answer, replayed = self.schedule.once(
-                key, fingerprint(tool, args), lambda: _run(self.schedule, tool, args)
+                key, request_fingerprint(tool, args), lambda: _run(self.schedule, tool, args)
             )
             return Outcome(answer, replayed)
 

@@ -128,6 +128,13 @@ async def test_booking_over_http_lands_in_the_database(rig: Rig) -> None:
     assert [a["id"] for a in found.body["appointments"]] == [appointment["id"]]
 
 
+async def test_a_final_newline_is_not_stored(rig: Rig) -> None:
+    # jsonschema's `$` matches before a final newline; the clinic stores the bare number.
+    spaced = {**ALICE, "name": " Alice Moreno ", "phone": ALICE["phone"] + "\n"}
+    assert (await rig.post("book_appointment", spaced)).body["ok"] is True
+    assert rig.booked() == [ALICE_ROW]
+
+
 async def test_a_retry_with_the_same_key_books_once_and_answers_the_same(rig: Rig) -> None:
     first = await rig.post("book_appointment", ALICE, key="CA123:call_1")
     again = await rig.post("book_appointment", ALICE, key="CA123:call_1")
@@ -272,6 +279,10 @@ async def test_requests_that_are_not_tool_calls_are_refused(rig: Rig) -> None:
     invalid = await rig.post("book_appointment", {**ALICE, "phone": "555-1234"}, key="x")
     assert (invalid.status, invalid.body["error"]) == (422, "invalid_arguments")
     assert "phone" in invalid.body["message"]
+    blank = await rig.post("book_appointment", {**ALICE, "name": "   "}, key="y")
+    assert (blank.status, blank.body["error"]) == (422, "invalid_arguments")
+    huge = await rig.post("cancel_appointment", {"id": 2**63})
+    assert (huge.status, huge.body["error"]) == (422, "invalid_arguments")
     mismatch = await rig.post("cancel_appointment", {"id": 1}, envelope_tool="book_appointment")
     assert mismatch.status == 400
     unknown = await rig.post("end_call", {})

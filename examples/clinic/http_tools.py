@@ -45,6 +45,7 @@ def tool_routes(clinic: Clinic, *, secret: str | None, clock: Callable[[], float
     async def call_tool(request: Request) -> JSONResponse:
         name = request.path_params["name"]
         if name not in TOOLS:
+            log.warning("clinic.unknown_tool", tool=name[:64])
             return _error(404, "unknown_tool", f"No tool named {name!r}.")
         body = bytearray()
         async for chunk in request.stream():

@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
 
 from examples.clinic.schedule import (
     Answer,
@@ -41,7 +42,7 @@ _PHONE = {
 }
 _NAME = {
     "type": "string",
-    "minLength": 1,
+    "pattern": "\\S",
     "maxLength": 100,
     "description": "The patient's full name.",
 }
@@ -51,7 +52,13 @@ _START = {
     "description": "Start of a 30-minute slot in the clinic's local time, YYYY-MM-DDTHH:MM, "
     "on the hour or at half past.",
 }
-_ID = {"type": "integer", "minimum": 1, "description": "The appointment's id."}
+# Capped so that no id overflows SQLite's 64-bit integers.
+_ID = {
+    "type": "integer",
+    "minimum": 1,
+    "maximum": 2**53 - 1,
+    "description": "The appointment's id.",
+}
 
 
 def _object(properties: Mapping[str, Any], required: list[str]) -> dict[str, Any]:
@@ -104,7 +111,7 @@ TOOLS: Mapping[str, ToolSpec] = {
                     "phone": _PHONE,
                     "reason": {
                         "type": "string",
-                        "minLength": 1,
+                        "pattern": "\\S",
                         "maxLength": 200,
                         "description": "The reason for the visit, in a few words.",
                     },
@@ -150,10 +157,10 @@ def _validate(tool: str, arguments: object) -> dict[str, Any]:
     validator = _VALIDATORS.get(tool)
     if validator is None:
         raise InvalidArguments(f"No tool named {tool!r}.")
-    errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
-    if errors:
-        where = "/".join(str(p) for p in errors[0].absolute_path) or "arguments"
-        raise InvalidArguments(f"{where}: {errors[0].message}")
+    error = best_match(validator.iter_errors(arguments))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "arguments"
+        raise InvalidArguments(f"{where}: {error.message}")
     assert isinstance(arguments, dict)
     return arguments
 
@@ -188,13 +195,15 @@ def _check_availability(schedule: Schedule, args: Mapping[str, Any]) -> Answer:
 
 def _book_appointment(schedule: Schedule, args: Mapping[str, Any]) -> Answer:
     start = _start(schedule, args["start"])
-    booked = schedule.book(args["name"], args["phone"], args["reason"], start)
+    # Python's `$` (jsonschema's patterns) also matches before a final newline: strip it.
+    name, phone, reason = (args[key].strip() for key in ("name", "phone", "reason"))
+    booked = schedule.book(name, phone, reason, start)
     log.info("clinic.booked", appointment_id=booked.id, start=local_text(booked.start))
     return {"ok": True, "appointment": booked.to_json()}
 
 
 def _find_appointment(schedule: Schedule, args: Mapping[str, Any]) -> Answer:
-    found = schedule.find(args["name"], args["phone"])
+    found = schedule.find(args["name"], args["phone"].strip())
     return {"ok": True, "appointments": [a.to_json() for a in found]}
 
 

@@ -55,8 +55,9 @@ VALID_BODIES: dict[str, Any] = {
 
 
 def two_turns(gap_ms: int) -> Clip:
-    """The caller asks after the greeting, and again `gap_ms` after the first clip."""
-    first = speech_after(1500)
+    """The caller speaks after the greeting (a short 'yes': the realtime fake's transcript is
+    scripted), and asks a question `gap_ms` after that clip."""
+    first = speech_after(1500, "yes")
     second = speech_after(gap_ms)
     return Clip(
         first.ulaw + second.ulaw,
@@ -466,7 +467,7 @@ async def test_mode_toggle_both_ways_keeps_conversation_and_instructions(
 ) -> None:
     r = await rig()
     r.together.transcripts.append("And on Sunday?")
-    live = await r.service.call(two_turns(gap_ms=2000), tail_s=3.0)
+    live = await r.service.call(two_turns(gap_ms=1000), tail_s=3.0)
     first = r.realtime.connections[0]
     await wait_until(lambda: len(live.session.transcript) >= 3, what="a realtime turn")
     await r.service.api(

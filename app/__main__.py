@@ -22,8 +22,13 @@ def _serve(_: argparse.Namespace) -> int:
 
     try:
         settings = load_settings()
+        # Values the personas' tool headers read from the environment are secrets too.
+        personas = load_personas(settings.prompts_dir)
+        tool_secrets = [s for persona in personas.values() for s in persona.tools.secrets]
         logging_setup.configure(
-            settings.log_format, settings.log_level, secrets=settings.secret_values()
+            settings.log_format,
+            settings.log_level,
+            secrets=[*settings.secret_values(), *tool_secrets],
         )
         if not settings.vad_model_path.is_file():
             raise ConfigError(f"VAD_MODEL_PATH: no file at {settings.vad_model_path}")

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     turn_min_speech_ms: int = Field(200, ge=0)
     playback_lead_ms: int = Field(250, ge=40)
 
+    tools_signing_secret: SecretStr | None = None
+    tool_filler_ms: int = Field(700, ge=0)
+
     admin_token: SecretStr | None = None
     redis_url: str | None = None
     call_registry_ttl: float = Field(15.0, gt=0)

@@ -16,12 +16,15 @@ from prometheus_client.exposition import generate_latest
 
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
+from app.tools.results import ToolCallRecord
 
 __all__ = ["METRICS", "CallMetrics", "Metrics", "metrics_endpoint"]
 
 # Caller speech end to first agent audio: conversational latency lives in 0.2-3 s.
 TURN_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 # Our own relay work per frame: the target is under 2 ms at p99.
+# A business tool call, from the model's call to the tool's answer: 50 ms to the 5 s timeout.
+TOOL_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 RELAY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
@@ -66,6 +69,19 @@ class Metrics:
             buckets=TURN_BUCKETS,
             registry=r,
         )
+        self.tool_calls = Counter(
+            "phone_agent_tool_calls",
+            "Tool calls of the model, by tool (`unknown`: a name not offered) and outcome.",
+            ["tool", "outcome"],
+            registry=r,
+        )
+        self.tool_latency = Histogram(
+            "phone_agent_tool_latency_seconds",
+            "From the model's tool call to the tool's answer, by tool.",
+            ["tool"],
+            buckets=TOOL_BUCKETS,
+            registry=r,
+        )
         self.relay_lag = Histogram(
             "phone_agent_relay_lag_seconds",
             "From a Twilio media frame reaching the call to its forward to the engine.",
@@ -106,6 +122,10 @@ class CallMetrics(CallObserver):
 
     def steered(self, kind: str, detail: str, state: str) -> None:
         self._m.steers.labels(kind, state).inc()
+
+    def tool_called(self, record: ToolCallRecord) -> None:
+        self._m.tool_calls.labels(record.name, record.outcome).inc()
+        self._m.tool_latency.labels(record.name).observe(record.latency_ms / 1000.0)
 
     def ended(self, outcome: str) -> None:
         if not self._ended:

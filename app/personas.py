@@ -1,10 +1,18 @@
-"""Personas: one TOML file per agent in PROMPTS_DIR, written for the ear."""
+"""Personas: one TOML file per agent in PROMPTS_DIR, written for the ear.
+
+A persona may declare business tools (`[[tools]]`, `[[mcp_servers]]`, see
+`app.tools.declarations`); a bad declaration is a `PersonaError` at start-up.
+"""
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from app.tools.declarations import DeclarationError, Toolbox, parse_toolbox
+
+__all__ = ["Persona", "PersonaError", "load_personas"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +25,7 @@ class Persona:
     instructions: str
     tts_voice: str | None = None
     transfer_numbers: tuple[str, ...] = ()
+    tools: Toolbox = field(default_factory=Toolbox)
 
 
 class PersonaError(ValueError):
@@ -38,7 +47,10 @@ def load_personas(directory: Path) -> dict[str, Persona]:
                 instructions=str(data["instructions"]).strip(),
                 tts_voice=str(data["tts_voice"]) if "tts_voice" in data else None,
                 transfer_numbers=tuple(str(n) for n in data.get("transfer_numbers", ())),
+                tools=parse_toolbox(data),
             )
+        except DeclarationError as exc:
+            raise PersonaError(f"persona file {path}: {exc}") from None
         except (tomllib.TOMLDecodeError, KeyError, OSError) as exc:
             raise PersonaError(f"persona file {path} is invalid: {exc!r}") from exc
     if not personas:

@@ -23,6 +23,7 @@ from app.engines.factory import Engines
 from app.metrics import METRICS, Metrics, metrics_endpoint
 from app.personas import Persona, load_personas
 from app.telephony import messages, signature, streamtoken, twiml
+from app.tools.toolset import shared_runner
 from app.urls import websocket_url
 from app.vad.batcher import VadBatcher
 from app.vad.silero import get_vad
@@ -245,6 +246,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
     await app[VAD].close()
     await app[ENGINES].close()
+    await shared_runner().close()  # the tools' HTTP session and MCP clients
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -4,65 +4,15 @@ what the model is answered, and the status it ends in."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
-import orjson
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
-from app.call.outcome import Outcome
 from app.call.tasks import Supervisor
 from app.call.tools import CallTools, ToolRun, ToolStatus
-from app.config import Settings
 from app.engines.base import ToolCall
-from app.personas import Persona, load_personas
-from tests.conftest import ROOT, make_settings
-
-
-class Host:
-    """A call as the tools see it; no Twilio credentials, so hang-ups end our side."""
-
-    def __init__(self, persona: str = "receptionist") -> None:
-        self.settings: Settings = make_settings()
-        self.persona: Persona = load_personas(ROOT / "prompts")[persona]
-        self.call_sid = "CA" + "0" * 32
-        self.log: Any = structlog.get_logger("test")
-        self.ended: list[str] = []
-        self.outcome = Outcome.COMPLETED
-        self.agent_done = asyncio.Event()
-        self.agent_done.set()
-        self.fail: Exception | None = None
-
-    async def end(self, outcome: str) -> None:
-        self.ended.append(outcome)
-
-    @contextlib.contextmanager
-    def ending(self, outcome: str) -> Iterator[None]:
-        previous, self.outcome = self.outcome, Outcome(outcome)
-        try:
-            yield
-        except BaseException:
-            self.outcome = previous
-            raise
-
-    async def until_agent_done(self, timeout_s: float) -> bool:
-        if self.fail is not None:
-            raise self.fail
-        await self.agent_done.wait()
-        return True
-
-
-class Model:
-    """The engine that asked: keeps the outputs it is given."""
-
-    def __init__(self) -> None:
-        self.outputs: list[tuple[str, Any]] = []
-
-    async def tool_result(self, call_id: str, output: str) -> None:
-        self.outputs.append((call_id, orjson.loads(output)))
+from tests.tools_host import Host, Model
 
 
 async def run(tools: CallTools, model: Model, name: str, **arguments: Any) -> ToolRun:
@@ -76,7 +26,8 @@ async def run(tools: CallTools, model: Model, name: str, **arguments: Any) -> To
 
 
 async def test_end_call_ends_the_call_and_answers_nothing() -> None:
-    host, model, tasks = Host(), Model(), Supervisor()
+    host, tasks = Host(), Supervisor()
+    model: Model = host.engine
     tools = CallTools(host, tasks)
     assert (await run(tools, model, "end_call")).status is ToolStatus.ENDED
     assert host.ended == ["agent_hangup"]
@@ -84,29 +35,32 @@ async def test_end_call_ends_the_call_and_answers_nothing() -> None:
 
 
 async def test_refused_transfer_and_unknown_tool_are_answered() -> None:
-    host, model, tasks = Host(), Model(), Supervisor()
+    host, tasks = Host(), Supervisor()
+    model: Model = host.engine
     tools = CallTools(host, tasks)
     refused = await run(tools, model, "transfer_call", to="+15550000000")
     unknown = await run(tools, model, "order_pizza")
     assert refused.status is unknown.status is ToolStatus.ANSWERED
     (_, first), (_, second) = model.outputs
     assert "not allowed" in first["error"] and "+15550100200" in first["error"]
-    assert second == {"error": "unknown tool 'order_pizza'"}
+    assert second["ok"] is False and second["error"] == "unknown tool 'order_pizza'"
     assert host.ended == [] and host.outcome == "completed"
 
 
 async def test_a_tool_that_raises_fails_and_the_model_is_told() -> None:
-    host, model, tasks = Host(), Model(), Supervisor()
+    host, tasks = Host(), Supervisor()
+    model: Model = host.engine
     host.fail = RuntimeError("bug in a tool")
     tools = CallTools(host, tasks)
     with capture_logs() as logs:
         assert (await run(tools, model, "end_call")).status is ToolStatus.FAILED
-    assert model.outputs == [("call_end_call", {"error": "the tool failed"})]
+    assert [(c, o["error"]) for c, o in model.outputs] == [("call_end_call", "the tool failed")]
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["tool.crashed"]
 
 
 async def test_a_tool_still_waiting_when_the_call_ends_is_cancelled() -> None:
-    host, model, tasks = Host(), Model(), Supervisor()
+    host, tasks = Host(), Supervisor()
+    model: Model = host.engine
     host.agent_done.clear()  # the goodbye never finishes playing
     tools = CallTools(host, tasks)
     waiting = await run(tools, model, "end_call")

@@ -8,8 +8,10 @@ Layout, under `ARCHIVE_DIR/<call_sid>/`:
   mapped onto Twilio's clock through the arrival of the first media frame. Agent audio
   that a barge-in cleared is cut, so the file holds what the caller heard. Gaps are
   mu-law silence.
-- `transcript.json`: the turns, each with its time in ms on the recording's clock.
-- `call.json`: metadata, engine switches, steering, barge-ins, latency, errors, outcome.
+- `transcript.json`: the turns, each with its time in ms on the recording's clock; a
+  tool call of the model is a turn of speaker `tool` (name, arguments, outcome, latency).
+- `call.json`: metadata, engine switches, steering, barge-ins, tool calls, latency,
+  errors, outcome.
 
 A crash loses at most the last few seconds: every `flush_interval` the audio that can no
 longer change (a barge-in may still cut agent audio queued ahead of the present) is
@@ -61,6 +63,7 @@ from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.engines.base import Turn
 from app.timefmt import iso_utc
+from app.tools.results import ToolCallRecord
 
 __all__ = ["BYTES_PER_MS", "MAX_ENTRIES", "MAX_GAP_MS", "CallRecorder"]
 
@@ -158,6 +161,7 @@ class CallRecorder(CallObserver):
         self._switches: list[dict[str, Any]] = []
         self._steering: list[dict[str, Any]] = []
         self._barge_ins: list[dict[str, Any]] = []
+        self._tools: list[dict[str, Any]] = []
         self._latency: list[dict[str, Any]] = []
         self._errors: list[dict[str, Any]] = []
         self._dropped_entries = 0
@@ -290,6 +294,20 @@ class CallRecorder(CallObserver):
             "interrupted": turn.interrupted,
         }
         if self._append(self._turns, entry):
+            self._flush(self._clock())
+
+    def tool_called(self, record: ToolCallRecord) -> None:
+        entry = {
+            "at_ms": self._at_ms(self._clock()),
+            "call_id": record.call_id,
+            "tool": record.name,
+            "arguments": record.arguments,
+            "outcome": str(record.outcome),
+            "latency_ms": record.latency_ms,
+            "filler": record.filler,
+        }
+        self._append(self._tools, entry)
+        if self._append(self._turns, {"speaker": "tool", **entry}):
             self._flush(self._clock())
 
     def barge_in(self, reason: str, item_id: str | None, audio_end_ms: int | None) -> None:
@@ -542,6 +560,7 @@ class CallRecorder(CallObserver):
             "engine_switches": self._switches,
             "steering": self._steering,
             "barge_ins": self._barge_ins,
+            "tools": self._tools,
             "latency": self._latency,
             "provider_errors": self._errors,
             "outcome": self._outcome,

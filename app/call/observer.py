@@ -18,6 +18,7 @@ import structlog
 
 from app.audio.frame import MulawFrame
 from app.engines.base import Turn
+from app.tools.results import ToolCallRecord
 
 __all__ = ["CallObserver", "Observers"]
 
@@ -59,6 +60,9 @@ class CallObserver:
 
     def steered(self, kind: str, detail: str, state: str) -> None:
         """An operator steer changed state (pending, applied, failed)."""
+
+    def tool_called(self, record: ToolCallRecord) -> None:
+        """A tool call of the model settled (answered, failed, ended the call, cancelled)."""
 
     def ended(self, outcome: str) -> None:
         """The call is over; `outcome` is e.g. completed, no_engine, error."""
@@ -122,6 +126,9 @@ class Observers(CallObserver):
 
     def steered(self, kind: str, detail: str, state: str) -> None:
         self._each("steered", kind, detail, state)
+
+    def tool_called(self, record: ToolCallRecord) -> None:
+        self._each("tool_called", record)
 
     def ended(self, outcome: str) -> None:
         self._each("ended", outcome)

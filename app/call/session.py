@@ -32,7 +32,7 @@ from app.call.outcome import Outcome
 from app.call.playback import Playback
 from app.call.steering import Steering
 from app.call.tasks import Supervisor
-from app.call.tools import CallTools, tool_specs
+from app.call.tools import CallTools
 from app.call.turns import TurnState
 from app.config import Settings
 from app.engines.base import (
@@ -163,7 +163,7 @@ class CallSession:
             instructions=self.steering.instructions or self.persona.instructions,
             voice=self.steering.voices.get(mode, voice),
             greeting=self.persona.greeting,
-            tools=tool_specs(self.persona),
+            tools=self.tools.specs(),
         )
 
     @property
@@ -191,6 +191,7 @@ class CallSession:
         self._tasks.spawn(self.playback.run(), f"playback-{sid}", self._crashed)
         self._tasks.spawn(self.bargein.run(), f"bargein-{sid}", self._crashed)
         self.steering.start()
+        await self.tools.prepare()  # MCP servers listed before the engine offers tools
         for mode in self._engines.order(self.info.mode):
             if await self._activate(mode, greet=True, reason="start"):
                 self.log.info(

@@ -128,7 +128,7 @@ async def test_unreachable_realtime_starts_the_call_chained(
     rig: Callable[..., Awaitable[Rig]], failure: dict[str, Any]
 ) -> None:
     r = await rig(settings={"realtime_connect_timeout": 0.5}, **failure)
-    result = await simulate_call(clip_after(0, "yes"), url=r.url, tail_s=1.5)
+    result = await simulate_call(quiet(1000), url=r.url, tail_s=0.5)
     await r.settled()
     assert r.realtime.attempts == 1
     assert spoken(r.together)[0].startswith("Hi, this is Kira")
@@ -165,7 +165,7 @@ async def test_breaker_sends_new_calls_chained_after_repeated_failures(
 ) -> None:
     r = await rig(refuse_status=500)
     for _ in range(4):
-        await simulate_call(clip_after(0, "yes"), url=r.url, tail_s=0.0)
+        await simulate_call(quiet(300), url=r.url, tail_s=0.0)
     await r.settled()
     assert r.realtime.attempts == 3, "the fourth call skipped realtime"
     async with aiohttp.ClientSession() as http:

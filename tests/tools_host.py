@@ -52,11 +52,22 @@ class Model:
 
 
 class Recorded:
+    """The call's observers: keep each settled tool call."""
+
     def __init__(self) -> None:
         self.records: list[ToolCallRecord] = []
+        self._new = asyncio.Event()
 
     def tool_called(self, record: ToolCallRecord) -> None:
         self.records.append(record)
+        self._new.set()
+
+    async def settled(self, count: int = 1) -> list[ToolCallRecord]:
+        """Wait until `count` tool calls have settled."""
+        while len(self.records) < count:
+            self._new.clear()
+            await self._new.wait()
+        return self.records
 
 
 class Host:

@@ -51,18 +51,21 @@ class HttpSession:
     def __init__(self, *, keepalive_s: float = 60.0) -> None:
         self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def get(self) -> aiohttp.ClientSession:
-        session = self._session
-        if session is None or session.closed or session.loop is not asyncio.get_running_loop():
+        session, loop = self._session, asyncio.get_running_loop()
+        if session is None or session.closed or self._loop is not loop:
             connector = aiohttp.TCPConnector(keepalive_timeout=self._keepalive_s)
             self._session = session = aiohttp.ClientSession(connector=connector)
+            self._loop = loop
         return session
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        session, loop = self._session, self._loop
+        if session is not None and not session.closed and loop is asyncio.get_running_loop():
+            await session.close()
+        self._session = self._loop = None
 
 
 def request_body(tool: str, arguments: dict[str, Any], context: CallContext) -> bytes:

@@ -10,6 +10,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.phone import is_e164
 from app.tools.declarations import DeclarationError, Toolbox, parse_toolbox
 
 __all__ = ["Persona", "PersonaError", "load_personas"]
@@ -46,7 +47,7 @@ def load_personas(directory: Path) -> dict[str, Persona]:
                 greeting=str(data["greeting"]).strip(),
                 instructions=str(data["instructions"]).strip(),
                 tts_voice=str(data["tts_voice"]) if "tts_voice" in data else None,
-                transfer_numbers=tuple(str(n) for n in data.get("transfer_numbers", ())),
+                transfer_numbers=_numbers(path, data.get("transfer_numbers", [])),
                 tools=parse_toolbox(data),
             )
         except DeclarationError as exc:
@@ -56,3 +57,10 @@ def load_personas(directory: Path) -> dict[str, Persona]:
     if not personas:
         raise PersonaError(f"no persona files (*.toml) in {directory}")
     return personas
+
+
+def _numbers(path: Path, numbers: object) -> tuple[str, ...]:
+    """A persona's transfer numbers, each E.164 (`app.phone`), or the file is refused."""
+    if not isinstance(numbers, list) or not all(is_e164(n) for n in numbers):
+        raise PersonaError(f"persona file {path}: transfer_numbers must be E.164: {numbers!r}")
+    return tuple(numbers)

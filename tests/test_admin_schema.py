@@ -9,6 +9,7 @@ import collections
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,6 +26,7 @@ from schemathesis.checks import (
 )
 
 from app.config import Settings
+from app.personas import PersonaError, load_personas
 from app.phone import E164_PATTERN, is_e164
 from app.server import create_app
 from tests.admin_rig import (
@@ -102,6 +104,18 @@ def test_one_e164_rule_for_the_api_and_the_cli() -> None:
         assert not is_e164(bad), bad
         with pytest.raises(DialRequestError):
             DialRequest.parse(bad)
+
+
+@pytest.mark.parametrize(
+    "numbers", ['["+10"]', '["+15551234567\\n"]', "[15551234567]", '"+15551234567"']
+)
+def test_a_persona_transfer_number_follows_the_same_rule(tmp_path: Path, numbers: str) -> None:
+    persona = 'voice = "marin"\ngreeting = "Hi."\ninstructions = "Help."\n'
+    (tmp_path / "ok.toml").write_text(persona + 'transfer_numbers = ["+15550100200"]\n')
+    assert load_personas(tmp_path)["ok"].transfer_numbers == ("+15550100200",)
+    (tmp_path / "bad.toml").write_text(persona + f"transfer_numbers = {numbers}\n")
+    with pytest.raises(PersonaError, match="transfer_numbers"):
+        load_personas(tmp_path)
 
 
 async def test_the_document_states_the_rules(serve: Serve) -> None:

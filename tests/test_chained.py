@@ -780,3 +780,26 @@ async def test_a_reopened_tts_session_speaks_with_the_current_voice(
 
     assert len(fake.tts_items) == 3  # one sentence, then the default reply's two
     assert {item.voice for item in fake.tts_items} == {"am_adam"}
+
+
+async def test_a_stopped_reply_split_into_items_never_leaks_into_the_next(
+    fake: FakeTogether, open_call: Callable[..., Any]
+) -> None:
+    fake.tts_split_items = True  # the stopped sentence's second item survives the clear
+    fake.tts_chunk_interval_s = 0.01
+    fake.replies.extend(["Alpha beta gamma delta epsilon zeta eta theta iota kappa.", "Ok."])
+    # A tail above the fake's gap between two items, a drain time that lets them finish.
+    call = await open_call(tts_tail_s=0.2, tts_drain_timeout_s=3.0)
+    await call.speak("opening_hours")
+    await call.until(lambda: bool(call.of(AudioOut)))
+
+    await call.engine.cancel_response()
+    await call.speak("yes")
+
+    second = (await call.responses_done(2))[1]
+    assert second.status == "completed"
+    assert all(item.done for item in fake.tts_items[:2])  # both spoken after the stop
+    assert len(fake.tts) == 1  # drained item by item, not by a fresh session
+    agent = call.of(Transcript)[-1]
+    assert agent.text == "Ok."
+    assert call.audio_ms(agent.item_id) == pytest.approx(len("Ok.") * fake.tts_ms_per_char, abs=2)

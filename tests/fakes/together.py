@@ -95,6 +95,7 @@ class TtsItem:
 
     text: str
     voice: str
+    commit: int = 0  # which commit of its session it came from
     samples_sent: int = 0
     done: bool = False
 
@@ -340,7 +341,9 @@ class FakeTogether(LoopbackServer):
         text = ""
         queue: deque[TtsItem] = deque()
         wake = asyncio.Event()
-        worker = asyncio.create_task(self._tts_speak(ws, queue, wake))
+        speaking = [0]  # the commit whose item is being spoken
+        commits = 0
+        worker = asyncio.create_task(self._tts_speak(ws, queue, wake, speaking))
         try:
             session = {"id": "tts_session", "object": "realtime.tts.session", "voice": voice}
             await ws.send_json({"type": "session.created", "session": session})
@@ -359,15 +362,20 @@ class FakeTogether(LoopbackServer):
                     received = {"type": "conversation.item.input_text.received"}
                     await ws.send_json({**received, "text": event["text"]})
                 elif kind == "input_text_buffer.commit" and text:
+                    commits += 1
                     for piece in self._tts_pieces(text):
-                        item = TtsItem(piece, voice)
+                        item = TtsItem(piece, voice, commits)
                         self.tts_items.append(item)
                         queue.append(item)
                     text = ""
                     wake.set()
                 elif kind == "input_text_buffer.clear":
                     text = ""
+                    # Text already being processed survives: the other items of the
+                    # commit being spoken.
+                    kept = [item for item in queue if item.commit == speaking[0]]
                     queue.clear()
+                    queue.extend(kept)
                 elif kind == "tts_session.updated":
                     voice = event["session"].get("voice", voice)
         finally:
@@ -387,7 +395,11 @@ class FakeTogether(LoopbackServer):
         return [" ".join(words[:half]), " ".join(words[half:])]
 
     async def _tts_speak(
-        self, ws: web.WebSocketResponse, queue: deque[TtsItem], wake: asyncio.Event
+        self,
+        ws: web.WebSocketResponse,
+        queue: deque[TtsItem],
+        wake: asyncio.Event,
+        speaking: list[int],
     ) -> None:
         count = 0
         while True:
@@ -395,6 +407,7 @@ class FakeTogether(LoopbackServer):
             wake.clear()
             while queue:
                 item = queue.popleft()
+                speaking[0] = item.commit
                 count += 1
                 item_id = f"tts_{count}"
                 await asyncio.sleep(self.tts_first_audio_delay_s)

@@ -93,9 +93,44 @@ class _Progress:
         """The sentence the audio now arriving belongs to."""
         return max(0, min(len(self.done), len(self.committed) - 1))
 
-    def outstanding(self) -> int:
-        """Items still owed when the reply stops early."""
-        return max(len(self.committed) - len(self.done), len(self.started - self.done))
+
+@dataclass(slots=True)
+class _Stale:
+    """A stopped reply's items still arriving, tracked by `item_id`."""
+
+    active: bool = False
+    items: set[str] = field(default_factory=set)  # under way, not done
+    last_event_at: float = 0.0
+    until: float = 0.0  # give up waiting (and start a fresh session) at this time
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def start(self, items: set[str], now: float, until: float) -> None:
+        self.active, self.items, self.last_event_at, self.until = True, set(items), now, until
+
+    def note(self, event: Event, now: float) -> None:
+        item_id = str(event.get("item_id"))
+        if event.get("type") == "conversation.item.audio_output.delta":
+            self.items.add(item_id)  # one not seen before started after the stop
+        elif event.get("type") == "conversation.item.audio_output.done":
+            self.items.discard(item_id)
+        self.last_event_at = now
+        self.changed.set()
+
+    def stop(self) -> None:
+        self.active = False
+        self.items.clear()
+        self.changed.set()
+
+    def wait_s(self, now: float, quiet_s: float) -> float | None:
+        """How long to wait for the stopped reply: None once it is over, 0 or less
+        when it took too long."""
+        if not self.active:
+            return None
+        if not self.items and now - self.last_event_at >= quiet_s:
+            self.stop()
+            return None
+        settled_at = self.until if self.items else min(self.until, self.last_event_at + quiet_s)
+        return settled_at - now if now < self.until else 0.0
 
 
 class _Reconnected:
@@ -143,12 +178,9 @@ class TogetherTTS:
         self._tail_s = tail_s
         self._queue: asyncio.Queue[_Item] | None = None
         self._session = 0  # counts the sessions opened, to know which one took a sentence
-        # Items of a cancelled reply still being spoken: their audio must not leak into
+        # Items of a stopped reply still being spoken: their audio must not leak into
         # the next reply.
-        self._stale = 0
-        self._stale_until = 0.0
-        self._drained = asyncio.Event()
-        self._drained.set()
+        self._stale = _Stale()
         self._discard = False  # the session is being replaced: its events are stale
 
     async def connect(self) -> None:
@@ -191,8 +223,8 @@ class TogetherTTS:
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feeder
-            if outstanding := progress.outstanding():
-                await self._abandon(outstanding, failed)
+            if progress.waiting_on_tts():
+                await self._abandon(progress.started - progress.done, failed)
 
     def _wait_s(self, progress: _Progress) -> float | None:
         """How long to wait for the next event: 0 when the reply is over."""
@@ -244,34 +276,36 @@ class TogetherTTS:
                 return
             sentence.session = session
 
-    async def _abandon(self, outstanding: int, failed: bool) -> None:
+    async def _abandon(self, under_way: set[str], failed: bool) -> None:
         """A reply stopped early. When stopped by the call, drop its queued text and
         ignore its late audio; after a failure, start a fresh session instead."""
         if failed:
             await self._recycle()
             return
-        self._stale = outstanding
-        self._stale_until = asyncio.get_running_loop().time() + self._drain_timeout_s
-        self._drained.clear()
+        now = asyncio.get_running_loop().time()
+        self._stale.start(under_way, now, now + self._drain_timeout_s)
         await self._socket.send(_CLEAR)
 
     async def _settle(self) -> None:
-        """Before a new reply, let a stopped one's items finish (within the drain time
-        since it stopped), or start a fresh session: cleared items may never report
-        `done`, and their audio must not be taken for the new reply's."""
-        if self._stale == 0:
-            return
-        remaining = self._stale_until - asyncio.get_running_loop().time()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drained.wait(), max(remaining, 0.0))
-        if self._stale:
-            log.info("tts_recycle", stale_items=self._stale)
-            await self._recycle()
+        """Before a new reply, let a stopped one's items finish: every item under way
+        done and no further one started for `tail_s` (text being processed survives a
+        clear, and may come back as items of its own), within the drain time since it
+        stopped; else start a fresh session, so its audio is never taken for the new
+        reply's."""
+        loop = asyncio.get_running_loop()
+        while (wait_s := self._stale.wait_s(loop.time(), self._tail_s)) is not None:
+            if wait_s <= 0:
+                log.info("tts_recycle", stale_items=len(self._stale.items))
+                await self._recycle()
+                return
+            self._stale.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stale.changed.wait(), wait_s)
 
     async def _recycle(self) -> None:
         """Start a fresh session; what the old one still delivers is dropped."""
         self._discard = True
-        self._mark_drained()
+        self._stale.stop()
         await self._socket.recycle()
 
     async def _on_open(self) -> None:
@@ -279,13 +313,9 @@ class TogetherTTS:
             await self._socket.send(_voice_event(self.voice))
         self._session += 1
         self._discard = False
-        self._mark_drained()  # a new session owes us nothing
+        self._stale.stop()  # a new session owes us nothing
         if self._queue is not None:
             self._queue.put_nowait(_Reconnected())
-
-    def _mark_drained(self) -> None:
-        self._stale = 0
-        self._drained.set()
 
     def _on_event(self, event: Event) -> None:
         kind = event.get("type")
@@ -296,12 +326,10 @@ class TogetherTTS:
             "error",
         ):
             return
+        if self._queue is None and self._stale.active:
+            self._stale.note(event, asyncio.get_running_loop().time())
         if self._queue is not None:
             self._queue.put_nowait(event)
-        elif kind == "conversation.item.audio_output.done" and self._stale:
-            self._stale -= 1
-            if not self._stale:
-                self._drained.set()
         elif kind in ("conversation.item.tts.failed", "error"):
             log.warning("tts_error_between_replies", error=_failure(event).message)
 

@@ -172,9 +172,14 @@ async def test_realtime_books_at_the_clinic_and_the_model_hears_the_answer(rig: 
     # Admin API: the tool call, live.
     status, detail = await r.service.api("GET", f"/admin/calls/{live.sid}")
     assert status == 200
-    tools = detail.get("tools")
-    if tools is not None:  # shown once the admin API lists tool calls
-        assert [(t["name"], t["outcome"]) for t in tools] == [("book_appointment", "ok")]
+    (view,) = detail["tools"]
+    assert (view["id"], view["name"], view["status"], view["outcome"]) == (
+        "call_book",
+        "book_appointment",
+        "answered",
+        "ok",
+    )
+    assert view["arguments"] == ALICE and view["latency_ms"] > 0
     await live.twilio_ends_stream()
     await r.settled()
     assert conn.invalid_events == []

@@ -18,6 +18,7 @@ from app.admin import schemas
 from app.call import control
 from app.call.session import CallSession
 from app.call.steering import Steer
+from app.call.tools import ToolRun
 from app.telephony import rest
 from app.timefmt import iso_utc
 
@@ -110,7 +111,21 @@ def detail(session: CallSession, instance: str) -> schemas.CallDetail:
                 for t in session.transcript
             ],
             "steering": [_steer_view(s) for s in session.steering.log],
+            "tools": [_tool_view(run) for run in session.tools.runs],
         }
+    )
+
+
+def _tool_view(run: ToolRun) -> schemas.ToolCallView:
+    return schemas.ToolCallView(
+        id=run.call.call_id,
+        name=run.call.name,
+        arguments=run.call.arguments,
+        status=run.status,
+        outcome=run.outcome,
+        started_at=iso_utc(run.started_at),
+        latency_ms=run.latency_ms,
+        filler=run.filler,
     )
 
 

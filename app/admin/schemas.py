@@ -17,8 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from app.call import control
 from app.call.steering import SteerState
+from app.call.tools import ToolStatus
 from app.modes import Mode
 from app.phone import E164
+from app.tools.results import ToolOutcome
 
 __all__ = [
     "CALL_SID_PATTERN",
@@ -37,6 +39,7 @@ __all__ = [
     "SteerAccepted",
     "SteerBody",
     "SteerView",
+    "ToolCallView",
     "TranscriptTurn",
     "TransferBody",
     "TransferResult",
@@ -150,6 +153,17 @@ class SteerView(BaseModel):
     settled_at: str | None
 
 
+class ToolCallView(BaseModel):
+    id: str = Field(description="The model's tool call id.")
+    name: str
+    arguments: dict[str, Any]
+    status: ToolStatus
+    outcome: ToolOutcome | None = Field(description="How the tool did; null while running.")
+    started_at: str
+    latency_ms: float | None = Field(description="From the model's call to the tool's answer.")
+    filler: bool = Field(description="The caller heard the filler while it ran.")
+
+
 class CallSummary(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
@@ -172,6 +186,7 @@ class CallSummary(BaseModel):
 class CallDetail(CallSummary):
     transcript: list[TranscriptTurn]
     steering: list[SteerView]
+    tools: list[ToolCallView] = Field(description="The model's last tool calls, oldest first.")
 
 
 class CallList(BaseModel):

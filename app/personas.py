@@ -1,14 +1,19 @@
 """Personas: one TOML file per agent in PROMPTS_DIR, written for the ear.
 
 A persona may declare business tools (`[[tools]]`, `[[mcp_servers]]`, see
-`app.tools.declarations`); a bad declaration is a `PersonaError` at start-up.
+`app.tools.declarations`); a bad declaration is a `PersonaError` at start-up. The
+`${NAME}` their URLs and headers name are read as the settings are: the environment,
+then `.env` in the working directory.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dotenv import dotenv_values
 
 from app.phone import is_e164
 from app.tools.declarations import DeclarationError, Toolbox, parse_toolbox
@@ -37,6 +42,7 @@ def load_personas(directory: Path) -> dict[str, Persona]:
     """Read every `*.toml` persona in `directory`; any defect stops start-up."""
     if not directory.is_dir():
         raise PersonaError(f"PROMPTS_DIR {directory} is not a directory")
+    env = {k: v for k, v in dotenv_values(".env").items() if v is not None} | dict(os.environ)
     personas: dict[str, Persona] = {}
     for path in sorted(directory.glob("*.toml")):
         try:
@@ -48,7 +54,7 @@ def load_personas(directory: Path) -> dict[str, Persona]:
                 instructions=str(data["instructions"]).strip(),
                 tts_voice=str(data["tts_voice"]) if "tts_voice" in data else None,
                 transfer_numbers=_numbers(path, data.get("transfer_numbers", [])),
-                tools=parse_toolbox(data),
+                tools=parse_toolbox(data, env),
             )
         except DeclarationError as exc:
             raise PersonaError(f"persona file {path}: {exc}") from None

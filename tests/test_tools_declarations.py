@@ -148,3 +148,17 @@ def test_the_shipped_personas_load_without_clinic_settings() -> None:
         "cancel_appointment",
     ]
     assert all(not p.tools for name, p in personas.items() if name != "receptionist")
+
+
+def test_variables_come_from_the_environment_then_dotenv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for the settings: `.env` in the working directory, the environment first."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("SHOP_TOKEN=from-dotenv\nSHOP_BASE=https://dotenv.example\n")
+    monkeypatch.setenv("SHOP_BASE", "https://environment.example")
+    extra = 'headers = { Authorization = "Bearer ${SHOP_TOKEN}" }'
+    persona = load_personas(write(tmp_path / "p", tool(url="${SHOP_BASE}/x", extra=extra)))
+    (declared,) = persona["shop"].tools.http
+    assert declared.url == "https://environment.example/x"
+    assert dict(declared.headers) == {"Authorization": "Bearer from-dotenv"}

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
+
+from app.clock import loop_time
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +58,7 @@ class Drain:
             log.warning("drain.forced", live_calls=self.live_calls)
             self._stop_waiting.set()
             return
-        self.started_at = time.monotonic()
+        self.started_at = loop_time()
         log.info(
             "drain.started",
             live_calls=self.live_calls,
@@ -110,13 +111,13 @@ async def serve(
         await web.TCPSite(runner, host, port).start()
         log.info("serving", host=host, port=port)
         await stop.wait()
-        started = time.monotonic()
+        started = loop_time()
         ended = False
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(drain_timeout):
                 ended = await drain.calls_ended()
         if ended:
-            log.info("drain.done", seconds=round(time.monotonic() - started, 1))
+            log.info("drain.done", seconds=round(loop_time() - started, 1))
         else:
             log.warning("drain.incomplete", live_calls=drain.live_calls, timeout_s=drain_timeout)
             await drain.end_calls()

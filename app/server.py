@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import structlog
@@ -17,10 +16,12 @@ from app.archive.recorder import CallRecorder
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.call.session import CallSession
+from app.clock import loop_time
 from app.config import Settings
 from app.drain import DRAIN, Drain
 from app.engines.factory import Engines
 from app.metrics import METRICS, Metrics, metrics_endpoint
+from app.modes import UnknownMode, parse_mode
 from app.personas import Persona, load_personas
 from app.telephony import messages, signature, streamtoken, twiml
 from app.tools.toolset import shared_runner
@@ -72,7 +73,9 @@ async def twiml_webhook(request: web.Request) -> web.Response:
         log.warning("twiml.unknown_persona", persona=persona, using=settings.persona)
         persona = settings.persona
     mode = request.query.get("mode", "")
-    if mode and mode not in ("realtime", "chained"):
+    try:
+        mode = parse_mode(mode) if mode else ""
+    except UnknownMode:
         log.warning("twiml.unknown_mode", mode=mode, using=settings.agent_mode)
         mode = ""
     body = twiml.connect_stream(
@@ -95,7 +98,7 @@ Received = tuple[messages.TwilioMessage, float]
 async def _messages(ws: web.WebSocketResponse) -> AsyncGenerator[Received, None]:
     """Twilio's messages with their arrival time; every bad frame is logged and dropped."""
     async for msg in ws:
-        received_at = time.monotonic()
+        received_at = loop_time()
         if msg.type == WSMsgType.BINARY:
             log.warning("twilio.binary_frame_dropped", size=len(msg.data))
             continue
@@ -151,7 +154,7 @@ async def _relay(frames: AsyncIterator[Received], session: CallSession) -> None:
             session.log.exception("call.message_failed", message=type(message).__name__)
             continue
         if isinstance(message, messages.Media):
-            session.observers.relay_lag(time.monotonic() - received_at)
+            session.observers.relay_lag(loop_time() - received_at)
 
 
 async def media_stream(request: web.Request) -> web.StreamResponse:

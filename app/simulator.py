@@ -2,7 +2,7 @@
 
 It does what Twilio does, in Twilio's exact message shapes: signs and POSTs the incoming
 call webhook, follows the `<Connect><Stream>` of the TwiML, streams the caller's clip as
-20 ms mu-law frames on a real-time clock (then line silence), sends DTMF, and plays the
+20 ms mu-law frames on the event loop's clock (then line silence), sends DTMF, and plays the
 agent's audio through a simulated playback buffer that acknowledges marks only once the
 audio before them has played and flushes on `clear`. What the caller would have heard is
 recorded on the call clock, and the time from the end of each caller turn to the first
@@ -20,7 +20,6 @@ import math
 import os
 import secrets
 import sys
-import time
 import wave
 import xml.etree.ElementTree as ET
 from collections import deque
@@ -36,6 +35,8 @@ import numpy.typing as npt
 from twilio.request_validator import RequestValidator
 
 from app.audio.g711 import ulaw_decode, ulaw_encode
+from app.clock import loop_time
+from app.modes import Mode
 
 SAMPLE_RATE = 8000
 FRAME_MS = 20
@@ -275,7 +276,7 @@ class _Call:
         self.t0 = 0.0
 
     def now_ms(self) -> float:
-        return (time.monotonic() - self.t0) * 1000
+        return (loop_time() - self.t0) * 1000
 
     async def send(self, message: dict[str, Any]) -> None:
         """Send a Twilio message; every message but `connected` is numbered."""
@@ -299,7 +300,7 @@ class _Call:
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": SAMPLE_RATE, "channels": 1},
             "customParameters": r.parameters,
         }
-        self.t0 = time.monotonic()
+        self.t0 = loop_time()
         await self.send(self.stream_message("start", start=start))
         receiver = asyncio.create_task(self.receive())
         try:
@@ -318,10 +319,10 @@ class _Call:
         r.played_bytes = self.playback.played_bytes
 
     async def clock(self) -> bool:
-        """Send a frame every 20 ms on the monotonic clock and play one; False if the
-        server ended the stream first."""
+        """Send a frame every 20 ms on the loop's clock (real time in production) and play
+        one; False if the server ended the stream first."""
         for n, frame in enumerate(self.frames):
-            await asyncio.sleep(max(0.0, self.t0 + n * FRAME_MS / 1000 - time.monotonic()))
+            await asyncio.sleep(max(0.0, self.t0 + n * FRAME_MS / 1000 - loop_time()))
             if self.ws.closed:
                 return False
             payload = base64.b64encode(frame).decode("ascii")
@@ -558,7 +559,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("clip", type=Path, help="caller audio: PCM16 8 kHz mono WAV")
     parser.add_argument("--url", default=DEFAULT_URL, help="service base URL")
     parser.add_argument("--persona", help="persona to ask for (webhook query)")
-    parser.add_argument("--mode", choices=("realtime", "chained"), help="engine to ask for")
+    parser.add_argument("--mode", choices=tuple(Mode), type=Mode, help="engine to ask for")
     parser.add_argument("--out", type=Path, help="write what the caller heard to this WAV")
     parser.add_argument("--calls", type=int, default=1, help="concurrent calls (load test)")
     parser.add_argument(

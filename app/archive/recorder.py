@@ -61,6 +61,7 @@ from app.audio.frame import MulawFrame
 from app.audio.wav import MulawWavWriter
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
+from app.clock import Clock, loop_time
 from app.engines.base import Turn
 from app.timefmt import iso_utc
 from app.tools.results import ToolCallRecord
@@ -129,7 +130,7 @@ class CallRecorder(CallObserver):
         info: CallInfo,
         archive_dir: Path,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = loop_time,
         wall: Callable[[], float] = time.time,
         flush_interval: float = FLUSH_INTERVAL_S,
         writer: ArchiveWriter | None = None,

@@ -31,9 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
-import time
 from collections import deque
-from collections.abc import Callable
 from enum import StrEnum
 from typing import Protocol, TypeVar
 
@@ -44,6 +42,7 @@ import structlog
 from app.audio.frame import MulawFrame
 from app.audio.g711 import ulaw_decode
 from app.call.observer import CallObserver
+from app.clock import Clock, loop_time
 from app.config import Settings
 from app.states import checked
 from app.vad.silero import VadStream
@@ -158,7 +157,7 @@ class BargeIn(CallObserver):
         settings: Settings,
         batcher: Scorer,
         floor: Floor,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = loop_time,
     ) -> None:
         self._settings = settings
         self._batcher = batcher

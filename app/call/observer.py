@@ -28,7 +28,8 @@ log = structlog.get_logger(__name__)
 class CallObserver:
     """Hooks with no-op defaults; subclasses override what they need.
 
-    Times are `time.monotonic()` seconds; a frame's `timestamp_ms` is Twilio's media clock.
+    Times are seconds on the loop's clock (`app.clock`); a frame's `timestamp_ms` is
+    Twilio's media clock.
     """
 
     def caller_audio(self, frame: MulawFrame) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from app.audio.g711 import ulaw_b64_duration_ms
 from app.call.observer import CallObserver
 from app.call.tasks import wait_event
+from app.clock import Clock, loop_time
 from app.telephony import messages
 
 __all__ = ["MAX_CHUNK_CHARS", "Heard", "Playback", "split_payload"]
@@ -65,7 +65,7 @@ class Playback:
         stream_sid: str,
         send: Callable[[str], Awaitable[None]],
         lead_ms: float = 250.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = loop_time,
         on_sent: Callable[[str], None] | None = None,
         on_heard: Callable[[str], None] | None = None,
         observer: CallObserver | None = None,

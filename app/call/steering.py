@@ -35,9 +35,9 @@ import structlog
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.call.tasks import wait_event
+from app.clock import loop_time
 from app.config import Settings
-from app.engines.base import AgentSetup, Engine, EngineUnavailable
-from app.engines.realtime import RealtimeEngine
+from app.engines.base import AgentSetup, Engine, EngineUnavailable, Warmable
 from app.modes import Mode, parse_mode
 from app.states import checked
 
@@ -119,11 +119,11 @@ class SteeredCall(Protocol):
         """A new engine is being brought in."""
         ...
 
-    def setup_for(self, mode: str) -> AgentSetup: ...
+    def setup_for(self, mode: Mode) -> AgentSetup: ...
 
-    def new_engine(self, mode: str) -> Engine: ...
+    def new_engine(self, mode: Mode) -> Engine: ...
 
-    async def switch_engine(self, mode: str, reason: str, engine: Engine | None = None) -> bool:
+    async def switch_engine(self, mode: Mode, reason: str, engine: Engine | None = None) -> bool:
         """Move the call to a new engine of `mode` (`engine`, if one was opened ahead)."""
         ...
 
@@ -147,7 +147,7 @@ class _Warm:
     """A realtime session opened ahead of a handoff, for one voice."""
 
     voice: str
-    engine: RealtimeEngine
+    engine: Warmable
     connecting: asyncio.Task[bool]
 
 
@@ -162,7 +162,7 @@ class Steering(CallObserver):
         self._session = call
         self._log = log.bind(call_sid=call.info.call_sid)
         self.instructions: str | None = None
-        self.voices: dict[str, str] = {}  # Mode -> voice
+        self.voices: dict[Mode, str] = {}
         self.log: deque[Steer] = deque(maxlen=STEERS_KEPT)
         self._lock = asyncio.Lock()
         self._pending_voice: Steer | None = None
@@ -172,7 +172,7 @@ class Steering(CallObserver):
         if settings.realtime_dialect == "beta":
             minutes = min(minutes, BETA_MAX_MINUTES)
         self._max_age_s = minutes * 60.0
-        self._renew_at = time.monotonic() + self._max_age_s
+        self._renew_at = loop_time() + self._max_age_s
         self._warm: _Warm | None = None
         self._worker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -238,7 +238,7 @@ class Steering(CallObserver):
             return
         if not self._keep_for_other_mode(steer):
             engine = self._session.engine
-            in_place = isinstance(engine, RealtimeEngine) and not engine.voice_locked
+            in_place = isinstance(engine, Warmable) and not engine.voice_locked
             if voice_mode(steer.voice) is Mode.REALTIME and not in_place:
                 await self._warm_up(steer.voice)  # a new session will be needed
             if (superseded := self._pending_voice) is not None:
@@ -303,13 +303,13 @@ class Steering(CallObserver):
             return
         await self._drop_warm()
         engine = self._session.new_engine(Mode.REALTIME)
-        if not isinstance(engine, RealtimeEngine):
+        if not isinstance(engine, Warmable):
             return
         setup = replace(self._session.setup_for(Mode.REALTIME), voice=voice)
         connecting = asyncio.create_task(self._connect(engine, setup))
         self._warm = _Warm(voice, engine, connecting)
 
-    async def _connect(self, engine: RealtimeEngine, setup: AgentSetup) -> bool:
+    async def _connect(self, engine: Warmable, setup: AgentSetup) -> bool:
         try:
             await engine.connect(setup)
         except EngineUnavailable as exc:
@@ -351,14 +351,14 @@ class Steering(CallObserver):
 
     def engine_switched(self, old: str, new: str, reason: str) -> None:
         """Observer hook: a new engine is serving, so its session's age starts now."""
-        self._renew_at = time.monotonic() + self._max_age_s
+        self._renew_at = loop_time() + self._max_age_s
         self._wake.set()
 
     def _renewal_in(self) -> float | None:
         """Seconds until the realtime session is due for renewal; None on chained."""
         if self._session.info.mode != Mode.REALTIME:
             return None
-        return self._renew_at - time.monotonic()
+        return self._renew_at - loop_time()
 
     def _at_boundary(self) -> bool:
         """A turn boundary, with an engine serving and no switch under way."""
@@ -394,4 +394,4 @@ class Steering(CallObserver):
         self._log.info("realtime.renewing", max_minutes=self._max_age_s / 60.0)
         warm = await self._take_warm(session.setup_for(Mode.REALTIME).voice)
         if not await session.switch_engine(Mode.REALTIME, reason="renewal", engine=warm):
-            self._renew_at = time.monotonic() + RENEW_RETRY_S
+            self._renew_at = loop_time() + RENEW_RETRY_S

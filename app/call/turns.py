@@ -13,11 +13,11 @@ the caller stops, and our VAD's recent caller speech.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Protocol
 
 from app.call.tasks import wait_event
+from app.clock import Clock, loop_time
 from app.engines.base import (
     EngineEvent,
     ResponseDone,
@@ -57,7 +57,7 @@ class TurnState:
         self,
         playback: _Playing,
         bargein: _Listening,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = loop_time,
     ) -> None:
         self._playback = playback
         self._bargein = bargein

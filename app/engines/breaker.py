@@ -8,12 +8,11 @@ cool-down. A success reported by a call that was already on realtime closes it t
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from enum import StrEnum
 
 import structlog
 
+from app.clock import Clock, loop_time
 from app.states import checked
 
 __all__ = ["Breaker", "BreakerState"]
@@ -41,7 +40,7 @@ class Breaker:
         self,
         threshold: int = 3,
         cooldown: float = 30.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = loop_time,
     ) -> None:
         self._threshold = threshold
         self._cooldown = cooldown

@@ -32,6 +32,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.protocol import State
 
+from app.clock import Clock, loop_time
 from app.config import Settings
 from app.engines.base import (
     INAUDIBLE,
@@ -150,7 +151,7 @@ class _Transcripts:
     is done. An item that waits longer than `stale_s` is given up on.
     """
 
-    def __init__(self, clock: Callable[[], float], stale_s: float = 15.0) -> None:
+    def __init__(self, clock: Clock, stale_s: float = 15.0) -> None:
         self._clock = clock
         self._stale_s = stale_s
         self._order: list[str] = []  # item ids not yet released, in conversation order
@@ -295,7 +296,7 @@ class RealtimeEngine:
         self._watchdog: asyncio.Timeout | None = None
         self._ending: EngineError | None = None
         self._closed = False
-        self._transcripts = _Transcripts(lambda: asyncio.get_running_loop().time())
+        self._transcripts = _Transcripts(loop_time)
         names = self._names
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             names.audio_delta: self._on_audio,

@@ -21,7 +21,6 @@ import copy
 import json
 import math
 import secrets
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from openai.types.beta.realtime import RealtimeClientEvent as BetaClientEvent
 from openai.types.realtime import RealtimeClientEvent as GAClientEvent
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from app.clock import loop_time
 from tests.fakes.loopback import LoopbackServer
 
 Dialect = Literal["ga", "beta"]
@@ -880,10 +880,10 @@ class _Session:
             words = self.fake.reply_text.split(" ")
             words_sent = 0
             chunk_s = size / BYTES_PER_MS / 1000
-            started = time.monotonic()
+            started = loop_time()
             for index, chunk in enumerate(chunks):
                 due = started + index * chunk_s * self.fake.pace
-                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                await asyncio.sleep(max(0.0, due - loop_time()))
                 words_due = math.ceil((index + 1) * len(words) / len(chunks))
                 while words_sent < words_due:
                     delta = words[words_sent] if words_sent == 0 else " " + words[words_sent]
@@ -1168,10 +1168,11 @@ class FakeRealtime(LoopbackServer):
     async def wait_until(
         self, condition: Callable[[], bool], within_s: float = 5.0, what: str = "condition"
     ) -> None:
-        """Poll `condition` until true; fail the test after `within_s` seconds."""
-        deadline = time.monotonic() + within_s
+        """Poll `condition` until true; fail the test after `within_s` seconds of the loop's
+        clock (virtual under looptime)."""
+        deadline = loop_time() + within_s
         while not condition():
-            if time.monotonic() > deadline:
+            if loop_time() > deadline:
                 raise AssertionError(f"timed out waiting for {what}")
             await asyncio.sleep(0.01)
 

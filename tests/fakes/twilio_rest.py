@@ -10,13 +10,14 @@ look at the service at that moment.
 from __future__ import annotations
 
 import base64
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from app.clock import loop_time
 
 ACCOUNT = "AC" + "2" * 32
 TOKEN = "twilio-rest-token-0123456789abcdef"
@@ -26,7 +27,7 @@ TOKEN = "twilio-rest-token-0123456789abcdef"
 class CallUpdate:
     call_sid: str
     form: dict[str, str]
-    at: float  # time.monotonic()
+    at: float  # the loop's clock (app.clock)
 
 
 @dataclass
@@ -49,7 +50,7 @@ class FakeTwilioRest:
             status, body = self.error
             return web.json_response(body, status=status)
         form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
-        update = CallUpdate(sid, form, time.monotonic())
+        update = CallUpdate(sid, form, loop_time())
         self.updates.append(update)
         if self.on_update is not None:
             self.on_update(update)

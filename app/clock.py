@@ -1,0 +1,28 @@
+"""The one clock for waits, pacing and latencies: the running event loop's.
+
+`loop.time()` is monotonic in production (asyncio reads `time.monotonic()`), and a test
+loop with a virtual clock (looptime) drives it, so deadlines, pacing and the latencies
+measured against them agree with the `asyncio.sleep` and `asyncio.timeout` they wait on.
+Components take it as their default `clock=`; wall-clock times for records stay
+`time.time()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+__all__ = ["Clock", "loop_time"]
+
+Clock = Callable[[], float]
+
+
+def loop_time() -> float:
+    """Seconds on the running loop's clock; only meaningful as differences. Outside a
+    loop (a component made by synchronous code), `time.monotonic()`: what asyncio's
+    loops read."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()

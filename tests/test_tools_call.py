@@ -176,3 +176,18 @@ async def test_a_tool_not_offered_is_recorded_as_unknown(business: FakeBusiness)
     assert run.outcome is ToolOutcome.UNKNOWN_TOOL
     assert [r.name for r in host.observers.records] == ["unknown"]
     assert business.received == []
+
+
+async def test_an_engine_that_fails_to_take_the_result_fails_the_run_not_the_call(
+    business: FakeBusiness,
+) -> None:
+    host, tools, _ = await tools_for(business, tool_filler_ms=0)
+
+    async def broken(call_id: str, output: str) -> None:
+        raise ConnectionResetError("socket gone")
+
+    host.engine.tool_result = broken
+    run = dispatch(host, tools)
+    await settled(host)
+    assert (run.status, run.outcome) == (ToolStatus.FAILED, ToolOutcome.OK)
+    assert host.ended == []  # the call goes on

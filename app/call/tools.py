@@ -260,7 +260,13 @@ class CallTools:
             run.move(ToolStatus.ENDED)
             return
         self._host.log.debug("tool.result", tool=call.name, output=answer.output)
-        await self._answer(engine, call, answer.output)
+        try:
+            await self._answer(engine, call, answer.output)
+        except Exception:  # the engine is going away: its successor starts from the transcript
+            self._host.log.exception("tool.answer_failed", tool=call.name)
+            if run.status is ToolStatus.RUNNING:
+                run.move(ToolStatus.FAILED)
+            return
         if run.status is ToolStatus.RUNNING:
             run.move(ToolStatus.ANSWERED)
 

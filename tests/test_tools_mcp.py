@@ -4,15 +4,20 @@ called through the SDK's session; a server that is down leaves the call without 
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
+import mcp_types
 import orjson
 import pytest
+from mcp.server import Server
+from mcp.shared.exceptions import MCPError
 from structlog.testing import capture_logs
 
 from app.tools.declarations import McpServer, Toolbox
@@ -138,3 +143,47 @@ async def test_a_call_to_a_server_gone_since_listing_is_a_failure(tmp_path: Path
     assert answer.outcome is ToolOutcome.UNREACHABLE
     output = orjson.loads(answer.output)
     assert output["ok"] is False and "apologise" in output["instruction"]
+
+
+def odd_server() -> Any:
+    """A stateful MCP server (SSE answers, sessions) with tools that misbehave."""
+    good = {"type": "object", "properties": {}}
+
+    async def list_tools(ctx: Any, params: Any) -> mcp_types.ListToolsResult:
+        return mcp_types.ListToolsResult(
+            tools=[
+                mcp_types.Tool(name="slow", description="Takes its time.", input_schema=good),
+                mcp_types.Tool(name="broken", description="Refuses.", input_schema=good),
+                mcp_types.Tool(name="end_call", description="Clashes.", input_schema=good),
+                mcp_types.Tool(
+                    name="bad_schema",
+                    description="Not JSON Schema.",
+                    input_schema={"type": "object", "properties": {"x": {"type": "strin"}}},
+                ),
+            ]
+        )
+
+    async def call_tool(ctx: Any, params: mcp_types.CallToolRequestParams) -> Any:
+        if params.name == "slow":
+            await asyncio.sleep(30)
+        raise MCPError(mcp_types.INVALID_PARAMS, "the backend refused")
+
+    return Server("odd", on_list_tools=list_tools, on_call_tool=call_tool).streamable_http_app(
+        streamable_http_path="/mcp"
+    )
+
+
+async def test_a_slow_or_refusing_tool_and_bad_listings(runner: ToolRunner) -> None:
+    async with running(odd_server()) as url:
+        with capture_logs() as logs:
+            tools = await runner.toolset(Toolbox(mcp=(McpServer(f"{url}/mcp", timeout_ms=300),)))
+        assert [s.name for s in tools.specs] == ["slow", "broken"]
+        skipped = [e["reason"] for e in logs if e["event"] == "tools.mcp_tool_skipped"]
+        assert len(skipped) == 2
+        assert "built-in" in skipped[0] and "not a JSON Schema" in skipped[1]
+        slow = await tools.run("slow", "call_1", {}, CONTEXT)
+        assert slow.outcome is ToolOutcome.TIMEOUT
+        assert orjson.loads(slow.output)["error"] == "no answer within 0.3 s"
+        broken = await tools.run("broken", "call_2", {}, CONTEXT)
+        assert broken.outcome is ToolOutcome.TOOL_ERROR
+        assert "the backend refused" in orjson.loads(broken.output)["error"]

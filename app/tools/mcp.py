@@ -105,11 +105,13 @@ class McpClient:
         try:
             async with asyncio.timeout(timeout_s), self._session(tool.server) as session:
                 result = await session.call_tool(tool.name, arguments)
-        except TimeoutError:
-            return failure(ToolOutcome.TIMEOUT, f"no answer within {timeout_s:g} s")
-        except MCPError as exc:
-            return failure(ToolOutcome.TOOL_ERROR, f"the tool refused the call: {exc.message}")
-        except Exception as exc:
+        except Exception as exc:  # the SDK may wrap the cause in exception groups
+            cause = _innermost(exc)
+            if isinstance(cause, TimeoutError):
+                return failure(ToolOutcome.TIMEOUT, f"no answer within {timeout_s:g} s")
+            if isinstance(cause, MCPError):
+                error = f"the tool refused the call: {cause.message}"
+                return failure(ToolOutcome.TOOL_ERROR, error)
             return failure(ToolOutcome.UNREACHABLE, f"could not reach the tool: {_describe(exc)}")
         outcome = ToolOutcome.TOOL_ERROR if result.is_error else ToolOutcome.OK
         return ToolAnswer(outcome, _output(result))
@@ -196,10 +198,16 @@ def _output(result: mcp_types.CallToolResult) -> str:
     return capped("\n".join(texts).encode()) if texts else "{}"
 
 
-def _describe(exc: BaseException) -> str:
-    """The innermost cause of a failure (the SDK wraps transport errors in groups)."""
+def _innermost(exc: BaseException) -> BaseException:
+    """The first real error inside the exception groups the SDK's task groups raise."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    """What failed, in a few words, without the URL (it may carry a key)."""
+    exc = _innermost(exc)
     if isinstance(exc, httpx2.ConnectError | OSError):
         return "connection failed"
     if isinstance(exc, httpx2.HTTPStatusError):

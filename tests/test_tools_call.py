@@ -5,11 +5,16 @@ arrives (after an interruption, after a failover), and the record of every call.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import io
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+import structlog
 
+from app import log
 from app.call.tasks import Supervisor
 from app.call.tools import CallTools, ToolRun, ToolStatus
 from app.engines.base import SpeechStarted, ToolCall
@@ -191,3 +196,49 @@ async def test_an_engine_that_fails_to_take_the_result_fails_the_run_not_the_cal
     await settled(host)
     assert (run.status, run.outcome) == (ToolStatus.FAILED, ToolOutcome.OK)
     assert host.ended == []  # the call goes on
+
+
+@pytest.fixture
+def log_buffer() -> Iterator[Callable[[list[str]], io.StringIO]]:
+    """Logging into a buffer, masking the given secrets, as `serve` sets it up."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+
+    def configure(secrets: list[str]) -> io.StringIO:
+        out = io.StringIO()
+        log.configure("json", "DEBUG", secrets=secrets, stream=out)
+        return out
+
+    yield configure
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+async def test_logs_keep_the_tool_call_and_never_a_header_or_the_signing_secret(
+    business: FakeBusiness, log_buffer: Callable[[list[str]], io.StringIO]
+) -> None:
+    token, secret = "shop-header-token-5678", "tools-signing-secret-1234"
+    # A backend that echoes our headers back in its error.
+    business.behaviours["check_availability"] = Behaviour({"echo": f"Bearer {token}"}, 500)
+    tool = HttpTool(
+        "check_availability",
+        "Free slots on a day.",
+        SCHEMA,
+        business.url("check_availability"),
+        headers=(("Authorization", f"Bearer {token}"),),
+    )
+    persona = Persona("clinic", "coral", "Hello.", "Help.", tools=Toolbox(http=(tool,)))
+    settings = make_settings(tools_signing_secret=secret, tool_filler_ms=0)
+    out = log_buffer([*settings.secret_values(), token])
+    host = Host(persona, settings)
+    tools = CallTools(host, Supervisor())
+    await tools.prepare()
+    dispatch(host, tools)
+    await settled(host)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    events = {line["event"]: line for line in lines}
+    assert events["tool.called"]["arguments"] == {"day": "2030-01-08"}
+    assert events["tool.settled"]["outcome"] == "http_error"
+    assert token not in out.getvalue() and secret not in out.getvalue()
+    assert "***" in events["tool.result"]["output"]  # the echo, masked

@@ -12,6 +12,7 @@ import structlog
 from app import log as logging_setup
 from app import simulator
 from app.config import ConfigError, load_settings
+from app.modes import Mode
 from app.personas import PersonaError, load_personas
 
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     dial.add_argument("to", help="the number to call, E.164 (+15551234567)")
     dial.add_argument("--persona", help="persona for the call (default: PERSONA)")
-    dial.add_argument("--mode", choices=("realtime", "chained"), help="default: AGENT_MODE")
+    dial.add_argument("--mode", choices=tuple(Mode), type=Mode, help="default: AGENT_MODE")
     dial.add_argument(
         "--from", dest="caller_id", help="caller ID, E.164 (default: TWILIO_FROM_NUMBER)"
     )

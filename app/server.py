@@ -21,6 +21,7 @@ from app.config import Settings
 from app.drain import DRAIN, Drain
 from app.engines.factory import Engines
 from app.metrics import METRICS, Metrics, metrics_endpoint
+from app.modes import UnknownMode, parse_mode
 from app.personas import Persona, load_personas
 from app.telephony import messages, signature, streamtoken, twiml
 from app.tools.toolset import shared_runner
@@ -72,7 +73,9 @@ async def twiml_webhook(request: web.Request) -> web.Response:
         log.warning("twiml.unknown_persona", persona=persona, using=settings.persona)
         persona = settings.persona
     mode = request.query.get("mode", "")
-    if mode and mode not in ("realtime", "chained"):
+    try:
+        mode = parse_mode(mode) if mode else ""
+    except UnknownMode:
         log.warning("twiml.unknown_mode", mode=mode, using=settings.agent_mode)
         mode = ""
     body = twiml.connect_stream(

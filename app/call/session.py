@@ -41,6 +41,7 @@ from app.engines.base import (
     AudioOut,
     Engine,
     EngineError,
+    EngineSource,
     ResponseDone,
     ResponseStarted,
     SpeechStarted,
@@ -49,8 +50,7 @@ from app.engines.base import (
     Transcript,
     Turn,
 )
-from app.engines.factory import Engines
-from app.modes import UnknownMode, parse_mode
+from app.modes import Mode, UnknownMode, parse_mode
 from app.personas import Persona
 from app.telephony.messages import Dtmf, Mark, Media, Start, Stop, TwilioMessage
 from app.vad.batcher import VadBatcher
@@ -72,7 +72,7 @@ class CallSession:
         start: Start,
         settings: Settings,
         persona: Persona,
-        engines: Engines,
+        engines: EngineSource,
         vad: VadBatcher,
         send: Callable[[str], Awaitable[None]],
         hang_up_stream: Callable[[], Awaitable[None]],
@@ -155,10 +155,10 @@ class CallSession:
         """Wait until the agent has finished its turn and it was heard; False on timeout."""
         return await self.turn.until_agent_done(timeout_s)
 
-    def setup_for(self, mode: str) -> AgentSetup:
+    def setup_for(self, mode: Mode) -> AgentSetup:
         """The persona as an engine of `mode` needs it, with what an operator steered since."""
         voice = self.info.voice
-        if mode == "chained":
+        if mode is Mode.CHAINED:
             voice = self.persona.tts_voice or self.settings.tts_voice
         return AgentSetup(
             instructions=self.steering.instructions or self.persona.instructions,
@@ -206,28 +206,31 @@ class CallSession:
         self._outcome = Outcome.NO_ENGINE
         return False
 
-    async def switch_engine(self, mode: str, reason: str, engine: Engine | None = None) -> bool:
+    async def switch_engine(
+        self, mode: Mode, reason: str, engine: Engine | None = None, *, greet: bool = False
+    ) -> bool:
         """Move the live call to a new engine of `mode`, carrying the conversation.
 
         Caller audio that arrives while the new engine opens is held and replayed to
         it, so nothing the caller says during the switch is lost. The old engine is
         closed once the new one is serving. `engine`: one from `new_engine`, maybe
-        connected ahead (a warm handoff), else a fresh one is made.
+        connected ahead (a warm handoff), else a fresh one is made. `greet`: the new
+        engine greets the caller (nobody has spoken yet).
         """
         async with self._switch_lock:
             self._held_audio = []
             try:
-                return await self._activate(mode, greet=False, reason=reason, engine=engine)
+                return await self._activate(mode, greet=greet, reason=reason, engine=engine)
             finally:
                 self._held_audio = None
                 self.turn.changed()
 
-    def new_engine(self, mode: str) -> Engine:
+    def new_engine(self, mode: Mode) -> Engine:
         """A fresh engine of `mode`, for a switch prepared ahead (see `switch_engine`)."""
         return self._engines.create(mode)
 
     async def _activate(
-        self, mode: str, *, greet: bool, reason: str, engine: Engine | None = None
+        self, mode: Mode, *, greet: bool, reason: str, engine: Engine | None = None
     ) -> bool:
         engine = await self._open(mode, greet, engine)
         if engine is None:
@@ -253,7 +256,7 @@ class CallSession:
             self.log.info("call.engine_switched", old=previous_mode, new=mode, reason=reason)
         return True
 
-    async def _open(self, mode: str, greet: bool, engine: Engine | None) -> Engine | None:
+    async def _open(self, mode: Mode, greet: bool, engine: Engine | None) -> Engine | None:
         """Make (unless given) and start an engine of `mode`; None if it failed.
 
         Any exception counts against that engine, not the call: not only
@@ -278,12 +281,18 @@ class CallSession:
         return engine
 
     async def _fail_over(self, lost: Engine) -> None:
-        """The engine died mid-call: carry on with another, or end our side cleanly."""
+        """The engine died mid-call: carry on with another, or end our side cleanly.
+
+        The new engine answers the caller's last words; if nothing has been said yet
+        (the first engine died before its greeting was heard), it greets instead.
+        """
         self._engines.report(lost.name, ok=False)
+        greet = not self.transcript
         for mode in self._engines.alternatives(lost.name):
-            if await self.switch_engine(mode, reason="failover"):
+            if await self.switch_engine(mode, reason="failover", greet=greet):
                 assert self.engine is not None
-                await self.engine.respond()
+                if not greet:
+                    await self.engine.respond()
                 return
         self.log.error("call.no_engine_left", engine=lost.name)
         self._outcome = Outcome.ENGINE_LOST
@@ -325,8 +334,8 @@ class CallSession:
 
     @property
     def local_turns(self) -> bool:
-        """The chained engine has no turn detection of its own: our VAD decides."""
-        return self.engine is not None and self.engine.name == "chained"
+        """The engine has no turn detection of its own (chained): our VAD decides."""
+        return self.engine is not None and not self.engine.detects_turns
 
     async def pause_agent(self) -> None:
         await self.playback.pause()
@@ -343,8 +352,9 @@ class CallSession:
             await self.engine.send_audio(payload)
 
     async def end_of_turn(self) -> None:
-        """Our VAD heard the caller finish a turn (the chained engine acts on it)."""
-        if self.engine is not None and self.engine.name == "chained":
+        """Our VAD heard the caller finish a turn (an engine without turn detection acts
+        on it)."""
+        if self.engine is not None and not self.engine.detects_turns:
             self._turn_ended()
             await self.engine.end_of_turn()
 

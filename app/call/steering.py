@@ -37,8 +37,7 @@ from app.call.observer import CallObserver
 from app.call.tasks import wait_event
 from app.clock import loop_time
 from app.config import Settings
-from app.engines.base import AgentSetup, Engine, EngineUnavailable
-from app.engines.realtime import RealtimeEngine
+from app.engines.base import AgentSetup, Engine, EngineUnavailable, Warmable
 from app.modes import Mode, parse_mode
 from app.states import checked
 
@@ -120,11 +119,11 @@ class SteeredCall(Protocol):
         """A new engine is being brought in."""
         ...
 
-    def setup_for(self, mode: str) -> AgentSetup: ...
+    def setup_for(self, mode: Mode) -> AgentSetup: ...
 
-    def new_engine(self, mode: str) -> Engine: ...
+    def new_engine(self, mode: Mode) -> Engine: ...
 
-    async def switch_engine(self, mode: str, reason: str, engine: Engine | None = None) -> bool:
+    async def switch_engine(self, mode: Mode, reason: str, engine: Engine | None = None) -> bool:
         """Move the call to a new engine of `mode` (`engine`, if one was opened ahead)."""
         ...
 
@@ -148,7 +147,7 @@ class _Warm:
     """A realtime session opened ahead of a handoff, for one voice."""
 
     voice: str
-    engine: RealtimeEngine
+    engine: Warmable
     connecting: asyncio.Task[bool]
 
 
@@ -163,7 +162,7 @@ class Steering(CallObserver):
         self._session = call
         self._log = log.bind(call_sid=call.info.call_sid)
         self.instructions: str | None = None
-        self.voices: dict[str, str] = {}  # Mode -> voice
+        self.voices: dict[Mode, str] = {}
         self.log: deque[Steer] = deque(maxlen=STEERS_KEPT)
         self._lock = asyncio.Lock()
         self._pending_voice: Steer | None = None
@@ -239,7 +238,7 @@ class Steering(CallObserver):
             return
         if not self._keep_for_other_mode(steer):
             engine = self._session.engine
-            in_place = isinstance(engine, RealtimeEngine) and not engine.voice_locked
+            in_place = isinstance(engine, Warmable) and not engine.voice_locked
             if voice_mode(steer.voice) is Mode.REALTIME and not in_place:
                 await self._warm_up(steer.voice)  # a new session will be needed
             if (superseded := self._pending_voice) is not None:
@@ -304,13 +303,13 @@ class Steering(CallObserver):
             return
         await self._drop_warm()
         engine = self._session.new_engine(Mode.REALTIME)
-        if not isinstance(engine, RealtimeEngine):
+        if not isinstance(engine, Warmable):
             return
         setup = replace(self._session.setup_for(Mode.REALTIME), voice=voice)
         connecting = asyncio.create_task(self._connect(engine, setup))
         self._warm = _Warm(voice, engine, connecting)
 
-    async def _connect(self, engine: RealtimeEngine, setup: AgentSetup) -> bool:
+    async def _connect(self, engine: Warmable, setup: AgentSetup) -> bool:
         try:
             await engine.connect(setup)
         except EngineUnavailable as exc:

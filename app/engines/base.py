@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from app.modes import Mode
 
 __all__ = [
     "INAUDIBLE",
@@ -18,6 +20,7 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineEvent",
+    "EngineSource",
     "EngineUnavailable",
     "ResponseDone",
     "ResponseStarted",
@@ -28,6 +31,7 @@ __all__ = [
     "ToolSpec",
     "Transcript",
     "Turn",
+    "Warmable",
 ]
 
 Role = Literal["caller", "agent"]
@@ -156,7 +160,10 @@ class Engine(Protocol):
     task the engine opened.
     """
 
-    name: str
+    name: Mode
+    # True: the provider hears the caller's turn ends itself; False: the call's VAD
+    # decides them and says so through `end_of_turn`.
+    detects_turns: bool
 
     async def start(self, setup: AgentSetup, history: Sequence[Turn], greet: bool) -> None:
         """Open the provider connection, seed `history`, and greet when asked."""
@@ -191,3 +198,38 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Release everything the engine holds."""
+
+
+@runtime_checkable
+class Warmable(Engine, Protocol):
+    """An engine whose provider session can be opened ahead of `start`, and whose voice
+    is fixed once it has spoken: a voice change then needs a new session, opened while
+    the old one still speaks so that the swap costs the caller no connect time."""
+
+    @property
+    def voice_locked(self) -> bool:
+        """`update` would refuse a voice now."""
+        ...
+
+    async def connect(self, setup: AgentSetup) -> None:
+        """Open and configure the provider session; raises `EngineUnavailable`."""
+
+
+class EngineSource(Protocol):
+    """What a call needs of the process's engines: which modes to try, fresh engines,
+    and a word back on how each start went (the realtime breaker counts them)."""
+
+    def order(self, preferred: Mode) -> list[Mode]:
+        """Modes to try for a new call, the preferred one first when it may be used."""
+        ...
+
+    def alternatives(self, current: Mode) -> list[Mode]:
+        """Modes a live call may fail over to from `current`."""
+        ...
+
+    def create(self, mode: Mode) -> Engine:
+        """A fresh, unstarted engine of `mode`."""
+        ...
+
+    def report(self, mode: Mode, ok: bool) -> None:
+        """How starting (or keeping) an engine of `mode` went."""

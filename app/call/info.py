@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from app.modes import Mode
+
 __all__ = ["CallInfo"]
 
 
@@ -18,7 +20,7 @@ class CallInfo:
     from_number: str
     to_number: str
     persona: str
-    mode: str
+    mode: Mode
     voice: str
     started_at: float = field(default_factory=time.time)
     last_turn_latency_ms: float | None = None

@@ -50,6 +50,7 @@ from app.engines.base import (
     Transcript,
     Turn,
 )
+from app.modes import Mode
 
 __all__ = ["Dialect", "RealtimeEngine", "session_config"]
 
@@ -276,7 +277,8 @@ def _parse(frame: str | bytes) -> dict[str, Any] | None:
 class RealtimeEngine:
     """The realtime speech-to-speech model behind the `Engine` interface."""
 
-    name = "realtime"
+    name = Mode.REALTIME
+    detects_turns = True  # the model's server VAD
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings

@@ -47,6 +47,7 @@ from app.engines.chained.llm import ChatClient
 from app.engines.chained.sentences import SentenceSplitter
 from app.engines.chained.stt import TogetherSTT
 from app.engines.chained.tts import SpeechChunk, TogetherTTS
+from app.modes import Mode
 
 __all__ = ["APOLOGY", "ChainedEngine"]
 
@@ -127,7 +128,8 @@ _Job = _CallerAudio | _CallerText | _Say | _Respond
 class ChainedEngine:
     """Together STT, chat model and TTS, one socket each kept open for the call."""
 
-    name = "chained"
+    name = Mode.CHAINED
+    detects_turns = False  # the call's VAD decides turn ends
 
     def __init__(
         self,

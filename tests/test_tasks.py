@@ -6,7 +6,7 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from app.call.tasks import Supervisor, wait_event
+from app.tasks import Supervisor, wait_event
 
 
 async def _crash() -> None:

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from app.call.tasks import Supervisor
 from app.call.tools import CallTools, ToolRun, ToolStatus
 from app.engines.base import ToolCall
+from app.tasks import Supervisor
 from tests.tools_host import Host, Model
 
 

@@ -15,10 +15,10 @@ import pytest
 import structlog
 
 from app import log
-from app.call.tasks import Supervisor
 from app.call.tools import CallTools, ToolRun, ToolStatus
 from app.engines.base import SpeechStarted, ToolCall
 from app.personas import Persona
+from app.tasks import Supervisor
 from app.tools.declarations import HttpTool, Toolbox
 from app.tools.results import ToolOutcome
 from tests.conftest import make_settings

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from app.audio.g711 import ulaw_b64_duration_ms
 from app.call.observer import CallObserver
-from app.call.tasks import wait_event
 from app.clock import Clock, loop_time
+from app.tasks import wait_event
 from app.telephony import messages
 
 __all__ = ["MAX_CHUNK_CHARS", "Heard", "Playback", "split_payload"]

@@ -31,7 +31,6 @@ from app.call.observer import Observers
 from app.call.outcome import Outcome
 from app.call.playback import Playback
 from app.call.steering import Steering
-from app.call.tasks import Supervisor
 from app.call.tools import CallTools
 from app.call.turns import TurnState
 from app.clock import loop_time
@@ -52,6 +51,7 @@ from app.engines.base import (
 )
 from app.modes import Mode, UnknownMode, parse_mode
 from app.personas import Persona
+from app.tasks import Supervisor
 from app.telephony.messages import Dtmf, Mark, Media, Start, Stop, TwilioMessage
 from app.vad.batcher import VadBatcher
 

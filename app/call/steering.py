@@ -34,12 +34,12 @@ import structlog
 
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
-from app.call.tasks import wait_event
 from app.clock import loop_time
 from app.config import Settings
 from app.engines.base import AgentSetup, Engine, EngineUnavailable, Warmable
 from app.modes import Mode, parse_mode
 from app.states import checked
+from app.tasks import wait_event
 
 __all__ = [
     "BOUNDARY_WAIT_S",

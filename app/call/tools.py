@@ -35,9 +35,9 @@ import orjson
 from app.call import control
 from app.call.info import CallInfo
 from app.call.outcome import Outcome
-from app.call.tasks import Supervisor
 from app.engines.base import Engine, ToolCall, ToolSpec
 from app.personas import Persona
+from app.tasks import Supervisor
 from app.telephony import rest
 from app.tools.http import CallContext
 from app.tools.results import ToolAnswer, ToolCallRecord, ToolOutcome, failure

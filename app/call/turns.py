@@ -16,7 +16,6 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
-from app.call.tasks import wait_event
 from app.clock import Clock, loop_time
 from app.engines.base import (
     EngineEvent,
@@ -25,6 +24,7 @@ from app.engines.base import (
     SpeechStarted,
     SpeechStopped,
 )
+from app.tasks import wait_event
 
 __all__ = ["CALLER_QUIET_S", "REPLY_EXPECTED_S", "TurnState"]
 

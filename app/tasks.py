@@ -1,7 +1,9 @@
-"""One call's background tasks: where they start, how a crash is told, how they end.
+"""Background tasks: where they start, how a crash is told, how they end.
 
 Every task a call runs beside the media-stream handler (playback pacing, barge-in
-scoring, the engine pump, tool calls) is started through a `Supervisor`. A task that
+scoring, the engine pump, tool calls, steering) is started through a `Supervisor`, and
+so are an engine's own (the realtime engine's deferred sends) and the admin bus's.
+A leaf module: the call, the engines and the admin API all import it. A task that
 dies with an exception is logged at once, with its traceback, from its done callback,
 not when someone later awaits it; then its `on_crash` policy runs (the call decides:
 end itself, or carry on). `close` cancels whatever is left and waits for it without

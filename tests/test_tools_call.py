@@ -15,7 +15,7 @@ import pytest
 import structlog
 
 from app import log
-from app.call.tools import CallTools, ToolRun, ToolStatus
+from app.call.tools import MAX_RUNNING, CallTools, ToolRun, ToolStatus
 from app.engines.base import SpeechStarted, ToolCall
 from app.personas import Persona
 from app.tasks import Supervisor
@@ -242,3 +242,18 @@ async def test_logs_keep_the_tool_call_and_never_a_header_or_the_signing_secret(
     assert events["tool.settled"]["outcome"] == "http_error"
     assert token not in out.getvalue() and secret not in out.getvalue()
     assert "***" in events["tool.result"]["output"]  # the echo, masked
+
+
+@pytest.mark.looptime
+async def test_a_model_asking_for_too_many_tools_at_once_is_told_to_wait(
+    business: FakeBusiness,
+) -> None:
+    business.behaviours["check_availability"] = Behaviour({"free": []}, delay_s=1.0)
+    host, tools, _ = await tools_for(business, tool_filler_ms=0)
+    for n in range(MAX_RUNNING + 1):
+        tools.dispatch(host.engine, ToolCall(f"call_{n}", "check_availability", {"day": "x"}))
+    records = await host.observers.settled(MAX_RUNNING + 1)
+    assert records[0].outcome is ToolOutcome.BUSY  # the last one, at once
+    assert records[0].call_id == f"call_{MAX_RUNNING}"
+    assert len(business.received) == MAX_RUNNING
+    assert {r.outcome for r in records[1:]} == {ToolOutcome.OK}

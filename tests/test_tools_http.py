@@ -127,8 +127,9 @@ async def test_a_long_answer_is_cut_at_8_kb_with_a_note(
          'HTTP 500: {"message":"boom"}'),
         (Behaviour({"error": "bad_signature"}, status=401), ToolOutcome.HTTP_ERROR, "HTTP 401"),
         (Behaviour(drop_first=5), ToolOutcome.UNREACHABLE, "could not reach the tool"),
+        (Behaviour({}, status=307), ToolOutcome.HTTP_ERROR, "HTTP 307"),  # not followed
     ],
-    ids=["500", "bad-signature-401", "no-answer"],
+    ids=["500", "bad-signature-401", "no-answer", "redirect"],
 )  # fmt: skip
 async def test_failures_reach_the_model_with_what_to_tell_the_caller(
     runner: ToolRunner,

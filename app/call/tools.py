@@ -152,6 +152,8 @@ _MOVES: dict[ToolStatus, frozenset[ToolStatus]] = {
     ),
 }
 RUNS_KEPT = 20
+# Tool calls of one call running at once; a model asking for more is told to wait.
+MAX_RUNNING = 4
 
 
 @dataclass(slots=True)
@@ -179,6 +181,7 @@ class CallTools:
         self._host = host
         self._tasks = tasks
         self._toolset: Toolset | None = None
+        self._working = 0  # business tool calls running now
         self.runs: deque[ToolRun] = deque(maxlen=RUNS_KEPT)
 
     async def prepare(self) -> None:
@@ -287,7 +290,18 @@ class CallTools:
         if call.name == "transfer_call" and self._host.persona.transfer_numbers:
             return await self._transfer(call.arguments.get("to"))
         if self._toolset is not None and call.name in self._toolset:
-            return await self._business(run, self._toolset)
+            if self._working >= MAX_RUNNING:
+                self._host.log.warning("tool.too_many", tool=call.name, running=self._working)
+                return failure(
+                    ToolOutcome.BUSY,
+                    f"{self._working} tool calls are already running",
+                    "Wait for their results, then call again if you still need to.",
+                )
+            self._working += 1
+            try:
+                return await self._business(run, self._toolset)
+            finally:
+                self._working -= 1
         self._host.log.warning("call.unknown_tool", tool=call.name)
         return failure(
             ToolOutcome.UNKNOWN_TOOL,

@@ -125,7 +125,10 @@ async def call_http(
 async def _send(
     session: aiohttp.ClientSession, tool: HttpTool, body: bytes, headers: dict[str, str]
 ) -> ToolAnswer:
-    async with session.request(tool.method, tool.url, data=body, headers=headers) as resp:
+    # No redirects: they would carry the signed body and the headers (a token) elsewhere.
+    async with session.request(
+        tool.method, tool.url, data=body, headers=headers, allow_redirects=False
+    ) as resp:
         answer = await _read(resp.content, MAX_ANSWER_BYTES + 1)
         if len(answer) > MAX_ANSWER_BYTES:
             resp.close()  # the rest is not wanted: do not read megabytes to drop them

@@ -42,6 +42,7 @@ class ToolOutcome(StrEnum):
     TIMEOUT = "timeout"
     UNREACHABLE = "unreachable"  # refused, reset, DNS: no answer at all
     UNKNOWN_TOOL = "unknown_tool"
+    BUSY = "busy"  # not run: too many of the call's tool calls were running already
     FAILED = "failed"  # our own fault (a bug): logged with its traceback
     ENDED = "ended"  # end_call, transfer_call: the call ended or moved
     CANCELLED = "cancelled"  # the call ended before the tool did

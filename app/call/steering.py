@@ -25,10 +25,10 @@ import contextlib
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 
@@ -39,7 +39,7 @@ from app.config import Settings
 from app.engines.base import AgentSetup, Engine, EngineUnavailable, Warmable
 from app.modes import Mode, parse_mode
 from app.states import checked
-from app.tasks import wait_event
+from app.tasks import Supervisor, wait_event
 
 __all__ = [
     "BOUNDARY_WAIT_S",
@@ -174,23 +174,19 @@ class Steering(CallObserver):
         self._max_age_s = minutes * 60.0
         self._renew_at = loop_time() + self._max_age_s
         self._warm: _Warm | None = None
-        self._worker: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        # The worker, the steers being applied and the sessions being opened ahead. A
+        # crash is logged at once; the call goes on without that steer (it stays pending
+        # until the call ends, when it fails).
+        self._tasks = Supervisor(self._log)
+        self._applying = 0  # steers in `_apply`
 
     def start(self) -> None:
         """Start the worker that applies voices and renews sessions at turn boundaries."""
-        self._worker = asyncio.create_task(
-            self._run(), name=f"steering-{self._session.info.call_sid}"
-        )
+        self._tasks.spawn(self._run(), f"steering-{self._session.info.call_sid}")
 
     async def close(self) -> None:
         """Stop everything; a voice still waiting for its boundary fails."""
-        current = asyncio.current_task()
-        for task in [self._worker, *self._tasks]:
-            if task is not None and task is not current:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self._tasks.close()
         self._pending_voice = None
         for steer in self.log:
             if steer.state is SteerState.PENDING:
@@ -203,7 +199,7 @@ class Steering(CallObserver):
         """Record a steer and start applying it; it settles in the background."""
         steer = Steer(_steer_id(), instructions, voice)
         self.log.append(steer)
-        if len(self._tasks) >= STEERS_IN_FLIGHT:
+        if self._applying >= STEERS_IN_FLIGHT:
             error = f"{STEERS_IN_FLIGHT} steers are still being applied; send it again later"
             self._settle(steer, SteerState.FAILED, error=error)
             return steer
@@ -213,7 +209,8 @@ class Steering(CallObserver):
             observers.steered("instructions", instructions[:500], SteerState.PENDING)
         if voice is not None:
             observers.steered("voice", voice, SteerState.PENDING)
-        self._spawn(self._apply(steer))
+        self._applying += 1
+        self._tasks.spawn(self._apply(steer), f"steer-{steer.id}")
         return steer
 
     async def switch_mode(self, mode: str) -> bool:
@@ -227,6 +224,12 @@ class Steering(CallObserver):
         return ok
 
     async def _apply(self, steer: Steer) -> None:
+        try:
+            await self._apply_now(steer)
+        finally:
+            self._applying -= 1
+
+    async def _apply_now(self, steer: Steer) -> None:
         if steer.instructions is not None:
             async with self._lock:
                 if (engine := self._session.engine) is not None:
@@ -306,7 +309,7 @@ class Steering(CallObserver):
         if not isinstance(engine, Warmable):
             return
         setup = replace(self._session.setup_for(Mode.REALTIME), voice=voice)
-        connecting = asyncio.create_task(self._connect(engine, setup))
+        connecting = self._tasks.spawn(self._connect(engine, setup), "steering-warm-up")
         self._warm = _Warm(voice, engine, connecting)
 
     async def _connect(self, engine: Warmable, setup: AgentSetup) -> bool:
@@ -341,11 +344,6 @@ class Steering(CallObserver):
             with contextlib.suppress(asyncio.CancelledError):
                 await warm.connecting
             await warm.engine.close()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # -- the boundary worker: voices and renewals -----------------------------------------
 

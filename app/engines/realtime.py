@@ -51,6 +51,7 @@ from app.engines.base import (
     Turn,
 )
 from app.modes import Mode
+from app.tasks import Supervisor
 
 __all__ = ["Dialect", "RealtimeEngine", "session_config"]
 
@@ -286,7 +287,7 @@ class RealtimeEngine:
         self._names = _NAMES[self._dialect]
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Supervisor(log)  # deferred sends
         self._events: asyncio.Queue[EngineEvent | None] = asyncio.Queue()
         self._setup: AgentSetup | None = None
         self._reply = _Reply.IDLE
@@ -440,9 +441,12 @@ class RealtimeEngine:
             if self._ending is None:
                 await self._send(event)
 
-        task = asyncio.create_task(send(), name="realtime-send")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(send(), "realtime-send", self._send_crashed)
+
+    def _send_crashed(self, exc: BaseException) -> None:
+        """A deferred send died of a bug (the supervisor logged it): the session cannot
+        be trusted to answer, so the engine ends and the call fails over."""
+        self._end(EngineError("internal_error", f"deferred send failed: {exc!r}", fatal=True))
 
     async def send_audio(self, payload: str) -> None:
         """Append the caller's payload exactly as Twilio sent it."""
@@ -531,16 +535,10 @@ class RealtimeEngine:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        await self._cancel_tasks()
+        await self._tasks.close()
         if self._ws is not None:
             await self._ws.close()
         self._events.put_nowait(None)
-
-    async def _cancel_tasks(self) -> None:
-        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- the model's answer deadline --------------------------------------------------
 
@@ -598,7 +596,7 @@ class RealtimeEngine:
         log.warning("realtime.lost", code=reason.code, message=reason.message)
         self._emit(reason)
         self._closed = True
-        await self._cancel_tasks()
+        await self._tasks.close()
         await self._ws.close()
         self._events.put_nowait(None)
 

@@ -19,7 +19,7 @@ from app.call.session import CallSession
 from app.clock import loop_time
 from app.config import Settings
 from app.drain import DRAIN, Drain
-from app.engines.factory import Engines
+from app.engines.factory import Engines, EngineState
 from app.metrics import METRICS, Metrics, metrics_endpoint
 from app.modes import UnknownMode, parse_mode
 from app.personas import Persona, load_personas
@@ -224,8 +224,13 @@ async def health(_: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Readiness: we can take calls (an engine is available and we are not draining)."""
-    engines = request.app[ENGINES].available()
+    """Readiness: we can take calls (an engine is available and we are not draining).
+
+    `engines` says per mode whether new calls can use it; `engine_states` says why not
+    (`unconfigured`, `held_off` by the breaker), as the admin API names it.
+    """
+    states = request.app[ENGINES].states()
+    engines = {mode: state is EngineState.AVAILABLE for mode, state in states.items()}
     draining = request.app[DRAIN].active
     status = 200 if any(engines.values()) and not draining else 503
     return web.json_response(
@@ -233,6 +238,7 @@ async def ready(request: web.Request) -> web.Response:
             "ready": status == 200,
             "draining": draining,
             "engines": engines,
+            "engine_states": states,
             "calls": len(request.app[CALLS]),
         },
         status=status,

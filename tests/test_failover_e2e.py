@@ -173,6 +173,7 @@ async def test_breaker_sends_new_calls_chained_after_repeated_failures(
         body = await resp.json()
     assert resp.status == 200
     assert body["engines"] == {"realtime": False, "chained": True}
+    assert body["engine_states"]["realtime"] == "held_off"  # by the breaker, not unconfigured
 
 
 async def test_no_engine_ends_the_stream_for_the_apology(

@@ -182,3 +182,4 @@ async def test_health_and_ready(
         assert resp.status == 200
         body = await resp.json()
     assert body["engines"]["realtime"] is True
+    assert body["engine_states"]["realtime"] == "available"

@@ -183,11 +183,12 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
                 if await session.start():
                     await _relay(frames, session)
         finally:
-            if session is not None:
+            if session is None:
+                await ws.close()
+            else:
                 if calls.get(session.info.call_sid) is session:
                     del calls[session.info.call_sid]
-                await session.close()
-            await ws.close()
+                await session.close()  # its last cleanup step closes the socket
     return ws
 
 

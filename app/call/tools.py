@@ -35,6 +35,7 @@ import orjson
 from app.call import control
 from app.call.info import CallInfo
 from app.call.outcome import Outcome
+from app.clock import loop_time
 from app.engines.base import Engine, ToolCall, ToolSpec
 from app.personas import Persona
 from app.tasks import Supervisor
@@ -213,7 +214,7 @@ class CallTools:
     async def _run(self, engine: Engine, run: ToolRun) -> None:
         host, call = self._host, run.call
         host.log.info("tool.called", tool=call.name, call_id=call.call_id, arguments=call.arguments)
-        started = asyncio.get_running_loop().time()
+        started = loop_time()
         try:
             await self._settle(engine, run, started)
         except asyncio.CancelledError:
@@ -227,7 +228,7 @@ class CallTools:
     def _record(self, run: ToolRun, started: float) -> None:
         """Log the settled run and hand it to the call's observers (record, metrics)."""
         if run.latency_ms is None:
-            run.latency_ms = round((asyncio.get_running_loop().time() - started) * 1000.0, 1)
+            run.latency_ms = round((loop_time() - started) * 1000.0, 1)
         call, outcome = run.call, run.outcome or ToolOutcome.FAILED
         self._host.log.info(
             "tool.settled",
@@ -258,7 +259,7 @@ class CallTools:
             run.move(ToolStatus.FAILED)
             answer = failure(ToolOutcome.FAILED, "the tool failed")
         run.outcome = answer.outcome if answer is not None else ToolOutcome.ENDED
-        run.latency_ms = round((asyncio.get_running_loop().time() - started) * 1000.0, 1)
+        run.latency_ms = round((loop_time() - started) * 1000.0, 1)
         if answer is None:
             run.move(ToolStatus.ENDED)
             return

@@ -14,8 +14,7 @@ one HTTP client per process, carrying its headers, so its connections are reused
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from app.clock import Clock, loop_time
 from app.tools.declarations import BUILT_IN, DeclarationError, McpServer, check_schema
 from app.tools.results import ToolAnswer, ToolOutcome, capped, failure
 
@@ -57,9 +57,7 @@ class _Listing:
 class McpClient:
     """The process's MCP side: listings (cached) and tool calls, per server."""
 
-    def __init__(
-        self, *, ttl_s: float = LIST_TTL_S, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, *, ttl_s: float = LIST_TTL_S, clock: Clock = loop_time) -> None:
         self._ttl_s = ttl_s
         self._clock = clock
         self._listings: dict[McpServer, _Listing] = {}

@@ -15,6 +15,8 @@ from app.config import ConfigError, load_settings
 from app.modes import Mode
 from app.personas import PersonaError, load_personas
 
+__all__ = ["main"]
+
 
 def _serve(_: argparse.Namespace) -> int:
     from app import drain, edge

@@ -21,6 +21,8 @@ from aiohttp import web
 
 from app.clock import loop_time
 
+__all__ = ["DRAIN", "Call", "Drain", "serve"]
+
 log = structlog.get_logger(__name__)
 
 POLL_S = 0.1

@@ -29,6 +29,17 @@ from app.urls import websocket_url
 from app.vad.batcher import VadBatcher
 from app.vad.silero import get_vad
 
+__all__ = [
+    "CALLS",
+    "ENGINES",
+    "OBSERVERS",
+    "PERSONAS",
+    "SETTINGS",
+    "STREAM_TOKENS",
+    "VAD",
+    "create_app",
+]
+
 log = structlog.get_logger(__name__)
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
@@ -53,7 +64,7 @@ def _refused(request: web.Request, url: str, params: dict[str, str], what: str) 
         raise web.HTTPForbidden(text=reason)
 
 
-async def twiml_webhook(request: web.Request) -> web.Response:
+async def _twiml_webhook(request: web.Request) -> web.Response:
     """Answer Twilio's call webhook with a `<Connect><Stream>` to our socket."""
     if request.app[DRAIN].active:
         # Twilio moves to the number's fallback URL; the load balancer to another instance.
@@ -157,7 +168,7 @@ async def _relay(frames: AsyncIterator[Received], session: CallSession) -> None:
             session.observers.relay_lag(loop_time() - received_at)
 
 
-async def media_stream(request: web.Request) -> web.StreamResponse:
+async def _media_stream(request: web.Request) -> web.StreamResponse:
     """One Twilio Media Stream: its `start` must name a call we answered, then relay."""
     settings = request.app[SETTINGS]
     origin = websocket_url(signature.public_origin(request, settings))
@@ -219,12 +230,12 @@ def _new_session(
     return session
 
 
-async def health(_: web.Request) -> web.Response:
+async def _health(_: web.Request) -> web.Response:
     """Liveness: the process answers."""
     return web.json_response({"status": "ok"})
 
 
-async def ready(request: web.Request) -> web.Response:
+async def _ready(request: web.Request) -> web.Response:
     """Readiness: we can take calls (an engine is available and we are not draining).
 
     `engines` says per mode whether new calls can use it; `engine_states` says why not
@@ -279,10 +290,10 @@ def create_app(settings: Settings) -> web.Application:
         metrics.observer,
     ]
     app[OBSERVERS] = observers
-    app.router.add_post("/twiml", twiml_webhook)
-    app.router.add_get("/media-stream", media_stream)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
+    app.router.add_post("/twiml", _twiml_webhook)
+    app.router.add_get("/media-stream", _media_stream)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/ready", _ready)
     app.router.add_get("/metrics", metrics_endpoint)
     personas: dict[str, Persona] = app[PERSONAS]
     api.add_routes(app, settings, calls, personas, observers)

@@ -38,6 +38,23 @@ from app.audio.g711 import ulaw_decode, ulaw_encode
 from app.clock import loop_time
 from app.modes import Mode
 
+__all__ = [
+    "BYTES_PER_MS",
+    "FRAME_BYTES",
+    "FRAME_MS",
+    "LINE_SILENCE",
+    "SAMPLE_RATE",
+    "CallResult",
+    "Clip",
+    "Dtmf",
+    "SimulatorError",
+    "configure_parser",
+    "percentile",
+    "run",
+    "simulate_call",
+    "turn_latencies",
+]
+
 SAMPLE_RATE = 8000
 FRAME_MS = 20
 FRAME_BYTES = SAMPLE_RATE * FRAME_MS // 1000  # mu-law: one byte per sample

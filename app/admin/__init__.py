@@ -1,1 +1,3 @@
 """The operator's admin API and the steering bus."""
+
+__all__: list[str] = []  # the modules are the interface

@@ -15,6 +15,17 @@ from twilio.twiml.voice_response import VoiceResponse
 
 from app.config import Settings
 
+__all__ = [
+    "NOT_FOUND",
+    "TWILIO_TIMEOUT_S",
+    "RestError",
+    "RestSetupError",
+    "client",
+    "configured",
+    "hang_up",
+    "transfer",
+]
+
 log = structlog.get_logger(__name__)
 
 TWILIO_TIMEOUT_S = 15.0

@@ -67,6 +67,15 @@ class Settings(BaseSettings):
     realtime_session_timeout: float = Field(2.5, gt=0)
     realtime_response_timeout: float = Field(2.5, gt=0)
 
+    live_url: str = "wss://api.openai.com/v1/live/sessions"
+    live_model: str = "gpt-live-1.1"
+    live_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("LIVE_API_KEY", "OPENAI_API_KEY")
+    )
+    live_backend_model: str = "gpt-5.5"
+    live_session_timeout: float = Field(2.5, gt=0)
+    engine_order: Annotated[tuple[Mode, ...], NoDecode] = (Mode.REALTIME, Mode.LIVE, Mode.CHAINED)
+
     together_api_key: SecretStr | None = None
     together_base_url: str = "https://api.together.ai/v1"
     stt_model: str = "openai/whisper-large-v3"
@@ -117,10 +126,23 @@ class Settings(BaseSettings):
             if not (key.lower() in optional and isinstance(value, str) and not value.strip())
         }
 
-    @field_validator("realtime_url")
+    @field_validator("realtime_url", "live_url")
     @classmethod
     def _ws_url(cls, value: str) -> str:
         return _url(value, ("ws", "wss"))
+
+    @field_validator("engine_order", mode="before")
+    @classmethod
+    def _modes(cls, value: Any) -> Any:
+        """A comma-separated list of modes, each once, e.g. `live,realtime,chained`."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            if not value:
+                raise ValueError("must name at least one mode")
+            if len(set(value)) != len(value):
+                raise ValueError(f"names a mode twice: {','.join(map(str, value))}")
+        return value
 
     @field_validator("together_base_url", "twilio_api_base")
     @classmethod
@@ -190,11 +212,14 @@ def load_settings(*, serving: bool = True) -> Settings:
         raise ConfigError(f"{name}: {first['msg']}") from None
     if not serving:
         return settings
-    if settings.realtime_api_key is None and settings.together_api_key is None:
+    keys = (settings.realtime_api_key, settings.live_api_key, settings.together_api_key)
+    if all(key is None for key in keys):
         raise ConfigError(
-            "REALTIME_API_KEY (or OPENAI_API_KEY) is not set, and no TOGETHER_API_KEY "
-            "for the chained engine: no model can answer calls"
+            "REALTIME_API_KEY (or OPENAI_API_KEY) is not set, nor LIVE_API_KEY, and no "
+            "TOGETHER_API_KEY for the chained engine: no model can answer calls"
         )
     if settings.agent_mode == "chained" and settings.together_api_key is None:
         raise ConfigError("AGENT_MODE=chained needs TOGETHER_API_KEY")
+    if settings.agent_mode == "live" and settings.live_api_key is None:
+        raise ConfigError("AGENT_MODE=live needs LIVE_API_KEY (or OPENAI_API_KEY)")
     return settings

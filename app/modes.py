@@ -11,6 +11,7 @@ class Mode(StrEnum):
     """Which engine serves a call. A StrEnum, so it is its value in JSON, logs and metrics."""
 
     REALTIME = "realtime"  # one speech-to-speech model (OpenAI Realtime protocol)
+    LIVE = "live"  # OpenAI GPT-Live: full duplex, the model takes its own turns
     CHAINED = "chained"  # Together STT -> LLM -> TTS
 
 

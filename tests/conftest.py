@@ -56,6 +56,10 @@ def make_settings(**overrides: Any) -> Settings:
         "realtime_url": "ws://127.0.0.1:9/v1/realtime",
         "together_base_url": "http://127.0.0.1:9/v1",
         "realtime_connect_timeout": 2.0,
+        # Live only where a test gives it a key (an OPENAI_API_KEY in the environment
+        # would otherwise configure it), and then never the real service.
+        "live_api_key": None,
+        "live_url": "ws://127.0.0.1:9/v1/live/sessions",
         # Calls a test drives are recorded out of the working tree.
         "archive_dir": Path(tempfile.gettempdir()) / "phone-agent-tests" / "calls",
     }

@@ -19,8 +19,9 @@ from tests.conftest import make_settings
 def test_modes_parse_from_their_names_and_nothing_else() -> None:
     assert parse_mode("realtime") is Mode.REALTIME
     assert parse_mode("chained") is Mode.CHAINED
+    assert parse_mode("live") is Mode.LIVE
     for bad in ("", "Realtime", "chain", "live "):
-        with pytest.raises(UnknownMode, match="one of realtime, chained"):
+        with pytest.raises(UnknownMode, match="one of realtime, live, chained"):
             parse_mode(bad)
 
 
@@ -46,11 +47,12 @@ def test_engine_state_follows_credentials_and_the_breaker() -> None:
     engines = Engines(make_settings(together_api_key=None), breaker)
     assert engines.states() == {
         Mode.REALTIME: EngineState.AVAILABLE,
+        Mode.LIVE: EngineState.UNCONFIGURED,
         Mode.CHAINED: EngineState.UNCONFIGURED,
     }
     engines.report("realtime", ok=False)
     assert engines.state(Mode.REALTIME) is EngineState.HELD_OFF
-    assert engines.available() == {Mode.REALTIME: False, Mode.CHAINED: False}
+    assert engines.available() == {Mode.REALTIME: False, Mode.LIVE: False, Mode.CHAINED: False}
     now[0] = 5.0  # half-open: a probe may go, so new calls can use it again
     assert engines.state(Mode.REALTIME) is EngineState.AVAILABLE
 

@@ -172,7 +172,7 @@ async def test_breaker_sends_new_calls_chained_after_repeated_failures(
         resp = await http.get(f"{r.url}/ready")
         body = await resp.json()
     assert resp.status == 200
-    assert body["engines"] == {"realtime": False, "chained": True}
+    assert body["engines"] == {"realtime": False, "live": False, "chained": True}
     assert body["engine_states"]["realtime"] == "held_off"  # by the breaker, not unconfigured
 
 

@@ -9,6 +9,7 @@ from app.engines.base import Engine
 from app.engines.breaker import Breaker, BreakerState
 from app.engines.chained.engine import ChainedEngine
 from app.engines.chained.http import SharedSession
+from app.engines.live import LiveEngine
 from app.engines.realtime import RealtimeEngine
 from app.modes import Mode, parse_mode
 
@@ -24,22 +25,33 @@ class EngineState(StrEnum):
 
 
 class Engines:
-    """Makes engines for calls and keeps the realtime breaker, once per process.
+    """Makes engines for calls and keeps one breaker per engine, once per process.
 
-    Modes come in as `Mode` or their string value and are parsed here: a name that is
-    no mode raises `UnknownMode` (a ValueError) instead of picking an engine.
+    Calls try engines in `ENGINE_ORDER` (the call's own mode first) and fail over along
+    it. Modes come in as `Mode` or their string value and are parsed here: a name that
+    is no mode raises `UnknownMode` (a ValueError) instead of picking an engine.
+    `breaker` is the realtime engine's (tests give one with their own clock).
     """
 
     def __init__(self, settings: Settings, breaker: Breaker | None = None) -> None:
         self._settings = settings
-        self.breaker = breaker or Breaker()
+        self.breakers = {mode: Breaker() for mode in Mode}
+        if breaker is not None:
+            self.breakers[Mode.REALTIME] = breaker
         self._together_http = SharedSession()  # every chained call's chat requests
+
+    @property
+    def breaker(self) -> Breaker:
+        """The realtime engine's breaker."""
+        return self.breakers[Mode.REALTIME]
 
     def configured(self, mode: str) -> bool:
         """The mode has the credentials it needs."""
         match parse_mode(mode):
             case Mode.REALTIME:
                 return self._settings.realtime_api_key is not None
+            case Mode.LIVE:
+                return self._settings.live_api_key is not None
             case Mode.CHAINED:
                 return self._settings.together_api_key is not None
 
@@ -48,7 +60,7 @@ class Engines:
         mode = parse_mode(mode)
         if not self.configured(mode):
             return EngineState.UNCONFIGURED
-        if mode is Mode.REALTIME and self.breaker.state is BreakerState.OPEN:
+        if self.breakers[mode].state is BreakerState.OPEN:
             return EngineState.HELD_OFF
         return EngineState.AVAILABLE
 
@@ -57,28 +69,38 @@ class Engines:
         return {mode: self.state(mode) for mode in Mode}
 
     def available(self) -> dict[Mode, bool]:
-        """What `/ready` reports: configured, and for realtime not held off by the breaker."""
+        """What `/ready` reports: configured, and not held off by its breaker."""
         return {mode: state is EngineState.AVAILABLE for mode, state in self.states().items()}
 
     def order(self, preferred: str) -> list[Mode]:
-        """Modes to try for a new call: the preferred one first, unless the breaker is open."""
+        """Modes to try for a new call: the preferred one, then `ENGINE_ORDER`.
+
+        The first is one whose breaker lets a call through (taking a half-open breaker's
+        one probe); the fallbacks after it are those not held off. When every breaker is
+        open the last configured mode is still tried rather than no engine.
+        """
         first = parse_mode(preferred)
-        modes = [first, *(m for m in Mode if m is not first)]
+        modes = [first, *(m for m in self._settings.engine_order if m is not first)]
         usable = [m for m in modes if self.configured(m)]
-        if Mode.REALTIME in usable and len(usable) > 1 and not self.breaker.allow():
-            usable.remove(Mode.REALTIME)
-        return usable
+        chosen: list[Mode] = []
+        for mode in usable:
+            breaker = self.breakers[mode]
+            if breaker.allow() if not chosen else breaker.state is not BreakerState.OPEN:
+                chosen.append(mode)
+        return chosen or usable[-1:]
 
     def alternatives(self, current: str) -> list[Mode]:
-        """Modes a live call may fail over to from `current`."""
+        """Modes a live call may fail over to from `current`, in `ENGINE_ORDER`."""
         mode = parse_mode(current)
-        return [m for m in Mode if m is not mode and self.configured(m)]
+        return [m for m in self._settings.engine_order if m is not mode and self.configured(m)]
 
     def create(self, mode: str) -> Engine:
         """A fresh, unstarted engine; raises UnknownMode for a name that is no mode."""
         match parse_mode(mode):
             case Mode.REALTIME:
                 return RealtimeEngine(self._settings)
+            case Mode.LIVE:
+                return LiveEngine(self._settings)
             case Mode.CHAINED:
                 return ChainedEngine(self._settings, self._together_http)
 
@@ -87,10 +109,9 @@ class Engines:
         await self._together_http.close()
 
     def report(self, mode: str, ok: bool) -> None:
-        """Feed the realtime breaker with an outcome."""
-        if parse_mode(mode) is not Mode.REALTIME:
-            return
+        """Feed the mode's breaker with an outcome."""
+        breaker = self.breakers[parse_mode(mode)]
         if ok:
-            self.breaker.success()
+            breaker.success()
         else:
-            self.breaker.failure()
+            breaker.failure()

@@ -211,8 +211,12 @@ class Warmable(Engine, Protocol):
         """`update` would refuse a voice now."""
         ...
 
-    async def connect(self, setup: AgentSetup) -> None:
-        """Open and configure the provider session; raises `EngineUnavailable`."""
+    async def connect(self, setup: AgentSetup, history: Sequence[Turn] = ()) -> None:
+        """Open and configure the provider session; raises `EngineUnavailable`.
+
+        `history` is the conversation so far, for an engine that takes it as its session
+        opens; `start` is given it again and seeds what the session does not have yet.
+        """
 
 
 class EngineSource(Protocol):

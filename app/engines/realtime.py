@@ -344,9 +344,10 @@ class RealtimeEngine:
             )
         log.info("realtime.started", dialect=self._dialect, history=len(history))
 
-    async def connect(self, setup: AgentSetup) -> None:
+    async def connect(self, setup: AgentSetup, history: Sequence[Turn] = ()) -> None:
         """Open the socket and configure the session ahead of `start`: a handoff prepared
         while the old session still speaks then costs the caller no connect time.
+        `history` is not sent here: `start` seeds the conversation.
 
         Raises `EngineUnavailable` unless the provider confirms the session
         (`session.updated`) within `REALTIME_SESSION_TIMEOUT`.

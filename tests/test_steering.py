@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
@@ -144,3 +145,66 @@ async def test_mode_toggle_parses_the_mode(steering: tuple[Call, Steering]) -> N
     assert call.switches == [Mode.REALTIME]
     with pytest.raises(ValueError):
         await steer_log.switch_mode("relatime")
+
+
+class _SpokenSession:
+    """A realtime-like session that has spoken: its voice can only change by a new one."""
+
+    name = Mode.REALTIME
+    detects_turns = True
+    owns_turns = False
+    voice_locked = True
+
+    def __init__(self, connect_error: Exception | None = None) -> None:
+        self.connect_error = connect_error
+        self.closed = False
+
+    async def connect(self, setup: AgentSetup, history: Any = ()) -> None:
+        if self.connect_error is not None:
+            raise self.connect_error
+
+    async def update(self, instructions: str | None = None, voice: str | None = None) -> None:
+        if voice is not None:
+            raise ValueError("cannot change the voice of a realtime session that has spoken")
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def start(self, setup: AgentSetup, history: Any, greet: bool) -> None: ...
+    def events(self) -> Any: ...
+    async def send_audio(self, payload: str) -> None: ...
+    async def end_of_turn(self) -> None: ...
+    async def respond(self) -> None: ...
+    async def send_text(self, text: str) -> None: ...
+    async def cancel_response(self) -> None: ...
+    async def truncate(self, item_id: str, audio_end_ms: int) -> None: ...
+    async def tool_result(self, call_id: str, output: str) -> None: ...
+
+
+async def test_a_session_opened_ahead_that_crashes_is_logged_and_the_swap_opens_another() -> None:
+    call = Call()
+    call.info.mode = Mode.REALTIME
+    call.engine = _SpokenSession()  # type: ignore[assignment]
+    call.transcript = []  # type: ignore[attr-defined]
+    ahead = _SpokenSession(connect_error=RuntimeError("a bug in connect"))
+    swapped_in: list[Any] = []
+    call.new_engine = lambda mode: ahead  # type: ignore[method-assign]
+
+    async def switch_engine(mode: str, reason: str, engine: Any = None) -> bool:
+        swapped_in.append(engine)
+        return True
+
+    call.switch_engine = switch_engine  # type: ignore[method-assign]
+    steering = Steering(call)
+    steering.start()
+    try:
+        with capture_logs() as logs:
+            steer = steering.submit(None, "cedar")
+            await _settled(steering)
+        crash = next(e for e in logs if e["event"] == "call.task_crashed")
+        assert crash["task"] == "steering-warm-up" and crash["log_level"] == "error"
+        assert steer.state is SteerState.APPLIED
+        assert swapped_in == [None]  # the crashed session was not used: the switch opened one
+        assert ahead.closed
+    finally:
+        await steering.close()

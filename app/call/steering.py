@@ -21,7 +21,6 @@ session. Each steer is pending until it settles, once, as applied or failed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
 from collections import deque
@@ -81,6 +80,13 @@ _MOVES: dict[SteerState, frozenset[SteerState]] = {
 def voice_mode(voice: str) -> Mode:
     """The engine a voice name belongs to."""
     return Mode.REALTIME if voice in REALTIME_VOICES else Mode.CHAINED
+
+
+async def _connected(connecting: asyncio.Task[bool]) -> bool:
+    """Wait for a session being opened ahead: True if it connected. One that crashed was
+    logged by the supervisor when it did; here it only means a fresh session is needed."""
+    await asyncio.wait({connecting})
+    return not connecting.cancelled() and connecting.exception() is None and connecting.result()
 
 
 def _steer_id() -> str:
@@ -331,7 +337,7 @@ class Steering(CallObserver):
         warm, self._warm = self._warm, None
         if warm is None:
             return None
-        if warm.voice == voice and await warm.connecting:
+        if warm.voice == voice and await _connected(warm.connecting):
             return warm.engine
         self._warm = warm
         await self._drop_warm()
@@ -341,9 +347,10 @@ class Steering(CallObserver):
         warm, self._warm = self._warm, None
         if warm is not None:
             warm.connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await warm.connecting
-            await warm.engine.close()
+            try:
+                await asyncio.wait({warm.connecting})
+            finally:
+                await warm.engine.close()
 
     # -- the boundary worker: voices and renewals -----------------------------------------
 

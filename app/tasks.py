@@ -85,6 +85,17 @@ class Supervisor:
             except Exception:
                 self._log.exception("call.crash_policy_failed", task=task.get_name())
 
+    async def settle(self, timeout_s: float) -> bool:
+        """Let the running tasks end by themselves, at most `timeout_s` seconds; False if
+        some are still running (a service closing lets its last writes land, then
+        `close`s)."""
+        current = asyncio.current_task()
+        pending = [t for t in self._tasks if t is not current]
+        if not pending:
+            return True
+        _, running = await asyncio.wait(pending, timeout=timeout_s)
+        return not running
+
     async def close(self) -> None:
         """Cancel every task (but the one calling) and wait until all have ended.
 

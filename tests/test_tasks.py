@@ -39,6 +39,24 @@ async def test_close_cancels_everything_and_never_raises() -> None:
     assert late.cancelled()
 
 
+async def test_settle_lets_tasks_finish_without_cancelling_them() -> None:
+    tasks = Supervisor()
+    written: list[str] = []
+
+    async def write() -> None:
+        await asyncio.sleep(0.01)
+        written.append("record")
+
+    tasks.spawn(write(), "bus-write")
+    assert await tasks.settle(1.0)
+    assert written == ["record"] and len(tasks) == 0
+    forever = tasks.spawn(asyncio.sleep(3600), "bus-listen")
+    assert not await tasks.settle(0.01)  # still running: not cancelled by settle
+    assert not forever.done()
+    await tasks.close()
+    assert forever.cancelled()
+
+
 async def test_a_task_spawned_while_closing_is_cancelled_too() -> None:
     tasks = Supervisor()
     spawned: list[asyncio.Task[None]] = []

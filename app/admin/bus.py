@@ -35,6 +35,7 @@ from app.admin.commands import Reply
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.call.session import CallSession
+from app.tasks import Supervisor
 from app.telephony.rest import TWILIO_TIMEOUT_S
 
 __all__ = [
@@ -110,15 +111,17 @@ class RedisBus(LocalBus):
         # Writes and removals one at a time: a refresh in flight cannot land after the
         # removal of a call that ended meanwhile and bring it back until the TTL.
         self._registry_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        # The two loops and each write, removal and served command; a crash is logged at
+        # once (the record's TTL or the next refresh covers a lost write).
+        self._tasks = Supervisor(log)
         self._loops: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Listen for commands and replies, keep our records alive. Redis being down
         does not stop the service: calls go on and the bus reconnects."""
         self._loops = [
-            asyncio.create_task(self._listen(), name="bus-listen"),
-            asyncio.create_task(self._refresh(), name="bus-refresh"),
+            self._tasks.spawn(self._listen(), "bus-listen"),
+            self._tasks.spawn(self._refresh(), "bus-refresh"),
         ]
         with contextlib.suppress(TimeoutError):  # Redis refusing is not worth waiting for
             await asyncio.wait_for(self._tried.wait(), SUBSCRIBE_WAIT_S)
@@ -128,11 +131,8 @@ class RedisBus(LocalBus):
         """Stop, and remove the records of calls still here (a clean stop leaves none)."""
         for task in self._loops:
             task.cancel()
-        if self._tasks:  # let the last writes and removals land
-            await asyncio.wait(self._tasks, timeout=CLOSE_WAIT_S)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        await self._tasks.settle(CLOSE_WAIT_S)  # let the last writes and removals land
+        await self._tasks.close()
         with contextlib.suppress(RedisError, OSError):
             if self.calls:
                 await self._redis.delete(*(call_key(sid) for sid in self.calls))
@@ -144,9 +144,8 @@ class RedisBus(LocalBus):
         return _Registration(self, info.call_sid)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Run a registry write or a served command in the background."""
+        self._tasks.spawn(coro, "bus-" + getattr(coro, "__name__", "task"))
 
     # -- the registry ---------------------------------------------------------------------
 

@@ -561,6 +561,7 @@ class CallRecorder(CallObserver):
             "engine_switches": self._switches,
             "steering": self._steering,
             "barge_ins": self._barge_ins,
+            "billed_seconds": dict(info.billed_seconds),
             "tools": self._tools,
             "latency": self._latency,
             "provider_errors": self._errors,

@@ -25,3 +25,4 @@ class CallInfo:
     started_at: float = field(default_factory=time.time)
     last_turn_latency_ms: float | None = None
     barge_ins: int = 0
+    billed_seconds: dict[str, float] = field(default_factory=dict)  # engine -> seconds

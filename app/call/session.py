@@ -38,6 +38,7 @@ from app.config import Settings
 from app.engines.base import (
     AgentSetup,
     AudioOut,
+    Billed,
     Engine,
     EngineError,
     EngineSource,
@@ -130,6 +131,7 @@ class CallSession:
         self._speech_ended_at: float | None = None
         self._turn_spans: set[str] = set()
         self._closed = asyncio.Event()
+        self._lost_engines: set[Mode] = set()  # died mid-call: failover skips them
 
     @property
     def call_sid(self) -> str:
@@ -252,6 +254,7 @@ class CallSession:
             if old_pump is not None and old_pump is not asyncio.current_task():
                 old_pump.cancel()
             await _close_engine(old, self.log)
+            self._bill(old)
             self.observers.engine_switched(previous_mode, mode, reason)
             self.log.info("call.engine_switched", old=previous_mode, new=mode, reason=reason)
         return True
@@ -284,11 +287,15 @@ class CallSession:
         """The engine died mid-call: carry on with another, or end our side cleanly.
 
         The new engine answers the caller's last words; if nothing has been said yet
-        (the first engine died before its greeting was heard), it greets instead.
+        (the first engine died before its greeting was heard), it greets instead. The
+        engines go in `ENGINE_ORDER`, but not back to one this call has lost already.
         """
         self._engines.report(lost.name, ok=False)
+        self._lost_engines.add(lost.name)
         greet = not self.transcript
         for mode in self._engines.alternatives(lost.name):
+            if mode in self._lost_engines:
+                continue
             if await self.switch_engine(mode, reason="failover", greet=greet):
                 assert self.engine is not None
                 if not greet:
@@ -306,7 +313,8 @@ class CallSession:
             frame = MulawFrame(message.payload, message.timestamp_ms, message.audio)
             self.observers.caller_audio(frame)
             await self._forward(message.payload)
-            self.bargein.push(frame)
+            if not self._engine_owns_turns:
+                self.bargein.push(frame)
         elif isinstance(message, Mark):
             self.playback.on_mark(message.name)
             if not self.playback.playing:
@@ -320,7 +328,7 @@ class CallSession:
 
     async def _forward(self, payload: str) -> None:
         """Caller audio to the engine, unless a switch or a barge-in decision holds it."""
-        if self.bargein.holding:
+        if self.bargein.holding and not self._engine_owns_turns:
             self.bargein.hold(payload)
         else:
             await self.send_held(payload)
@@ -331,6 +339,12 @@ class CallSession:
     def agent_playing(self) -> bool:
         """Agent audio is queued or playing at Twilio."""
         return self.playback.playing
+
+    @property
+    def _engine_owns_turns(self) -> bool:
+        """A full-duplex engine (live) takes turns and interruptions itself: our VAD does
+        not hold its caller audio or cut it off; the interrupt key still works."""
+        return self.engine is not None and self.engine.owns_turns
 
     @property
     def local_turns(self) -> bool:
@@ -488,6 +502,7 @@ class CallSession:
         await self._step("steering", self.steering.close())
         if self.engine is not None:
             await self._step("engine", self.engine.close())
+            self._bill(self.engine)
         self.observers.ended(self._outcome)  # the archive closes its files here
         await self._step("twilio_socket", self._hang_up_stream())
         self.log.info(
@@ -497,6 +512,13 @@ class CallSession:
             turns=len(self.transcript),
             barge_ins=self.info.barge_ins,
         )
+
+    def _bill(self, engine: Engine) -> None:
+        """A closed engine's billed seconds (live reports them) into the call's record."""
+        if isinstance(engine, Billed) and engine.billed_seconds:
+            billed = self.info.billed_seconds
+            name = str(engine.name)  # a plain str: the record's JSON takes no enum keys
+            billed[name] = round(billed.get(name, 0.0) + engine.billed_seconds, 3)
 
     async def _step(self, part: str, cleanup: Awaitable[Any]) -> None:
         """One step of the cleanup; its failure or hang is logged and the next step runs."""

@@ -1,18 +1,21 @@
-"""Operator steering of one live call, and the realtime session handoffs it needs.
+"""Operator steering of one live call, and the session handoffs it needs.
 
-Instructions apply at once (realtime `session.update`, the chained system prompt from the
-next reply) and stay as an override that every later engine starts with (failover, mode
+Instructions apply at once (realtime `session.update`; live `session.instructions.append`,
+appended since GPT-Live cannot replace them; the chained system prompt from the next
+reply) and stay as an override that every later engine starts with (failover, mode
 toggle, voice swap, renewal). A voice applies at a turn boundary, never mid-sentence: the
 chained engine changes its TTS voice; a realtime session that has spoken cannot (OpenAI
-refuses), so a new realtime session with the new voice, seeded with the conversation so
-far, is switched in with the caller's audio held meanwhile (`switch_engine`), and the
-old socket closes. That session is opened as soon as the steer arrives, while the agent
-is still speaking, so the swap at the boundary costs the caller no connect time. The
-same handoff renews a realtime session before the provider's maximum duration.
+refuses) and a live session never can (its voice is fixed at startup), so a new session
+of the same engine with the new voice, seeded with the conversation so far (live: as its
+`input`), is switched in with the caller's audio held meanwhile (`switch_engine`), and
+the old socket closes. That session is opened as soon as the steer arrives, while the
+agent is still speaking, so the swap at the boundary costs the caller no connect time.
+The same handoff renews a realtime session before the provider's maximum duration.
 
 A voice's name says which engine it is for: OpenAI's voices (`marin`, `cedar`, ...) are
-realtime voices, anything else is a TTS voice id (`af_heart`). A voice for the mode the
-call is not on is kept for when the call moves there.
+realtime voices, or live ones on a live call (`LIVE_VOICES`, the Live API's built-in
+voices); anything else is a TTS voice id (`af_heart`). A voice for the mode the call is
+not on is kept for when the call moves there.
 
 Steering depends on `SteeredCall`, the few things it needs of its call, not on the
 session. Each steer is pending until it settles, once, as applied or failed.
@@ -27,21 +30,23 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, get_args
 
 import structlog
+from openai.types.live.built_in_voice import BuiltInVoice
 
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.clock import loop_time
 from app.config import Settings
-from app.engines.base import AgentSetup, Engine, EngineUnavailable, Warmable
+from app.engines.base import AgentSetup, Engine, EngineUnavailable, Turn, Warmable
 from app.modes import Mode, parse_mode
 from app.states import checked
 from app.tasks import Supervisor, wait_event
 
 __all__ = [
     "BOUNDARY_WAIT_S",
+    "LIVE_VOICES",
     "REALTIME_VOICES",
     "STEERS_IN_FLIGHT",
     "STEERS_KEPT",
@@ -57,6 +62,9 @@ log = structlog.get_logger(__name__)
 REALTIME_VOICES = frozenset(
     {"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"}
 )
+LIVE_VOICES = frozenset(get_args(BuiltInVoice))  # the Live API's built-in voices
+# Engines whose voice is a session's: a new voice needs a new session, opened ahead.
+_SESSIONS = frozenset({Mode.REALTIME, Mode.LIVE})
 BOUNDARY_WAIT_S = 120.0  # a voice steer fails if the call finds no turn boundary this long
 RENEW_RETRY_S = 30.0  # after a failed renewal; the old session serves meanwhile
 BETA_MAX_MINUTES = 28.0  # the beta dialect's sessions last 30 minutes whatever we set
@@ -77,8 +85,12 @@ _MOVES: dict[SteerState, frozenset[SteerState]] = {
 }
 
 
-def voice_mode(voice: str) -> Mode:
-    """The engine a voice name belongs to."""
+def voice_mode(voice: str, current: Mode | None = None) -> Mode:
+    """The engine a voice name belongs to: OpenAI's voices are realtime voices, and
+    live ones when the call is on live (or only GPT-Live has them); anything else is
+    a TTS voice."""
+    if voice in LIVE_VOICES and (current is Mode.LIVE or voice not in REALTIME_VOICES):
+        return Mode.LIVE
     return Mode.REALTIME if voice in REALTIME_VOICES else Mode.CHAINED
 
 
@@ -105,6 +117,11 @@ class SteeredCall(Protocol):
 
     @property
     def settings(self) -> Settings: ...
+
+    @property
+    def transcript(self) -> list[Turn]:
+        """The conversation so far (a new live session starts with it)."""
+        ...
 
     @property
     def info(self) -> CallInfo: ...
@@ -243,12 +260,15 @@ class Steering(CallObserver):
             observers = self._session.observers
             observers.steered("instructions", steer.instructions[:500], SteerState.APPLIED)
         if steer.voice is None:
-            self._settle(steer, SteerState.APPLIED)
+            note = None
+            if steer.instructions is not None and self._session.info.mode is Mode.LIVE:
+                note = "appended to the live session's instructions (GPT-Live cannot replace them)"
+            self._settle(steer, SteerState.APPLIED, note=note)
             return
         if not self._keep_for_other_mode(steer):
             engine = self._session.engine
             in_place = isinstance(engine, Warmable) and not engine.voice_locked
-            if voice_mode(steer.voice) is Mode.REALTIME and not in_place:
+            if voice_mode(steer.voice, self._session.info.mode) in _SESSIONS and not in_place:
                 await self._warm_up(steer.voice)  # a new session will be needed
             if (superseded := self._pending_voice) is not None:
                 error = f"superseded by {steer.id}"
@@ -259,7 +279,8 @@ class Steering(CallObserver):
     def _keep_for_other_mode(self, steer: Steer) -> bool:
         """A voice for the mode the call is not on is stored for later: True if so."""
         assert steer.voice is not None
-        mode, current = voice_mode(steer.voice), self._session.info.mode
+        current = self._session.info.mode
+        mode = voice_mode(steer.voice, current)
         if mode == current:
             return False
         self.voices[mode] = steer.voice
@@ -287,7 +308,7 @@ class Steering(CallObserver):
                     del self.voices[mode]
                 else:
                     self.voices[mode] = previous
-                error = "a new realtime session could not be opened; the voice is unchanged"
+                error = f"a new {mode} session could not be opened; the voice is unchanged"
                 self._settle(steer, SteerState.FAILED, error=error)
                 return
         self._settle(steer, SteerState.APPLIED)
@@ -307,20 +328,22 @@ class Steering(CallObserver):
     # -- realtime sessions opened ahead ----------------------------------------------------
 
     async def _warm_up(self, voice: str) -> None:
-        """Start opening the next realtime session for `voice` (unless one is)."""
+        """Start opening the next session for `voice` (unless one is), on the call's
+        engine (realtime or live; a renewal is realtime's)."""
         if self._warm is not None and self._warm.voice == voice:
             return
         await self._drop_warm()
-        engine = self._session.new_engine(Mode.REALTIME)
+        mode = self._session.info.mode if self._session.info.mode in _SESSIONS else Mode.REALTIME
+        engine = self._session.new_engine(mode)
         if not isinstance(engine, Warmable):
             return
-        setup = replace(self._session.setup_for(Mode.REALTIME), voice=voice)
+        setup = replace(self._session.setup_for(mode), voice=voice)
         connecting = self._tasks.spawn(self._connect(engine, setup), "steering-warm-up")
         self._warm = _Warm(voice, engine, connecting)
 
     async def _connect(self, engine: Warmable, setup: AgentSetup) -> bool:
         try:
-            await engine.connect(setup)
+            await engine.connect(setup, list(self._session.transcript))  # live: its `input`
         except EngineUnavailable as exc:
             self._log.warning("steering.warm_up_failed", error=str(exc))
             await engine.close()

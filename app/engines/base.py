@@ -17,6 +17,7 @@ __all__ = [
     "INAUDIBLE",
     "AgentSetup",
     "AudioOut",
+    "Billed",
     "Engine",
     "EngineError",
     "EngineEvent",
@@ -164,6 +165,9 @@ class Engine(Protocol):
     # True: the provider hears the caller's turn ends itself; False: the call's VAD
     # decides them and says so through `end_of_turn`.
     detects_turns: bool
+    # True: the provider also takes the turns and interruptions (full duplex: it hears
+    # the caller while it speaks and stops itself), so the call's barge-in stays out.
+    owns_turns: bool
 
     async def start(self, setup: AgentSetup, history: Sequence[Turn], greet: bool) -> None:
         """Open the provider connection, seed `history`, and greet when asked."""
@@ -198,6 +202,14 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Release everything the engine holds."""
+
+
+@runtime_checkable
+class Billed(Protocol):
+    """An engine whose provider reports the seconds it bills for its session."""
+
+    @property
+    def billed_seconds(self) -> float: ...
 
 
 @runtime_checkable

@@ -280,6 +280,7 @@ class RealtimeEngine:
 
     name = Mode.REALTIME
     detects_turns = True  # the model's server VAD
+    owns_turns = False  # barge-in is ours (interrupt_response off)
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings

@@ -130,6 +130,7 @@ class ChainedEngine:
 
     name = Mode.CHAINED
     detects_turns = False  # the call's VAD decides turn ends
+    owns_turns = False
 
     def __init__(
         self,

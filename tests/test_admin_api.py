@@ -38,6 +38,7 @@ CALLER_TEXT = "What are your opening hours on Saturday?"
 ROUTES = [
     ("GET", "/admin/openapi.json"),
     ("GET", "/admin/calls"),
+    ("GET", "/admin/events"),
     ("GET", "/admin/calls/{call_sid}"),
     ("POST", "/admin/calls/{call_sid}/steer"),
     ("POST", "/admin/calls/{call_sid}/mode"),

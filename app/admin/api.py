@@ -25,6 +25,7 @@ from app.admin.auth import authorize
 from app.admin.bus import LocalBus, RedisBus, make_bus
 from app.admin.commands import Op, Reply, error
 from app.admin.dial import DialError, DialRequest, DialRequestError, DialSetupError, place_call
+from app.admin.events import EVENTS, EventHub, EventModel, stream
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.call.session import CallSession
@@ -94,8 +95,14 @@ def _call_command(bus: LocalBus, op: Op, model: type[BaseModel] | None) -> Handl
     return handle
 
 
-def routes(settings: Settings, bus: LocalBus, personas: Collection[str]) -> list[Route]:
+def routes(
+    settings: Settings,
+    bus: LocalBus,
+    personas: Collection[str],
+    hub: EventHub | None = None,
+) -> list[Route]:
     """The admin API, in the order the OpenAPI document lists it."""
+    events_hub = hub or EventHub(bus.instance)
 
     dial_body = schemas.dial_body(personas)
 
@@ -122,6 +129,13 @@ def routes(settings: Settings, bus: LocalBus, personas: Collection[str]) -> list
     async def openapi(_: web.Request) -> web.StreamResponse:
         return _json(Reply(200, document))
 
+    async def events(request: web.Request) -> web.StreamResponse:
+        async def snapshot() -> dict[str, Any]:
+            listed = await bus.list_calls()
+            return listed.model_dump(mode="json", by_alias=True)
+
+        return await stream(request, events_hub, snapshot)
+
     detail = "Live call detail: summary, transcript and steering log"
     table = [
         Route("GET", "/admin/openapi.json", "openapi", openapi, "This document"),
@@ -133,6 +147,15 @@ def routes(settings: Settings, bus: LocalBus, personas: Collection[str]) -> list
             "Live calls of every instance (of this one alone, marked partial, when the "
             "shared registry is unreachable)",
             responses={200: ("The live calls", schemas.CallList)},
+        ),
+        Route(
+            "GET",
+            "/admin/events",
+            "events",
+            events,
+            "Live events of every call (Server-Sent Events; each `data` line is one Event; "
+            "send Last-Event-ID to resume, else a `snapshot` of the live calls comes first)",
+            responses={200: ("The event stream (text/event-stream)", EventModel)},
         ),
         Route(
             "GET",
@@ -206,6 +229,23 @@ def routes(settings: Settings, bus: LocalBus, personas: Collection[str]) -> list
         ),
     ]
     document = openapi_document(table)
+    # An SSE response's schema describes each message; its `data` is an Event as JSON.
+    ok = document["paths"]["/admin/events"]["get"]["responses"]["200"]
+    event = ok["content"]["application/json"]["schema"]
+    message = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "retry": {"type": "integer"},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": event,
+            },
+        },
+        "required": ["data"],
+    }
+    ok["content"] = {"text/event-stream": {"schema": message}}
     return table
 
 
@@ -314,9 +354,12 @@ def add_routes(
 ) -> None:
     """Register /admin and the bus that carries its commands (Redis or in process)."""
     bus = make_bus(settings.redis_url, calls, settings.call_registry_ttl)
+    app[EVENTS] = hub = EventHub(bus.instance)
+    observers.append(hub.observer)
     if isinstance(bus, RedisBus):
         observers.append(bus.observer)
-    for route in routes(settings, bus, personas):
+        hub.forward, bus.on_event = bus.publish_event, hub.receive
+    for route in routes(settings, bus, personas, hub):
         app.router.add_route(route.method, route.path, _guarded(settings, route.handler))
 
     async def lifetime(_: web.Application) -> AsyncIterator[None]:

@@ -20,7 +20,7 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -55,6 +55,8 @@ REPLY_TIMEOUT_S = TWILIO_TIMEOUT_S + 5.0
 SUBSCRIBE_WAIT_S = 2.0
 RECONNECT_S = 1.0
 CLOSE_WAIT_S = 1.0
+EVENTS_CHANNEL = f"{PREFIX}events"  # every instance's call events (app.admin.events)
+EVENTS_OUTBOX = 10_000  # events waiting for Redis before new ones are dropped
 
 
 def instance_name() -> str:
@@ -115,6 +117,9 @@ class RedisBus(LocalBus):
         # once (the record's TTL or the next refresh covers a lost write).
         self._tasks = Supervisor(log)
         self._loops: list[asyncio.Task[None]] = []
+        # Call events: ours go out in order through one publisher; the others' come in.
+        self.on_event: Callable[[dict[str, Any]], None] | None = None
+        self._outbox: asyncio.Queue[bytes] = asyncio.Queue(EVENTS_OUTBOX)
 
     async def start(self) -> None:
         """Listen for commands and replies, keep our records alive. Redis being down
@@ -122,6 +127,7 @@ class RedisBus(LocalBus):
         self._loops = [
             self._tasks.spawn(self._listen(), "bus-listen"),
             self._tasks.spawn(self._refresh(), "bus-refresh"),
+            self._tasks.spawn(self._publish_events(), "bus-events"),
         ]
         with contextlib.suppress(TimeoutError):  # Redis refusing is not worth waiting for
             await asyncio.wait_for(self._tried.wait(), SUBSCRIBE_WAIT_S)
@@ -199,6 +205,24 @@ class RedisBus(LocalBus):
             calls.append(record)
         return _call_list(calls, partial=False)
 
+    # -- events -------------------------------------------------------------------------
+
+    def publish_event(self, event: dict[str, Any]) -> None:
+        """Send one of our call events to the other instances (dropped, and logged, when
+        Redis has been away long enough to fill the outbox)."""
+        try:
+            self._outbox.put_nowait(orjson.dumps(event))
+        except asyncio.QueueFull:
+            log.warning("bus.event_dropped", type=event.get("type"))
+
+    async def _publish_events(self) -> None:
+        while True:
+            data = await self._outbox.get()
+            try:
+                await self._redis.publish(EVENTS_CHANNEL, data)
+            except (RedisError, OSError) as exc:
+                log.warning("bus.event_publish_failed", error=str(exc))
+
     # -- commands -------------------------------------------------------------------------
 
     async def send(self, call_sid: str, op: str, body: dict[str, Any]) -> Reply:
@@ -238,7 +262,7 @@ class RedisBus(LocalBus):
         while True:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(self._commands, self._replies)
+                    await pubsub.subscribe(self._commands, self._replies, EVENTS_CHANNEL)
                     self._subscribed.set()
                     self._tried.set()
                     async for message in pubsub.listen():
@@ -262,6 +286,8 @@ class RedisBus(LocalBus):
                 answer.set_result(Reply(int(message["status"]), dict(message["body"])))
         elif channel == self._commands:
             self.spawn(self._serve(message))
+        elif channel == EVENTS_CHANNEL and self.on_event is not None:
+            self.on_event(message)
 
     async def _serve(self, message: dict[str, Any]) -> None:
         """A command from another instance: run it and publish the reply."""

@@ -3,6 +3,7 @@ server, with fake realtime and Together servers behind it for failover."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from app.config import Settings
@@ -19,6 +21,7 @@ from app.simulator import Clip, Dtmf, simulate_call
 from tests.admin_rig import ADMIN, Instance, silence, speech_after, wait_until
 from tests.conftest import FIXTURES
 from tests.fakes.live import FakeLive, LiveConnection, LiveReply, LiveToolCall
+from tests.fakes.loopback import LoopbackServer
 from tests.fakes.realtime import FakeRealtime
 from tests.fakes.together import FakeTogether
 
@@ -121,6 +124,35 @@ def decoded(payloads: list[str]) -> bytes:
     return b"".join(base64.b64decode(p) for p in payloads)
 
 
+def call_tasks(sid: str) -> list[asyncio.Task[Any]]:
+    """Tasks still running that belong to call `sid` or to a live engine."""
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if not t.done() and (sid in t.get_name() or t.get_name().startswith("live-"))
+    ]
+
+
+class HangingClinic(LoopbackServer):
+    """A business backend whose tools never answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests = 0
+        self.dropped = 0
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/tools/{name}", self._hang)
+
+    async def _hang(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        # aiohttp neither cancels a handler nor signals when its client goes: poll
+        while request.transport is not None and not request.transport.is_closing():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        self.dropped += 1  # the service gave the request up
+        return web.Response()
+
+
 async def test_a_live_call_relays_audio_byte_exact_and_keeps_the_conversation(
     rig: RigFactory,
 ) -> None:
@@ -147,6 +179,7 @@ async def test_a_live_call_relays_audio_byte_exact_and_keeps_the_conversation(
     assert record["mode"] == {"initial": "live", "final": "live"}
     assert record["billed_seconds"]["live"] >= 4.0  # the fake's usage: whole seconds
     assert conn.types()[-1] == "session.close" and conn.closed_reason == "close_requested"
+    assert call_tasks(result.call_sid) == []
 
 
 async def test_a_function_call_runs_the_tool_and_the_model_goes_on(rig: RigFactory) -> None:
@@ -281,3 +314,53 @@ async def test_a_functions_output_goes_back_then_one_response_create(rig: RigFac
     assert "no_such_tool" in output  # the tool runner's answer, as for any engine
     assert result.received_bytes.endswith(ANSWER.audio), "the model spoke once it had it"
     assert r.live.invalid_events == []
+
+
+# Real time: the hanging tool must still be running when the call ends.
+@pytest.mark.looptime(False)
+async def test_a_call_ending_while_a_tool_runs_leaves_no_socket_or_task(
+    rig: RigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with HangingClinic() as clinic:
+        monkeypatch.setenv("CLINIC_URL", f"http://127.0.0.1:{clinic.port}")
+        r = await rig(
+            settings={"persona": "receptionist", "tool_filler_ms": 100},
+            replies=[GREETING],
+            caller_texts=["Anything free on Tuesday?"],
+            tool_calls=[LiveToolCall("check_availability", {"day": "2030-01-08"})],
+        )
+        live = await r.service.call(speech_after(1000, "yes"), tail_s=10.0)
+        await wait_until(lambda: clinic.requests == 1, within_s=8.0, what="the tool's request")
+        # the tool runs: the caller hears its filler, the model waits for the output
+        await wait_until(
+            lambda: any("Let me look at the calendar." in c for c in r.conn.commentary),
+            within_s=3.0,
+            what="the filler",
+        )
+        assert r.conn.tool_outputs == {}
+        await live.twilio_ends_stream()
+        await r.settled()
+        await wait_until(lambda: clinic.dropped == 1, within_s=3.0, what="the request dropped")
+    assert call_tasks(live.sid) == []
+    assert r.conn.closed_reason == "close_requested"
+    assert r.live.invalid_events == []
+
+
+async def test_the_admin_toggle_moves_a_realtime_call_to_live(rig: RigFactory) -> None:
+    r = await rig(settings={"agent_mode": "realtime"}, replies=[ANSWER])
+    live = await r.service.call(silence(4000), tail_s=0.5)
+    await wait_until(lambda: len(live.session.transcript) >= 1, what="realtime's greeting")
+    greeting = live.session.transcript[0].text
+    status, body = await r.service.api("POST", f"/admin/calls/{live.sid}/mode", {"mode": "live"})
+    assert (status, body["mode"]) == (200, "live")
+    assert r.conn.session is not None
+    assert r.conn.session["input"] == [
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": greeting}],
+        }
+    ]
+    await live.result()
+    await r.settled()
+    assert r.realtime.connections[0].closed and r.live.invalid_events == []

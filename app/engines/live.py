@@ -10,8 +10,9 @@ Twilio format) and turns the model's untimed streams into what the call understa
   `ResponseDone`, so Playback's marks say what the caller heard of each;
 - the transcript deltas, which have no "done" event, are assembled into turns
   (`_Turns`): a turn ends when the other side starts after it, after a pause in its own
-  timeline, or when nothing more comes for `_TRANSCRIPT_FLUSH_S`; a caller turn opening
-  and closing is reported as `SpeechStarted` / `SpeechStopped`;
+  timeline, when nothing more comes for `_TRANSCRIPT_FLUSH_S`, or (the caller's) when the
+  model delegates a task; a caller turn opening and closing is reported as
+  `SpeechStarted` / `SpeechStopped`;
 - function calls arrive through the Responses delegation (`response.event` wrapping a
   completed `function_call` item); outputs go back as `response.item.create`, then one
   `response.create` once the backend's response is over and every call has its output.
@@ -223,6 +224,11 @@ class _Turns:
         if not self._open:
             return None
         return min(t.last_at for t in self._open.values()) + _TRANSCRIPT_FLUSH_S
+
+    def end(self, role: Role) -> list[_Done]:
+        """`role`'s open turn is over (the model acted on it), if one is open."""
+        turn = self._open.pop(role, None)
+        return self._done([turn] if turn is not None else [])
 
     def flush(self) -> list[_Done]:
         turns = list(self._open.values())
@@ -531,6 +537,9 @@ class LiveEngine:
             self._on_transcript(
                 "caller" if kind == "session.input_transcript.delta" else "agent", event
             )
+        elif kind == "session.delegation.created":
+            for done in self._turns.end("caller"):  # the model took the caller's turn
+                self._transcript(done)
         elif kind == "response.event":
             self._on_backend(event)
         elif kind == "session.usage.updated":

@@ -54,6 +54,7 @@ from app.engines.base import (
     Turn,
 )
 from app.modes import Mode
+from app.tasks import Supervisor
 
 __all__ = ["PHONE_POLICY", "LiveEngine", "history_input", "session_config"]
 
@@ -257,6 +258,7 @@ class LiveEngine:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._ws: ClientConnection | None = None
+        self._tasks = Supervisor(log)  # the reader, deferred sends
         self._reader: asyncio.Task[None] | None = None
         self._events: asyncio.Queue[EngineEvent | None] = asyncio.Queue()
         self._setup: AgentSetup | None = None
@@ -264,7 +266,6 @@ class LiveEngine:
         self._closing = False  # close() began: the session's end is expected
         self._closed = False  # nothing more is sent
         self._released = False  # close() finished
-        self._tasks: set[asyncio.Task[None]] = set()
         self._session_closed = asyncio.Event()
         self._last_error: EngineError | None = None
         self.billed_seconds = 0.0  # the session's cumulative usage, as last reported
@@ -275,6 +276,7 @@ class LiveEngine:
         self._turns = _Turns(self._now)
         # delegated function calls
         self._calls_open: set[str] = set()
+        self._calls_seen: set[str] = set()  # every call the backend knows of
         self._answered = False  # an output went back since the last response.create
         self._backend_done = False  # the backend's response ended (it waits for outputs)
 
@@ -349,7 +351,7 @@ class LiveEngine:
             await self.connect(setup, history)
         else:
             await self._catch_up(setup, history)
-        self._reader = asyncio.create_task(self._read(), name="live-reader")
+        self._start_reader()
         if greet:
             await self._commentary(f"Greet the caller now, in your own voice: {setup.greeting}")
         log.info("live.started", model=self._settings.live_model, history=len(history))
@@ -408,11 +410,21 @@ class LiveEngine:
         """Live keeps no items to truncate; the call records what was heard."""
         log.info("live.heard", item_id=item_id, audio_end_ms=audio_end_ms)
 
-    async def tool_result(self, call_id: str, output: str) -> None:
-        """A function's output for the backend; it goes on once every call is answered."""
-        item = {"type": "function_call_output", "call_id": call_id, "output": output}
+    async def tool_result(self, call: ToolCall, output: str) -> None:
+        """A function's output for the backend; it goes on once every call is answered.
+        A call made on the engine before this one (a failover while the tool ran) goes
+        in first, and with no call of its own waiting, the backend is asked to go on."""
+        if call.call_id not in self._calls_seen:
+            self._calls_seen.add(call.call_id)
+            arguments = orjson.dumps(call.arguments).decode()
+            item = {"type": "function_call", "call_id": call.call_id, "name": call.name,
+                    "arguments": arguments}  # fmt: skip
+            await self._send({"type": "response.item.create", "item": item})
+            if not self._calls_open:
+                self._backend_done = True  # no backend response waits: start one
+        item = {"type": "function_call_output", "call_id": call.call_id, "output": output}
         await self._send({"type": "response.item.create", "item": item})
-        self._calls_open.discard(call_id)
+        self._calls_open.discard(call.call_id)
         self._answered = True
         await self._continue_backend()
 
@@ -434,19 +446,15 @@ class LiveEngine:
             return
         self._released = self._closing = True
         ws = self._ws
-        if ws is not None and ws.state is State.OPEN:
+        if ws is not None and ws.state is State.OPEN and not self._closed:
             await self._send({"type": "session.close"})
             if self._reader is None or self._reader.done():
-                self._reader = asyncio.create_task(self._read(), name="live-reader")
+                self._start_reader()  # a session opened ahead and never started
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_CLOSE_WAIT_S):
                     await self._session_closed.wait()
         self._closed = True
-        for task in [self._reader, *self._tasks]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self._tasks.close()
         if ws is not None:
             await ws.close()
         self._events.put_nowait(None)
@@ -476,6 +484,18 @@ class LiveEngine:
             await self._send({"type": "response.create"})
 
     # -- reading -------------------------------------------------------------------------
+
+    def _start_reader(self) -> None:
+        self._reader = self._tasks.spawn(self._read(), "live-reader", self._crashed)
+
+    def _crashed(self, exc: BaseException) -> None:
+        """The reader or a deferred send died of a bug (the supervisor logged it): the
+        session cannot be trusted, so the engine ends and the call fails over."""
+        if self._closed:
+            return
+        self._closed = True
+        self._emit(EngineError("internal_error", f"live engine task failed: {exc!r}", fatal=True))
+        self._events.put_nowait(None)
 
     async def _read(self) -> None:
         assert self._ws is not None
@@ -608,6 +628,7 @@ class LiveEngine:
                 arguments = {}
             call_id = str(item.get("call_id", ""))
             self._calls_open.add(call_id)
+            self._calls_seen.add(call_id)
             self._backend_done = False  # this response goes on once its calls are answered
             self._emit(
                 ToolCall(
@@ -619,9 +640,7 @@ class LiveEngine:
         elif kind in _BACKEND_DONE:
             self._backend_done = True
             if self._answered and not self._calls_open:  # the outputs came first
-                task = asyncio.create_task(self._continue_backend(), name="live-continue")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._tasks.spawn(self._continue_backend(), "live-continue", self._crashed)
 
     def _on_usage(self, event: dict[str, Any]) -> None:
         usage = event.get("usage")

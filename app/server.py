@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from app import edge
+from app import console, edge
 from app.admin import api
 from app.archive.recorder import CallRecorder
 from app.call.info import CallInfo
@@ -297,5 +297,6 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics", metrics_endpoint)
     personas: dict[str, Persona] = app[PERSONAS]
     api.add_routes(app, settings, calls, personas, observers)
+    console.add_routes(app, settings, personas)
     app.cleanup_ctx.append(_lifetime)
     return app

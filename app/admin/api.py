@@ -21,11 +21,11 @@ from aiohttp import web
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from app.admin import schemas
-from app.admin.auth import authorize
 from app.admin.bus import LocalBus, RedisBus, make_bus
 from app.admin.commands import Op, Reply, error
 from app.admin.dial import DialError, DialRequest, DialRequestError, DialSetupError, place_call
 from app.admin.events import EVENTS, EventHub, EventModel, stream
+from app.admin.session import authorize
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.call.session import CallSession

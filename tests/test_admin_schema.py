@@ -136,7 +136,7 @@ async def test_the_document_states_the_rules(serve: Serve) -> None:
     assert personas == sorted(p.stem for p in make_settings().prompts_dir.glob("*.toml"))
     mode = {"$ref": "#/components/schemas/Mode"}
     assert dial["mode"]["anyOf"][0] == models["ModeBody"]["properties"]["mode"] == mode
-    assert models["Mode"]["enum"] == ["realtime", "chained"]
+    assert models["Mode"]["enum"] == ["realtime", "live", "chained"]
     steer = models["SteerBody"]
     assert steer["properties"]["instructions"]["anyOf"][0]["minLength"] == 1
     assert [a["required"] for a in steer["anyOf"]] == [["instructions"], ["voice"]]

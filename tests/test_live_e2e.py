@@ -257,6 +257,17 @@ async def test_the_interrupt_key_clears_twilio_and_tells_the_model(rig: RigFacto
     assert barge_in["reason"] == "dtmf" and barge_in["audio_end_ms"] > 0
 
 
+async def test_other_keys_reach_the_model_as_commentary(rig: RigFactory) -> None:
+    r = await rig(replies=[GREETING])
+    result = await simulate_call(
+        silence(2000), url=r.service.url, dtmf=[Dtmf("3", 1.5)], tail_s=0.3
+    )
+    await r.settled()
+    assert result.clears == 0
+    assert "The caller pressed 3 on the keypad." in r.conn.commentary
+    assert r.live.invalid_events == []
+
+
 # Real time: the chained engine's VAD scores audio in an executor, which the virtual
 # clock does not wait for.
 @pytest.mark.looptime(False)

@@ -12,6 +12,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from app import console, edge
 from app.admin import api
+from app.admin import session as session_auth
 from app.archive.recorder import CallRecorder
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+
+CONSOLE_CALLER = "console"  # the From and To of a test call from the console
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 PERSONAS: web.AppKey[dict[str, Persona]] = web.AppKey("personas", dict)
@@ -175,31 +178,74 @@ async def _media_stream(request: web.Request) -> web.StreamResponse:
     _refused(request, origin + request.path_qs, {}, "media_stream")
     ws = web.WebSocketResponse(max_msg_size=4 * messages.MAX_FRAME_BYTES, autoping=True)
     await ws.prepare(request)
+    async with contextlib.aclosing(_messages(ws)) as frames:
+        start = await _start(frames, settings.stream_start_timeout)
+        refusal = "no start" if start is None else _refusal(request, start)
+        if start is not None and refusal is not None:
+            log.warning("twilio.stream_refused", call_sid=start.call_sid, reason=refusal)
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=refusal[:120].encode())
+        await _run_call(request, ws, frames, start if refusal is None else None)
+    return ws
+
+
+async def _run_call(
+    request: web.Request,
+    ws: web.WebSocketResponse,
+    frames: AsyncIterator[Received],
+    start: messages.Start | None,
+) -> None:
+    """The call a stream's `start` opened, until it ends; the socket is closed after."""
     session: CallSession | None = None
     calls = request.app[CALLS]
-    async with contextlib.aclosing(_messages(ws)) as frames:
+    try:
+        if start is not None:
+            # Every log line of this call, in this task and those it starts, carries these.
+            structlog.contextvars.bind_contextvars(
+                call_sid=start.call_sid, stream_sid=start.stream_sid
+            )
+            edge.release(request)  # a call now, no longer a pending connection
+            session = calls[start.call_sid] = _new_session(request, start, ws)
+            if await session.start():
+                await _relay(frames, session)
+    finally:
+        if session is None:
+            await ws.close()
+        else:
+            if calls.get(session.info.call_sid) is session:
+                del calls[session.info.call_sid]
+            await session.close()  # its last cleanup step closes the socket
+
+
+async def _console_call(request: web.Request) -> web.StreamResponse:
+    """A test call from the console: the browser plays Twilio's side of a media stream
+    (8 kHz mu-law `media`, `mark` echoes, `stop`) and the call is a normal `CallSession`,
+    from `console`. Its first message names the call: `{"event": "console.started", ...}`."""
+    settings = request.app[SETTINGS]
+    session_auth.authorize(request, settings)
+    if request.app[DRAIN].active:
+        raise web.HTTPServiceUnavailable(text="draining")
+    parameters = {"From": CONSOLE_CALLER, "To": CONSOLE_CALLER}
+    for name in ("persona", "mode"):
+        if request.query.get(name):
+            parameters[name] = request.query[name][:64]
+    if "mode" in parameters:
         try:
-            start = await _start(frames, settings.stream_start_timeout)
-            refusal = "no start" if start is None else _refusal(request, start)
-            if start is not None and refusal is not None:
-                log.warning("twilio.stream_refused", call_sid=start.call_sid, reason=refusal)
-                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=refusal[:120].encode())
-            if start is not None and refusal is None:
-                # Every log line of this call, in this task and those it starts, carries these.
-                structlog.contextvars.bind_contextvars(
-                    call_sid=start.call_sid, stream_sid=start.stream_sid
-                )
-                edge.release(request)  # a call now, no longer a pending connection
-                session = calls[start.call_sid] = _new_session(request, start, ws)
-                if await session.start():
-                    await _relay(frames, session)
-        finally:
-            if session is None:
-                await ws.close()
-            else:
-                if calls.get(session.info.call_sid) is session:
-                    del calls[session.info.call_sid]
-                await session.close()  # its last cleanup step closes the socket
+            parameters["mode"] = parse_mode(parameters["mode"])
+        except UnknownMode:
+            log.warning("console.unknown_mode", mode=parameters.pop("mode"))
+    start = messages.Start(
+        stream_sid="MZ" + secrets.token_hex(16),
+        call_sid="CA" + secrets.token_hex(16),
+        account_sid="",
+        parameters=parameters,
+    )
+    ws = web.WebSocketResponse(max_msg_size=4 * messages.MAX_FRAME_BYTES, autoping=True)
+    await ws.prepare(request)
+    log.info("console.call", call_sid=start.call_sid, persona=parameters.get("persona"))
+    started = {"event": "console.started", "callSid": start.call_sid}
+    await ws.send_json(started | {"streamSid": start.stream_sid})
+    async with contextlib.aclosing(_messages(ws)) as frames:
+        await _run_call(request, ws, frames, start)
     return ws
 
 
@@ -292,6 +338,7 @@ def create_app(settings: Settings) -> web.Application:
     app[OBSERVERS] = observers
     app.router.add_post("/twiml", _twiml_webhook)
     app.router.add_get("/media-stream", _media_stream)
+    app.router.add_get("/console/call", _console_call, allow_head=False)
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
     app.router.add_get("/metrics", metrics_endpoint)

@@ -241,7 +241,8 @@ async def test_openapi_document_describes_every_route(rig: RigFactory) -> None:
         for route in r.service.server.app.router.routes()
         if route.resource is not None and route.resource.canonical.startswith("/admin")
     }
-    assert registered == set(ROUTES)
+    # Listen-in is a WebSocket, described in README rather than in OpenAPI.
+    assert registered - {("GET", "/admin/calls/{call_sid}/listen")} == set(ROUTES)
     documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
     assert documented == set(ROUTES)
     schemas = doc["components"]["schemas"]

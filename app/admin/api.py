@@ -20,11 +20,12 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from app.admin import schemas
+from app.admin import listen, schemas
 from app.admin.bus import LocalBus, RedisBus, make_bus
 from app.admin.commands import Op, Reply, error
 from app.admin.dial import DialError, DialRequest, DialRequestError, DialSetupError, place_call
 from app.admin.events import EVENTS, EventHub, EventModel, stream
+from app.admin.listen import Listeners
 from app.admin.session import authorize
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
@@ -355,12 +356,14 @@ def add_routes(
     """Register /admin and the bus that carries its commands (Redis or in process)."""
     bus = make_bus(settings.redis_url, calls, settings.call_registry_ttl)
     app[EVENTS] = hub = EventHub(bus.instance)
-    observers.append(hub.observer)
+    listeners = Listeners()
+    observers += [hub.observer, listeners.observer]
     if isinstance(bus, RedisBus):
         observers.append(bus.observer)
         hub.forward, bus.on_event = bus.publish_event, hub.receive
     for route in routes(settings, bus, personas, hub):
         app.router.add_route(route.method, route.path, _guarded(settings, route.handler))
+    listen.add_route(app, settings, calls, listeners)  # a WebSocket: in README, not OpenAPI
 
     async def lifetime(_: web.Application) -> AsyncIterator[None]:
         await bus.start()

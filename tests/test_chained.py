@@ -525,7 +525,7 @@ async def test_tool_calls_are_emitted_and_the_reply_continues_after_the_result(
         }
     ]
 
-    await call.engine.tool_result("call_1", '{"booked": true}')
+    await call.engine.tool_result(request, '{"booked": true}')
 
     await call.responses_done(2)
     assert call.of(Transcript)[-1].text == "You are booked."

@@ -172,7 +172,7 @@ async def test_a_function_call_round_trips_through_the_delegation(fake: FakeLive
     call = next(e for e in events if isinstance(e, ToolCall))
     assert (call.name, call.arguments) == ("check_slot", {"day": "tuesday"})
     assert not any(isinstance(e, AudioOut) for e in events), "it waits for the output"
-    await engine.tool_result(call.call_id, '{"free": true}')
+    await engine.tool_result(call, '{"free": true}')
     events = await collect(engine, ResponseDone)
     assert audio_of(events) == b"\x30" * 800
     conn = fake.connections[0]

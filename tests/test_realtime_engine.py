@@ -136,7 +136,7 @@ async def test_transcripts_come_out_in_conversation_order(fails: bool) -> None:
         await speak(engine, (FIXTURES / "yes.ulaw").read_bytes() + b"\xff" * 8000)
         async for event in events:
             if isinstance(event, ToolCall):
-                await engine.tool_result(event.call_id, '{"ok": true}')
+                await engine.tool_result(event, '{"ok": true}')
             elif isinstance(event, Transcript):
                 transcripts.append((event.role, event.text))
                 if len(transcripts) == 4:

@@ -188,7 +188,7 @@ async def test_an_engine_that_fails_to_take_the_result_fails_the_run_not_the_cal
 ) -> None:
     host, tools, _ = await tools_for(business, tool_filler_ms=0)
 
-    async def broken(call_id: str, output: str) -> None:
+    async def broken(call: ToolCall, output: str) -> None:
         raise ConnectionResetError("socket gone")
 
     host.engine.tool_result = broken

@@ -182,7 +182,7 @@ async def test_realtime_books_at_the_clinic_and_the_model_hears_the_answer(rig: 
     assert view["arguments"] == ALICE and view["latency_ms"] > 0
     await live.twilio_ends_stream()
     await r.settled()
-    assert conn.invalid_events == []
+    assert conn.invalid_events == [] and conn.errors == []
     assert (
         await r.metric("phone_agent_tool_calls_total", tool="book_appointment", outcome="ok") == 1.0
     )
@@ -253,7 +253,7 @@ async def test_failures_reach_the_model_and_the_call_goes_on(
     await r.settled()
     assert r.booked() == []
     assert await r.metric("phone_agent_tool_calls_total", tool="book_appointment", outcome=outcome)
-    assert conn.invalid_events == []
+    assert conn.invalid_events == [] and conn.errors == []
 
 
 async def test_mcp_tools_book_end_to_end(rig: RigFactory, tmp_path: Path) -> None:

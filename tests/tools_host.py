@@ -15,7 +15,7 @@ from app.call.info import CallInfo
 from app.call.outcome import Outcome
 from app.call.turns import TurnState
 from app.config import Settings
-from app.engines.base import ResponseDone, ResponseStarted
+from app.engines.base import ResponseDone, ResponseStarted, ToolCall
 from app.personas import Persona, load_personas
 from app.tools.results import ToolCallRecord
 from tests.conftest import ROOT, make_settings
@@ -43,8 +43,8 @@ class Model:
         self.said: list[str] = []
         self.answered = asyncio.Event()
 
-    async def tool_result(self, call_id: str, output: str) -> None:
-        self.outputs.append((call_id, orjson.loads(output)))
+    async def tool_result(self, call: ToolCall, output: str) -> None:
+        self.outputs.append((call.call_id, orjson.loads(output)))
         self.answered.set()
 
     async def say(self, text: str) -> None:

@@ -280,7 +280,7 @@ class CallTools:
         if host.switching:
             await host.turn.wait_for(lambda: not host.switching, SWITCH_WAIT_S)
         engine = host.engine or asked
-        await engine.tool_result(call.call_id, output)
+        await engine.tool_result(call, output)
 
     async def _handle(self, run: ToolRun) -> ToolAnswer | None:
         """The tool's answer for the model; None when the call is ending (nothing to say)."""
@@ -338,11 +338,10 @@ class CallTools:
         if work.done() or not turn.agent_done or turn.caller_speaking or not text:
             return
         engine = self._host.engine
-        say = getattr(engine, "say", None)  # until every engine can speak a line
-        if say is not None:
+        if engine is not None:
             run.filler = True
             self._host.log.info("tool.filler", tool=run.call.name)
-            await say(text)
+            await engine.say(text)
 
     async def _end_call(self) -> None:
         host = self._host

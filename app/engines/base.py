@@ -194,8 +194,14 @@ class Engine(Protocol):
     async def truncate(self, item_id: str, audio_end_ms: int) -> None:
         """Cut the model's memory of `item_id` to what the caller heard."""
 
-    async def tool_result(self, call_id: str, output: str) -> None:
-        """Return a function tool's output and let the model go on."""
+    async def tool_result(self, call: ToolCall, output: str) -> None:
+        """Return a function tool's output and let the model go on. `call` may have been
+        made on the engine before this one (a failover or a new session while the tool
+        ran): the engine then puts the call in its conversation before the output."""
+
+    async def say(self, text: str) -> None:
+        """Speak a short line now (a tool's filler, so the caller hears no dead air);
+        nothing while a response is under way."""
 
     async def update(self, instructions: str | None = None, voice: str | None = None) -> None:
         """Steer the live session. A voice change may need a new session (see realtime)."""

@@ -300,6 +300,7 @@ class RealtimeEngine:
         self._watchdog: asyncio.Timeout | None = None
         self._ending: EngineError | None = None
         self._closed = False
+        self._calls: set[str] = set()  # function calls this session knows (call ids)
         self._transcripts = _Transcripts(loop_time)
         names = self._names
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
@@ -498,14 +499,35 @@ class RealtimeEngine:
             }
         )
 
-    async def tool_result(self, call_id: str, output: str) -> None:
+    async def tool_result(self, call: ToolCall, output: str) -> None:
+        """The output, after the call itself when this session's model did not make it:
+        OpenAI refuses an output whose call is not in the conversation
+        (`invalid_tool_call_id`), see docs/tools.md."""
+        if call.call_id not in self._calls:
+            self._calls.add(call.call_id)
+            item = {
+                "type": "function_call",
+                "call_id": call.call_id,
+                "name": call.name,
+                "arguments": orjson.dumps(call.arguments).decode(),
+            }
+            await self._send({"type": "conversation.item.create", "item": item})
+        output_item = {"type": "function_call_output", "call_id": call.call_id, "output": output}
+        await self._send({"type": "conversation.item.create", "item": output_item})
+        await self._request_response()
+
+    async def say(self, text: str) -> None:
+        """A response of its own that says `text` and calls no tool; none while the model
+        is answering already (its words fill the wait)."""
+        if self._reply is not _Reply.IDLE:
+            return
+        instructions = f"Say only this to the caller, briefly, in your own voice: {text}"
         await self._send(
             {
-                "type": "conversation.item.create",
-                "item": {"type": "function_call_output", "call_id": call_id, "output": output},
+                "type": "response.create",
+                "response": {"instructions": instructions, "tool_choice": "none"},
             }
         )
-        await self._request_response()
 
     async def update(self, instructions: str | None = None, voice: str | None = None) -> None:
         """Change instructions now; a voice only before the model has spoken.
@@ -694,6 +716,7 @@ class RealtimeEngine:
             arguments = orjson.loads(item.get("arguments") or "{}")
         except orjson.JSONDecodeError:
             arguments = {}
+        self._calls.add(str(item.get("call_id", "")))
         self._emit(
             ToolCall(
                 str(item.get("call_id", "")),

@@ -589,6 +589,17 @@ class _Session:
 
     async def on_item_create(self, event: dict[str, Any]) -> None:
         item = dict(event["item"])
+        if item["type"] == "function_call_output" and not any(
+            known.get("type") == "function_call" and known.get("call_id") == item["call_id"]
+            for known in self.rec.items.values()
+        ):  # OpenAI checks the call is in the conversation (docs/tools.md)
+            await self.error(
+                "invalid_tool_call_id",
+                f"Tool call ID '{item['call_id']}' not found in conversation.",
+                client_event=event,
+                param="item.call_id",
+            )
+            return
         item.setdefault("id", _new_id("item"))
         item.setdefault("object", "realtime.item")
         item.setdefault("status", "completed")

@@ -169,6 +169,7 @@ class ChainedEngine:
         self._response: asyncio.Task[ProviderError | None] | None = None
         self._replies: OrderedDict[str, _Reply] = OrderedDict()
         self._closed = False
+        self._busy = False  # the worker is handling a job
 
     async def start(self, setup: AgentSetup, history: Sequence[Turn], greet: bool) -> None:
         """Open STT and TTS together, seed the conversation, and greet when asked."""
@@ -256,12 +257,22 @@ class ChainedEngine:
             self._conversation.truncate(item_id, reply.text())
         log.info("chained_truncated", item_id=item_id, audio_end_ms=audio_end_ms)
 
-    async def tool_result(self, call_id: str, output: str) -> None:
-        if not self._conversation.add_tool_result(call_id, output):
-            log.warning("chained_tool_result_unknown_call", call_id=call_id)
-            return
+    async def tool_result(self, call: ToolCall, output: str) -> None:
+        """The output; a call made on the engine before this one (a failover while the
+        tool ran) joins the conversation with it, as chat APIs want a call before its
+        result. The reply follows once every call has its result."""
+        if not self._conversation.add_tool_result(call.call_id, output):
+            arguments = orjson.dumps(call.arguments).decode()
+            request = ToolCallRequest(call.call_id, call.name, arguments)
+            self._conversation.add_agent(_new_id("item"), "", [request])
+            self._conversation.add_tool_result(call.call_id, output)
         if not self._conversation.pending_tool_calls():
             self._jobs.put_nowait(_Respond())
+
+    async def say(self, text: str) -> None:
+        """Speak `text` by TTS now, unless a turn is being handled or waits."""
+        if not self._closed and not self._busy and self._jobs.empty():
+            self._jobs.put_nowait(_Say(text))
 
     async def update(self, instructions: str | None = None, voice: str | None = None) -> None:
         """New instructions apply to the next reply; a new voice from the next reply on,
@@ -292,11 +303,14 @@ class ChainedEngine:
     async def _work(self) -> None:
         while True:
             job = await self._jobs.get()
+            self._busy = True
             try:
                 await self._handle(job)
             except Exception:  # one turn's bug must not end the call's engine
                 log.exception("chained_turn_crashed")
                 self._emit(EngineError("internal_error", "a turn failed", fatal=False))
+            finally:
+                self._busy = False
 
     async def _handle(self, job: _Job) -> None:
         if isinstance(job, _Say):

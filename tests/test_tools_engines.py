@@ -18,11 +18,13 @@ from aiohttp.test_utils import TestServer
 
 from app.config import Settings
 from app.engines.base import AgentSetup, ToolCall
+from app.engines.live import LiveEngine
 from app.engines.realtime import RealtimeEngine
 from app.simulator import Dtmf
 from tests.admin_rig import GREETING, Instance, Live, admin_settings, silence, wait_until
 from tests.conftest import make_settings
 from tests.fakes.business import Behaviour, FakeBusiness
+from tests.fakes.live import FakeLive
 from tests.fakes.realtime import FakeRealtime, FakeToolCall, RealtimeConnection
 from tests.fakes.together import FakeTogether, ToolReply
 
@@ -258,3 +260,18 @@ async def test_the_fake_refuses_an_output_for_an_unknown_call() -> None:
             while (event := await ws.receive_json())["type"] != "error":
                 pass
     assert event["error"]["code"] == "invalid_tool_call_id"
+
+
+async def test_live_a_result_for_a_call_made_before_this_session_brings_the_call() -> None:
+    async with FakeLive() as fake:
+        engine = LiveEngine(make_settings(live_url=fake.url, live_api_key="sk-live"))
+        await engine.start(AgentSetup("Help.", "marin", "Hello."), [], greet=False)
+        try:
+            call = ToolCall("call_old", "check_availability", DAY)
+            await engine.tool_result(call, orjson.dumps(ANSWER).decode())
+            conn = fake.connections[0]
+            await wait_until(lambda: "response.create" in conn.types(), what="a response")
+        finally:
+            await engine.close()
+    assert conn.tool_outputs == {"call_old": orjson.dumps(ANSWER).decode()}
+    assert fake.invalid_events == []

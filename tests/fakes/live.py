@@ -274,6 +274,9 @@ class _Session:
 
     async def on_item_create(self, event: dict[str, Any]) -> None:
         item = event["item"]
+        if item.get("type") == "function_call":  # a call made elsewhere, its output next
+            self.open_calls.add(item["call_id"])
+            return
         if item.get("type") != "function_call_output":
             return
         call_id = item["call_id"]

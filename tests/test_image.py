@@ -306,6 +306,9 @@ def test_image_serves_from_the_wheel(image: Image) -> None:
         assert status == 200, body
         assert json.loads(body)["openapi"].startswith("3.")
 
+        status, body = _get(f"{base}/console/static/console.js")  # package data in the wheel
+        assert status == 200 and b"EventSource" in body
+
         # Where `app` came from, asked of the image's own interpreter in its WORKDIR.
         where = subprocess.run(
             [str(image.venv / "bin" / "python"), "-c", "import app; print(app.__file__)"],

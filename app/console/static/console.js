@@ -127,7 +127,12 @@ function onEvent(event) {
       break;
     case "call.barge_in": s.barge_ins = (s.barge_ins || 0) + 1; break;
     case "call.tool": call.tools.push(d); break;
-    case "call.steer": call.steers.push(d); break;
+    case "call.steer": {
+      // A steer's later state replaces its pending line (events carry no steer id).
+      const open = call.steers.find((x) => x.state === "pending" && x.kind === d.kind && x.detail === d.detail);
+      if (open && d.state !== "pending") open.state = d.state; else call.steers.push({ ...d });
+      break;
+    }
     case "call.engine_switched": s.mode = d.new; break;
     case "call.latency":
       call.latencies.push(d);

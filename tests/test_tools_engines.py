@@ -20,11 +20,11 @@ from app.config import Settings
 from app.engines.base import AgentSetup, ToolCall
 from app.engines.live import LiveEngine
 from app.engines.realtime import RealtimeEngine
-from app.simulator import Dtmf
+from app.simulator import Clip, Dtmf
 from tests.admin_rig import GREETING, Instance, Live, admin_settings, silence, wait_until
 from tests.conftest import make_settings
 from tests.fakes.business import Behaviour, FakeBusiness
-from tests.fakes.live import FakeLive
+from tests.fakes.live import FakeLive, LiveToolCall
 from tests.fakes.realtime import FakeRealtime, FakeToolCall, RealtimeConnection
 from tests.fakes.together import FakeTogether, ToolReply
 
@@ -76,7 +76,10 @@ async def rig(
         services: list[Instance] = []
 
         async def start(
-            delay_s: float, together: FakeTogether | None = None, **realtime: Any
+            delay_s: float,
+            together: FakeTogether | None = None,
+            settings: dict[str, Any] | None = None,
+            **realtime: Any,
         ) -> Rig:
             business.behaviours["check_availability"] = Behaviour(ANSWER, delay_s=delay_s)
             model = FakeRealtime(**{"reply_audio": GREETING[:2000], "pace": 0.0, **realtime})
@@ -90,6 +93,7 @@ async def rig(
                 tool_filler_ms=200,
                 archive_dir=tmp_path / "calls",
             )
+            values.update(settings or {})
             server = await serve(settings_factory(**values))
             services.append(Instance(server, http, None))
             return Rig(model, together, business, services[-1])
@@ -275,3 +279,22 @@ async def test_live_a_result_for_a_call_made_before_this_session_brings_the_call
             await engine.close()
     assert conn.tool_outputs == {"call_old": orjson.dumps(ANSWER).decode()}
     assert fake.invalid_events == []
+
+
+async def test_live_a_slow_tool_gets_the_filler_then_the_answer(rig: Any) -> None:
+    """GPT-Live: the backend's function call runs against the business; the filler is
+    commentary the model speaks; the output goes back and the backend is asked to go on."""
+    async with FakeLive() as live_model:
+        live_model.tool_calls.append(LiveToolCall("check_availability", DAY))
+        r: Rig = await rig(0.8, settings={"live_url": live_model.url, "live_api_key": "sk-live"})
+        speech = Clip(bytes([0x00, 0x80]) * 80 * 30 + b"\xff" * 8 * 1000, (600,), "speech")
+        live = await r.service.call(speech, tail_s=20.0, mode="live")
+        conn = live_model.connections[0]
+        await wait_until(lambda: bool(conn.tool_outputs), within_s=10, what="the output")
+        await wait_until(lambda: "response.create" in conn.types(), what="the backend going on")
+        (output,) = conn.tool_outputs.values()
+        assert orjson.loads(output) == ANSWER
+        assert any(FILLER in text for text in conn.commentary)
+        assert live.session.tools.runs[0].filler is True
+        await live.twilio_ends_stream()
+        assert live_model.invalid_events == []

@@ -4,19 +4,28 @@ every answer and every failure."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from app.tools.declarations import HttpTool, Toolbox
 from app.tools.http import CallContext
 from app.tools.results import MAX_ANSWER_BYTES, ToolOutcome
 from app.tools.toolset import ToolRunner, Toolset
+from examples.clinic import TOOLS, Clinic, Schedule, create_app, running
 from examples.clinic.signature import HEADER, verify
 from tests.fakes.business import Behaviour, FakeBusiness
+from tests.fakes.loopback import LoopbackServer
 
 CONTEXT = CallContext("CA" + "1" * 32, "+15551234567", "+15550001111", "receptionist")
 SECRET = "tools-signing-secret-for-tests"
@@ -177,3 +186,60 @@ async def test_a_request_lost_on_the_way_is_retried_once_with_the_same_key(
     assert first.body == second.body
     assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"]
     assert verify(SECRET, second.headers[HEADER], second.body, time.time()) is None
+
+
+class LosingProxy(LoopbackServer):
+    """Forwards tool requests to the clinic; the first answer is lost on the way back
+    (the connection drops after the clinic has booked), as a flaky network would."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target = target
+        self.forwarded: list[dict[str, str]] = []  # the clinic's answer headers, lower case
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/tools/{name}", self._forward)
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                self.target + request.path, data=await request.read(), headers=headers
+            ) as resp,
+        ):
+            body, status = await resp.read(), resp.status
+            self.forwarded.append({k.lower(): v for k, v in resp.headers.items()})
+        if len(self.forwarded) == 1:
+            assert request.transport is not None
+            request.transport.close()
+            raise asyncio.CancelledError
+        return web.Response(body=body, status=status, content_type="application/json")
+
+
+async def test_a_booking_whose_answer_was_lost_is_retried_and_books_once(
+    runner: ToolRunner, tmp_path: Path
+) -> None:
+    tz = ZoneInfo("America/New_York")
+    now = datetime(2030, 1, 7, 10, 0, tzinfo=tz).timestamp()
+    clinic = Clinic(Schedule(str(tmp_path / "clinic.db"), tz=tz, clock=lambda: now))
+    try:
+        async with running(create_app(clinic, secret=SECRET)) as url, LosingProxy(url) as proxy:
+            tool = HttpTool(
+                "book_appointment",
+                "Book.",
+                TOOLS["book_appointment"].parameters,
+                f"http://127.0.0.1:{proxy.port}/tools/book_appointment",
+            )
+            tools = await runner.toolset(Toolbox(http=(tool,)), SECRET)
+            alice = {"name": "Alice Moreno", "phone": "+15551234567", "reason": "cleaning",
+                     "start": "2030-01-08T14:30"}  # fmt: skip
+            answer = await tools.run("book_appointment", "call_1", alice, CONTEXT)
+    finally:
+        await clinic.aclose()
+    assert answer.outcome is ToolOutcome.OK
+    assert orjson.loads(answer.output)["appointment"]["start"] == "2030-01-08T14:30"
+    first, second = proxy.forwarded
+    assert "idempotent-replayed" not in first and second["idempotent-replayed"] == "true"
+    with sqlite3.connect(tmp_path / "clinic.db") as db:
+        assert db.execute("SELECT count(*) FROM appointments").fetchone() == (1,)

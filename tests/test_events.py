@@ -76,6 +76,17 @@ def test_a_subscriber_that_falls_behind_is_cut_off_and_the_others_go_on() -> Non
         assert fast.get_nowait() is not None
 
 
+def test_closing_the_hub_ends_every_stream_and_refuses_new_ones() -> None:
+    hub = EventHub("here")
+    with hub.subscribe() as open_stream:
+        hub.close()
+        assert open_stream.get_nowait() is None
+        hub.observer(info("CA1"))
+        assert open_stream.empty()
+    with hub.subscribe() as late:
+        assert late.get_nowait() is None
+
+
 def test_events_of_other_instances_are_numbered_here_and_ours_are_not_taken_twice() -> None:
     hub = EventHub("here")
     sent: list[dict[str, Any]] = []
@@ -189,3 +200,17 @@ async def test_events_of_a_call_reach_a_console_on_another_instance(
     finally:
         await ours.close()
         await theirs.close()
+
+
+async def test_an_open_stream_does_not_hold_up_the_shutdown(serve: Any) -> None:
+    server = await serve(make_settings(admin_token=ADMIN))
+    url = f"http://{server.host}:{server.port}/admin/events"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(url, headers={"Authorization": f"Bearer {ADMIN}"}) as resp,
+    ):
+        events = read_events(resp)
+        assert (await anext(events))["type"] == "snapshot"
+        async with asyncio.timeout(3):  # not the runner's grace period
+            await server.close()
+            assert [e async for e in events] == []

@@ -365,6 +365,11 @@ def add_routes(
         app.router.add_route(route.method, route.path, _guarded(settings, route.handler))
     listen.add_route(app, settings, calls, listeners)  # a WebSocket: in README, not OpenAPI
 
+    async def end_streams(_: web.Application) -> None:
+        hub.close()
+
+    app.on_shutdown.append(end_streams)
+
     async def lifetime(_: web.Application) -> AsyncIterator[None]:
         await bus.start()
         yield

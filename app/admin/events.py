@@ -111,6 +111,7 @@ class EventHub:
         self._last_id = 0
         self._queue_size = queue_size
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
+        self._closed = False
 
     @property
     def last_id(self) -> int:
@@ -147,11 +148,23 @@ class EventHub:
             return None
         return [e for e in self._kept if e.id > last_id]
 
+    def close(self) -> None:
+        """End every stream (the service is shutting down: an open console must not hold
+        up the shutdown) and refuse new ones."""
+        self._closed = True
+        for queue in self._subscribers:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+        self._subscribers.clear()
+
     @contextlib.contextmanager
     def subscribe(self) -> Iterator[asyncio.Queue[Event | None]]:
         """A queue of the events from now on; None in it means the subscriber fell behind."""
         queue: asyncio.Queue[Event | None] = asyncio.Queue(self._queue_size + 1)
-        self._subscribers.add(queue)
+        if self._closed:
+            queue.put_nowait(None)
+        else:
+            self._subscribers.add(queue)
         try:
             yield queue
         finally:

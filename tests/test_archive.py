@@ -30,6 +30,9 @@ from app.engines.base import Turn
 from app.simulator import Clip, simulate_call
 from tests.fakes.realtime import FakeRealtime
 
+# On looptime's virtual clock (see tests/conftest.py): waits and pacing cost no real time.
+pytestmark = pytest.mark.looptime
+
 SILENCE = 0xFF
 T0 = 1000.0  # the fake monotonic clock when the recorder is made
 ARRIVAL = T0 + 0.05  # the first media frame arrives 50 ms later, timestamped 0
@@ -453,6 +456,8 @@ def caller_clip() -> Clip:
     return Clip(ulaw=b"\xff" * 8000 + speech + b"\xff" * 12000, speech_ends_ms=(1300,))
 
 
+# The archive writes on its own thread, which the virtual clock cannot wait for: real time.
+@pytest.mark.looptime(False)
 async def test_a_real_call_is_archived(
     tmp_path: Path, serve: Callable[[Settings], Any], settings_factory: Callable[..., Settings]
 ) -> None:
@@ -480,6 +485,7 @@ async def test_a_real_call_is_archived(
     assert speakers[:1] == ["agent"] and "caller" in speakers
 
 
+@pytest.mark.looptime(False)  # the writer's thread logs the failure: real time
 async def test_a_call_survives_an_unusable_archive(
     tmp_path: Path, serve: Callable[[Settings], Any], settings_factory: Callable[..., Settings]
 ) -> None:

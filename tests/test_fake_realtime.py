@@ -23,6 +23,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.fakes.realtime import NO_QUOTA, Dialect, FakeRealtime, validate_client_event
 
+# On looptime's virtual clock (see tests/conftest.py): waits and pacing cost no real time.
+pytestmark = pytest.mark.looptime
+
 FIXTURES = Path("/work/shared/fixtures/audio")
 LABELS = json.loads((FIXTURES / "labels.json").read_text())
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from structlog.testing import capture_logs
 
 from app.call.observer import CallObserver
 from app.call.session import CallSession
+from app.clock import loop_time
 from app.config import Settings
 from app.engines.base import AgentSetup, Engine, Turn
 from app.engines.factory import Engines
@@ -31,6 +31,9 @@ from app.vad.silero import get_vad
 from tests.conftest import ROOT, make_settings
 from tests.fakes.realtime import FakeRealtime
 
+# On looptime's virtual clock (see tests/conftest.py): waits and pacing cost no real time.
+pytestmark = pytest.mark.looptime
+
 SILENCE = base64.b64encode(b"\xff" * 160).decode()  # 20 ms of mu-law silence
 
 
@@ -39,9 +42,9 @@ def sid(prefix: str) -> str:
 
 
 async def until(condition: Callable[[], bool], within_s: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + within_s
+    deadline = loop_time() + within_s
     while not condition():
-        if time.monotonic() > deadline:
+        if loop_time() > deadline:
             raise AssertionError(f"timed out waiting for {what or condition}")
         await asyncio.sleep(0.01)
 

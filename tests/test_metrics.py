@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import structlog
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,6 +28,9 @@ from app.metrics import METRICS, Metrics
 from app.server import OBSERVERS, create_app
 from app.simulator import CallResult, Clip, Dtmf, simulate_call
 from tests.fakes.realtime import FakeRealtime
+
+# On looptime's virtual clock (see tests/conftest.py): waits and pacing cost no real time.
+pytestmark = pytest.mark.looptime
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

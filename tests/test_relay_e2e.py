@@ -23,6 +23,9 @@ from app.simulator import CallResult, Clip, simulate_call
 from tests.conftest import FIXTURES
 from tests.fakes.realtime import FakeRealtime, RealtimeConnection
 
+# On looptime's virtual clock (see tests/conftest.py): waits and pacing cost no real time.
+pytestmark = pytest.mark.looptime
+
 GREETING = (FIXTURES / "yes.ulaw").read_bytes()  # 2.5 s of real speech
 SHORT = GREETING[:8000]  # 1 s: a reply over before the caller speaks, in a short test
 SILENCE = b"\xff" * 8  # one ms of mu-law silence

@@ -16,7 +16,6 @@ import base64
 import json
 import re
 import shutil
-import time
 import wave
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ from aiohttp import WSMsgType, web
 from twilio.request_validator import RequestValidator
 
 from app.audio.g711 import ulaw_decode
+from app.clock import loop_time
 from app.simulator import (
     Clip,
     Dtmf,
@@ -38,6 +38,9 @@ from app.simulator import (
     simulate_call,
     turn_latencies,
 )
+
+# On looptime's virtual clock (see tests/conftest.py): waits and pacing cost no real time.
+pytestmark = pytest.mark.looptime
 
 FIXTURES = Path("/work/shared/fixtures/audio")
 TOKEN = "test-auth-token-0123456789abcdef"
@@ -54,20 +57,20 @@ class Stream:
         self.headers = headers
         self.signature_valid: bool | None = None
         self.stream_sid = ""
-        self.t0 = time.monotonic()
+        self.t0 = loop_time()
         self.messages: list[tuple[float, dict[str, Any]]] = []  # (ms since start, message)
         self.problems: list[str] = []
         self.sent_payloads: list[str] = []
         self.marks_sent: dict[str, float] = {}
 
     def now_ms(self) -> float:
-        return (time.monotonic() - self.t0) * 1000
+        return (loop_time() - self.t0) * 1000
 
     def of_event(self, event: str) -> list[tuple[float, dict[str, Any]]]:
         return [(t, m) for t, m in self.messages if m.get("event") == event]
 
     async def at(self, ms: float) -> None:
-        await asyncio.sleep(max(0.0, self.t0 + ms / 1000 - time.monotonic()))
+        await asyncio.sleep(max(0.0, self.t0 + ms / 1000 - loop_time()))
 
     async def media(self, audio: bytes) -> None:
         payload = base64.b64encode(audio).decode("ascii")
@@ -183,7 +186,7 @@ class TwilioSideChecker:
                 continue
             message = json.loads(msg.data)
             if message.get("event") == "start":
-                stream.t0 = time.monotonic()
+                stream.t0 = loop_time()
                 stream.stream_sid = message["streamSid"]
                 if self.script is not None:
                     script_task = asyncio.create_task(self.script(stream))
@@ -469,6 +472,8 @@ def test_dtmf_argument_is_checked(text: str) -> None:
         Dtmf.parse(text)
 
 
+# The CLI runs its calls on a loop of its own, in another thread: real time.
+@pytest.mark.looptime(False)
 async def test_cli_runs_concurrent_calls_and_writes_what_was_heard(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

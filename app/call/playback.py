@@ -29,6 +29,9 @@ from app.telephony import messages
 __all__ = ["MAX_CHUNK_CHARS", "Heard", "Playback", "split_payload"]
 
 MAX_CHUNK_CHARS = 640  # 480 mu-law bytes: 60 ms
+# A wait shorter than this is rounding error of the float sums, not worth a sleep: on a
+# clock that only moves when the loop idles (looptime) it would spin forever.
+_MIN_WAIT_S = 1e-4
 
 
 def split_payload(payload: str) -> list[str]:
@@ -114,7 +117,7 @@ class Playback:
             now = self._clock()
             ahead = self._play_end - now
             wait = ahead + chunk.ms / 1000.0 - self._lead
-            if wait > 0 and ahead > 0:
+            if wait > _MIN_WAIT_S and ahead > 0:
                 self._wake.clear()
                 await wait_event(self._wake, wait)
                 continue

@@ -187,3 +187,21 @@ def test_pcm_wav_refuses_what_is_not_a_mulaw_wav(tmp_path: Path) -> None:
     for data in (b"", b"not a wav at all", pcm.getvalue()):
         with pytest.raises(ValueError):
             pcm_wav(data)
+
+
+async def test_a_test_call_socket_needs_the_session_and_its_csrf_token(serve: Any) -> None:
+    url = await start(serve, admin_token=ADMIN)
+    async with browser() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as anonymous:
+            await http.ws_connect(url + "/console/call")
+        assert anonymous.value.status == 401
+        async with await sign_in(http, url) as resp:
+            csrf = (await resp.json())["csrf"]
+        for query, origin in (("", url), (f"?csrf={csrf}", "http://evil.example")):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(url + "/console/call" + query, origin=origin)
+            assert refused.value.status == 403
+        async with http.ws_connect(f"{url}/console/call?csrf={csrf}", origin=url) as ws:
+            started = await ws.receive_json(timeout=5)
+        assert started["event"] == "console.started"
+        assert started["callSid"].startswith("CA") and started["streamSid"].startswith("MZ")

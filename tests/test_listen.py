@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from typing import Any
 
+import aiohttp
 import pytest
 
 from app.admin.listen import AGENT, CALLER, CLEAR, Listeners
 from app.audio.frame import MulawFrame
 from app.call.info import CallInfo
 from app.modes import Mode
+from app.server import CALLS
+from app.simulator import simulate_call
+from tests.admin_rig import ADMIN, GREETING, speech_after, wait_until
+from tests.conftest import make_settings
+from tests.fakes.realtime import FakeRealtime
 
 
 def info(sid: str) -> CallInfo:
@@ -62,3 +69,38 @@ def test_a_listener_that_falls_behind_loses_frames_but_still_hears_the_end() -> 
         tap.ended("completed")
         items = drain(slow.queue)
         assert items[-1] is None
+
+
+@pytest.mark.looptime
+async def test_listen_in_over_http_hears_its_call_only(serve: Any) -> None:
+    model = FakeRealtime(reply_audio=GREETING[:8000], pace=1.0)
+    await model.start()
+    try:
+        server = await serve(make_settings(realtime_url=model.url, admin_token=ADMIN))
+        url = f"http://{server.host}:{server.port}"
+        calls = server.app[CALLS]
+        bearer = {"Authorization": f"Bearer {ADMIN}"}
+        heard: dict[int, bytearray] = {CALLER: bytearray(), AGENT: bytearray()}
+        async with aiohttp.ClientSession(headers=bearer) as http:
+            unknown = f"{url}/admin/calls/CA{'0' * 32}/listen"
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(unknown)
+            assert refused.value.status == 404
+            mine = asyncio.create_task(simulate_call(speech_after(1300), url=url, tail_s=2.0))
+            await wait_until(lambda: len(calls) == 1, what="the call")
+            sid = next(iter(calls))
+            other = asyncio.create_task(
+                simulate_call(speech_after(300, "yes"), url=url, tail_s=2.0)
+            )
+            async with http.ws_connect(f"{url}/admin/calls/{sid}/listen") as ws:
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        heard[msg.data[0]] += msg.data[1:]
+            result, _ = await asyncio.gather(mine, other)
+    finally:
+        await model.stop()
+    sent = b"".join(base64.b64decode(p) for p in result.sent_payloads)
+    assert len(heard[CALLER]) > 8000 and bytes(heard[CALLER]) in sent  # this call's caller
+    agent = b"".join(base64.b64decode(p) for p in result.received_payloads)
+    # From when the listener joined (part of the greeting had played), as it was sent.
+    assert len(heard[AGENT]) >= 8000 and bytes(heard[AGENT]) in agent

@@ -90,11 +90,21 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _archive_list(archive: Path) -> list[dict[str, Any]]:
+    """The newest calls' records: only the last `_LISTED` written are read."""
     records = []
     if archive.is_dir():
-        for directory in archive.iterdir():
-            record = _read_json(directory / "call.json")
+        files = sorted((d / "call.json" for d in archive.iterdir()), key=_modified, reverse=True)
+        for path in files[:_LISTED]:
+            directory = path.parent
+            record = _read_json(path)
             if isinstance(record, dict):
                 records.append(
                     {

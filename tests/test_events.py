@@ -109,7 +109,7 @@ async def read_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, A
     async for raw in resp.content:
         line = raw.decode().rstrip("\n")
         if line.startswith("id: "):
-            event_id = int(line[4:])
+            event_id = line[4:]
         elif line.startswith("data: "):
             event = orjson.loads(line[6:])
             assert event["id"] == event_id
@@ -156,7 +156,7 @@ async def test_a_call_streams_its_events_in_order_and_a_reconnect_resumes(
             call = asyncio.create_task(simulate_call(speech_after(1300), url=url, tail_s=2.5))
             seen = await until(events, "call.ended")
             result = await call
-        ids = [e["id"] for e in seen]
+        ids = [int(e["id"].rpartition(":")[2]) for e in seen]
         assert ids == sorted(ids) and len(set(ids)) == len(ids)
         assert {e["call_sid"] for e in seen} == {result.call_sid}
         types = [e["type"] for e in seen]
@@ -172,10 +172,12 @@ async def test_a_call_streams_its_events_in_order_and_a_reconnect_resumes(
         async with http.get(url + "/admin/events", headers=resume) as again:
             replayed = await until(read_events(again), "call.ended", within_s=5)
         assert replayed == seen[2:]
-        # An id from another run: a fresh snapshot.
-        stale = {**bearer, "Last-Event-ID": "999999"}
-        async with http.get(url + "/admin/events", headers=stale) as fresh:
-            assert (await anext(read_events(fresh)))["type"] == "snapshot"
+        # An id of another instance or run, or none that parses: a fresh snapshot.
+        instance = seen[0]["id"].rpartition(":")[0]
+        for stale in (f"{instance}:999999", "other-host-0a1b2c3d:3", "3", "nonsense"):
+            resume = {**bearer, "Last-Event-ID": stale}
+            async with http.get(url + "/admin/events", headers=resume) as fresh:
+                assert (await anext(read_events(fresh)))["type"] == "snapshot", stale
 
 
 @pytest.mark.slow

@@ -68,7 +68,10 @@ class EventModel(BaseModel):
     """One event of `GET /admin/events`: the JSON of an SSE message's `data` line, whose
     `id` line carries the same id."""
 
-    id: int = Field(description="Increasing on the instance that serves the stream.")
+    id: str = Field(
+        description="`<instance>:<n>`, n increasing on the instance serving the stream; "
+        "an id of another instance (or of a previous run) resumes with a snapshot."
+    )
     type: EventType
     call_sid: str | None = Field(description="The call it is about (none for a snapshot).")
     at: str = Field(description="When it happened, ISO 8601 UTC.")
@@ -95,9 +98,11 @@ class Event:
             "data": self.data,
         }
 
-    def sse(self) -> bytes:
-        body = self.wire() | {"id": self.id, "at": iso_utc(self.at)}
-        return b"id: %d\ndata: %s\n\n" % (self.id, orjson.dumps(body))
+    def sse(self, server: str) -> bytes:
+        """The SSE message, its id naming the instance `server` that numbered it."""
+        key = f"{server}:{self.id}"
+        body = self.wire() | {"id": key, "at": iso_utc(self.at)}
+        return b"id: %s\ndata: %s\n\n" % (key.encode(), orjson.dumps(body))
 
 
 class EventHub:
@@ -245,13 +250,12 @@ EVENTS: web.AppKey[EventHub] = web.AppKey("events", EventHub)
 Snapshot = Callable[[], Awaitable[dict[str, Any]]]
 
 
-def _last_event_id(request: web.Request) -> int | None:
+def _last_event_id(request: web.Request, server: str) -> int | None:
+    """The number of the last event the client saw here; None for none, or for an id of
+    another instance or run (behind a load balancer a reconnect may land anywhere)."""
     raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or ""
-    try:
-        return int(raw) if raw.strip() else None
-    except ValueError:
-        log.warning("events.bad_last_event_id", value=raw[:40])
-        return None
+    instance, _, number = raw.strip().rpartition(":")
+    return int(number) if instance == server and number.isdigit() else None
 
 
 async def stream(
@@ -267,18 +271,18 @@ async def stream(
         }
     )
     await response.prepare(request)
-    last = _last_event_id(request)
+    last = _last_event_id(request, hub.instance)
     with hub.subscribe() as queue:
         missed = hub.since(last) if last is not None else None
         if missed is None:
             sent = hub.last_id
             calls = await snapshot()
             first = Event(sent, EventType.SNAPSHOT, None, time.time(), hub.instance, calls)
-            await response.write(b"retry: 1000\n" + first.sse())
+            await response.write(b"retry: 1000\n" + first.sse(hub.instance))
         else:
             sent = last if last is not None else 0
             for event in missed:
-                await response.write(event.sse())
+                await response.write(event.sse(hub.instance))
                 sent = event.id
         while True:
             try:
@@ -289,6 +293,6 @@ async def stream(
             if new is None:  # fell behind: the client reconnects from its last id
                 break
             if new.id > sent:
-                await response.write(new.sse())
+                await response.write(new.sse(hub.instance))
                 sent = new.id
     return response

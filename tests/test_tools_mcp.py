@@ -187,3 +187,32 @@ async def test_a_slow_or_refusing_tool_and_bad_listings(runner: ToolRunner) -> N
         broken = await tools.run("broken", "call_2", {}, CONTEXT)
         assert broken.outcome is ToolOutcome.TOOL_ERROR
         assert "the backend refused" in orjson.loads(broken.output)["error"]
+
+
+async def test_a_slow_listing_holds_a_call_back_briefly_and_serves_the_next() -> None:
+    listed = asyncio.Event()
+
+    async def list_tools(ctx: Any, params: Any) -> mcp_types.ListToolsResult:
+        await asyncio.sleep(0.5)
+        listed.set()
+        tool = mcp_types.Tool(name="slow_lister", description="Listed late.",
+                              input_schema={"type": "object"})  # fmt: skip
+        return mcp_types.ListToolsResult(tools=[tool])
+
+    app = Server("slow", on_list_tools=list_tools).streamable_http_app(streamable_http_path="/mcp")
+    runner = ToolRunner(mcp=McpClient(wait_s=0.1, clock=Clock()))
+    try:
+        async with running(app) as url:
+            server = McpServer(f"{url}/mcp")
+            with capture_logs() as logs:
+                first = await runner.toolset(Toolbox(mcp=(server,)))
+            assert first.specs == ()
+            assert [e["event"] for e in logs] == ["tools.mcp_list_slow"]
+            await listed.wait()
+            for _ in range(20):  # each call waits for the listing still under way
+                second = await runner.toolset(Toolbox(mcp=(server,)))
+                if second.specs:
+                    break
+            assert [s.name for s in second.specs] == ["slow_lister"]
+    finally:
+        await runner.close()

@@ -2,7 +2,9 @@
 
 A persona's MCP servers are listed when a call starts; the listing is kept for the
 process for `ttl_s` (a failed listing for less), so calls arriving together share one
-request and a server that is down costs one call its wait, not every call. The tools
+request and a server that is down costs one call its wait, not every call. A call waits
+at most `wait_s` for a listing (its greeting waits with it); a slower listing goes on and
+serves the calls after it. The tools
 are offered to the model with their own schemas (a schema that is not JSON Schema, a
 name the model could not call or one taken already, is left out with a warning).
 
@@ -30,12 +32,14 @@ from app.clock import Clock, loop_time
 from app.tools.declarations import BUILT_IN, DeclarationError, McpServer, check_schema
 from app.tools.results import ToolAnswer, ToolOutcome, capped, failure
 
-__all__ = ["LIST_TTL_S", "McpClient", "McpTool"]
+__all__ = ["LIST_TTL_S", "LIST_WAIT_S", "McpClient", "McpTool"]
 
 log = structlog.get_logger(__name__)
 
 LIST_TTL_S = 60.0
 _FAILED_TTL_S = 5.0
+# The longest a call's start waits for a listing; a slower one goes on for later calls.
+LIST_WAIT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +61,11 @@ class _Listing:
 class McpClient:
     """The process's MCP side: listings (cached) and tool calls, per server."""
 
-    def __init__(self, *, ttl_s: float = LIST_TTL_S, clock: Clock = loop_time) -> None:
+    def __init__(
+        self, *, ttl_s: float = LIST_TTL_S, wait_s: float = LIST_WAIT_S, clock: Clock = loop_time
+    ) -> None:
         self._ttl_s = ttl_s
+        self._wait_s = wait_s
         self._clock = clock
         self._listings: dict[McpServer, _Listing] = {}
         self._listing: dict[McpServer, asyncio.Future[tuple[McpTool, ...]]] = {}
@@ -75,7 +82,12 @@ class McpClient:
             pending = asyncio.ensure_future(self._list(server))
             self._listing[server] = pending
             pending.add_done_callback(lambda _: self._listing.pop(server, None))
-        return await asyncio.shield(pending)
+        try:
+            async with asyncio.timeout(self._wait_s):
+                return await asyncio.shield(pending)
+        except TimeoutError:
+            log.warning("tools.mcp_list_slow", url=_safe(server.url), waited_s=self._wait_s)
+            return ()
 
     async def _list(self, server: McpServer) -> tuple[McpTool, ...]:
         started = self._clock()

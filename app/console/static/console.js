@@ -184,6 +184,18 @@ function renderLive() {
   }));
 }
 setInterval(() => { if (state.view === "live") renderLive(); }, 1000);
+// What an engine is doing (listening, responding, speaking...) changes too often for
+// events: the live list asks the registry every few seconds.
+setInterval(async () => {
+  if (!state.csrf || state.view !== "live") return;
+  const resp = await api("GET", "/admin/calls");
+  if (resp.status !== 200) return;
+  for (const summary of resp.data.calls) {
+    const call = state.calls.get(summary.call_sid);
+    if (call && !call.ended) Object.assign(call.summary, summary);
+  }
+  renderLive();
+}, 3000);
 
 async function openCall(sid) {
   $("#call-sid").textContent = sid;

@@ -181,6 +181,11 @@ async def test_a_test_call_from_the_browser_microphone(
     )
     caller = ulaw_decode(bytes(model.connections[0].caller_audio)).astype(np.float64)
     assert np.sqrt(np.mean(caller**2)) > 100  # not silence
+    # The agent's reply to it (the fake answers with the greeting's audio again) plays too.
+    started = time.monotonic()
+    while await page.evaluate("() => window.consoleAudio.testBytes") <= len(GREETING) + 1600:
+        assert time.monotonic() - started < 10, "the agent's reply never reached the page"
+        await asyncio.sleep(0.05)
     await page.wait_for_selector(f"#live-calls tr[data-sid='{sid}']", state="attached")
     await page.click("#test-stop")
     await until(lambda: not calls, 10, "the call to end")

@@ -15,7 +15,7 @@ const state = {
   test: null,
 };
 // Read by the browser tests: the loudest sample each audio graph has carried.
-window.consoleAudio = { listenPeak: 0, testPeak: 0, sentFrames: 0 };
+window.consoleAudio = { listenPeak: 0, testPeak: 0, sentFrames: 0, testBytes: 0 };
 
 // -- HTTP --------------------------------------------------------------------------------
 
@@ -461,6 +461,7 @@ async function startTestCall() {
     } else if (m.event === "media") {
       const bytes = Uint8Array.from(atob(m.media.payload), (c) => c.charCodeAt(0));
       player.play(ulawDecode(bytes));
+      window.consoleAudio.testBytes += bytes.length;
     } else if (m.event === "mark") {
       const delay = Math.max(0, (player.at - ctx.currentTime) * 1000);
       const timer = setTimeout(() => { t.marks = t.marks.filter((x) => x.timer !== timer); echoMark(m.mark.name); }, delay);

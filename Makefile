@@ -16,11 +16,13 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	$(BIN)/python -m app serve
 
+# pytest-xdist: 4 workers on 2 cores, so the real-time tests (subprocesses, redis, the
+# image build) wait beside each other while the virtual-time ones use the CPU.
 test: $(STAMP)
 	$(BIN)/ruff check app tests bench examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache --no-logo
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 4
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.relay

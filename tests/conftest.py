@@ -31,6 +31,7 @@ Time in tests (the suite must end in about a minute):
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -45,6 +46,7 @@ from app.server import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "audio"
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -60,8 +62,9 @@ def make_settings(**overrides: Any) -> Settings:
         # would otherwise configure it), and then never the real service.
         "live_api_key": None,
         "live_url": "ws://127.0.0.1:9/v1/live/sessions",
-        # Calls a test drives are recorded out of the working tree.
-        "archive_dir": Path(tempfile.gettempdir()) / "phone-agent-tests" / "calls",
+        # Calls a test drives are recorded out of the working tree, apart per xdist worker
+        # (listings of past calls see only their own worker's).
+        "archive_dir": Path(tempfile.gettempdir()) / "phone-agent-tests" / _WORKER / "calls",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)

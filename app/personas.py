@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import dotenv_values
 
@@ -32,6 +34,15 @@ class Persona:
     tts_voice: str | None = None
     transfer_numbers: tuple[str, ...] = ()
     tools: Toolbox = field(default_factory=Toolbox)
+    timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
+
+    def instructions_on(self, when: float) -> str:
+        """The instructions for a call at `when` (unix seconds): `{today}` becomes that
+        day in the persona's `timezone`, so a model booking by date knows the date."""
+        day = datetime.fromtimestamp(when, self.timezone)
+        return self.instructions.replace(
+            "{today}", f"{day:%A}, {day:%B} {day.day}, {day.year} ({day:%Y-%m-%d})"
+        )
 
 
 class PersonaError(ValueError):
@@ -55,6 +66,7 @@ def load_personas(directory: Path) -> dict[str, Persona]:
                 tts_voice=str(data["tts_voice"]) if "tts_voice" in data else None,
                 transfer_numbers=_numbers(path, data.get("transfer_numbers", [])),
                 tools=parse_toolbox(data, env),
+                timezone=_zone(path, data.get("timezone", "UTC")),
             )
         except DeclarationError as exc:
             raise PersonaError(f"persona file {path}: {exc}") from None
@@ -70,3 +82,10 @@ def _numbers(path: Path, numbers: object) -> tuple[str, ...]:
     if not isinstance(numbers, list) or not all(is_e164(n) for n in numbers):
         raise PersonaError(f"persona file {path}: transfer_numbers must be E.164: {numbers!r}")
     return tuple(numbers)
+
+
+def _zone(path: Path, name: object) -> ZoneInfo:
+    try:
+        return ZoneInfo(str(name))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise PersonaError(f"persona file {path}: timezone: unknown time zone {name!r}") from None

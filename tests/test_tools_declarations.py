@@ -3,6 +3,7 @@ what cannot work (through `load_personas` and the `serve` command)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,21 @@ def test_variables_come_from_the_environment_then_dotenv(
     (declared,) = persona["shop"].tools.http
     assert declared.url == "https://environment.example/x"
     assert dict(declared.headers) == {"Authorization": "Bearer from-dotenv"}
+
+
+def test_today_in_the_instructions_is_the_date_in_the_personas_time_zone(tmp_path: Path) -> None:
+    """A model booking by date must know the date: `{today}` at the call's start, where
+    the business is (01:30 UTC on 8 January is still the 7th in New York)."""
+    body = 'timezone = "America/New_York"\n' + PERSONA.replace("Help.", "Today is {today}.")
+    (tmp_path / "clinic.toml").write_text(body)
+    persona = load_personas(tmp_path)["clinic"]
+    when = datetime(2030, 1, 8, 1, 30, tzinfo=UTC).timestamp()
+    assert persona.instructions_on(when) == "Today is Monday, January 7, 2030 (2030-01-07)."
+    receptionist = load_personas(ROOT / "prompts")["receptionist"]
+    assert "Today is Monday, January 7, 2030 (2030-01-07)." in receptionist.instructions_on(when)
+
+
+def test_an_unknown_time_zone_is_a_start_up_error(tmp_path: Path) -> None:
+    (tmp_path / "clinic.toml").write_text('timezone = "Mars/Olympus"\n' + PERSONA)
+    with pytest.raises(PersonaError, match=r"clinic\.toml: timezone: unknown time zone"):
+        load_personas(tmp_path)

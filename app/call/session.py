@@ -163,7 +163,8 @@ class CallSession:
         if mode is Mode.CHAINED:
             voice = self.persona.tts_voice or self.settings.tts_voice
         return AgentSetup(
-            instructions=self.steering.instructions or self.persona.instructions,
+            instructions=self.steering.instructions
+            or self.persona.instructions_on(self.info.started_at),
             voice=self.steering.voices.get(mode, voice),
             greeting=self.persona.greeting,
             tools=self.tools.specs(),

@@ -339,14 +339,17 @@ function ulawEncode(sample) { // a float in [-1, 1]
   return ~(sign | (exponent << 4) | ((s >> (exponent + 3)) & 0x0f)) & 0xff;
 }
 
-// Plays 8 kHz chunks back to back, never more than MAX_BEHIND_S behind real time.
+// Plays 8 kHz chunks back to back; listen-in never falls more than MAX_BEHIND_S behind
+// (a test call's audio is paced by the service, like a phone line's: none is dropped).
 const MAX_BEHIND_S = 0.5;
 class Player {
-  constructor(ctx, destination) { this.ctx = ctx; this.destination = destination; this.at = 0; this.sources = new Set(); }
+  constructor(ctx, destination, maxBehind = MAX_BEHIND_S) {
+    this.ctx = ctx; this.destination = destination; this.maxBehind = maxBehind; this.at = 0; this.sources = new Set();
+  }
   play(samples) {
     const now = this.ctx.currentTime;
     if (this.at < now + 0.04) this.at = now + 0.04;
-    if (this.at > now + MAX_BEHIND_S) return this.at; // too far behind: drop, catch up
+    if (this.at > now + this.maxBehind) return this.at; // too far behind: drop, catch up
     const buffer = this.ctx.createBuffer(1, samples.length, 8000);
     buffer.copyToChannel(samples, 0);
     const source = this.ctx.createBufferSource();
@@ -443,7 +446,7 @@ async function startTestCall() {
   const ctx = new AudioContext();
   const out = ctx.createGain();
   out.connect(ctx.destination);
-  const player = new Player(ctx, out);
+  const player = new Player(ctx, out, Infinity);
   const ws = new WebSocket(socketUrl("/console/call", {
     csrf: state.csrf, persona: $("#test-persona").value, mode: $("#test-mode").value }));
   const t = { ctx, ws, media, player, stopMeter: meter(ctx, out, "testPeak"), streamSid: null, seq: 0, chunk: 0, marks: [] };

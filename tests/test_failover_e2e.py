@@ -22,6 +22,9 @@ from tests.conftest import FIXTURES
 from tests.fakes.realtime import NO_QUOTA, RATE_LIMITED, FakeFailure, FakeRealtime
 from tests.fakes.together import FakeTogether
 
+# On looptime's virtual clock (see tests/conftest.py): waits and pacing cost no real time.
+pytestmark = pytest.mark.looptime
+
 GREETING = (FIXTURES / "yes.ulaw").read_bytes()  # 2.5 s of real speech
 CALLER_TEXT = "What are your opening hours on Saturday?"
 REPLY_TEXT = "We are open from nine to one on Saturday."

@@ -1,8 +1,8 @@
 """Barge-in end to end: fixture clips played over a talking agent, through the simulator.
 
-These calls run in real time (the simulator paces the caller's clip by the clock, and the
-VAD runs on its thread): slow, and `make test` still runs them. The policy's cases run on
-virtual time in tests/test_bargein.py.
+These calls run on looptime's virtual clock: the simulator paces the caller's clip by the
+loop's clock, and the VAD scores on the loop's own thread (`InlineVad`), so a call costs
+only its CPU. The policy's cases run on virtual time in tests/test_bargein.py.
 """
 
 from __future__ import annotations
@@ -13,15 +13,21 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from app.config import Settings
+from app.server import VAD, create_app
 from app.simulator import CallResult, Clip, Dtmf, simulate_call
+from app.vad.batcher import VadBatcher
+from app.vad.silero import VadStream
 from tests.conftest import FIXTURES
 from tests.fakes.realtime import FakeRealtime, RealtimeConnection
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.looptime
 
 LABELS = json.loads((FIXTURES / "labels.json").read_text())
 SPEECH = sorted(name for name, label in LABELS.items() if label["speech_ms"])
@@ -33,13 +39,28 @@ AGENT_SHORT = (FIXTURES / "book_cleaning.ulaw").read_bytes()
 MARK_MS = 60  # Playback's chunk, hence mark, granularity
 
 
+class InlineVad(VadBatcher):
+    """The VAD scored on the loop's thread, window by window: on the batcher's thread it
+    would run in real time while the virtual clock waits for it (tests/conftest.py)."""
+
+    async def feed(self, stream: VadStream, pcm: npt.NDArray[np.int16]) -> list[float]:
+        windows = stream.take_windows(pcm)
+        return [float(self.vad.infer([stream], w[np.newaxis])[0]) for w in windows]
+
+
+async def _inline_vad(app: web.Application) -> AsyncIterator[None]:
+    batcher = app[VAD]
+    app[VAD] = InlineVad(batcher.vad)
+    yield
+    await batcher.close()  # the app closes the inline one
+
+
 def clip(name: str) -> Clip:
     return Clip.from_wav(FIXTURES / f"{name}.wav")
 
 
 @pytest.fixture
 async def talking_agent(
-    serve: Callable[[Settings], Awaitable[TestServer]],
     settings_factory: Callable[..., Settings],
 ) -> AsyncIterator[Callable[..., Awaitable[tuple[FakeRealtime, str]]]]:
     fakes: list[FakeRealtime] = []
@@ -53,7 +74,10 @@ async def talking_agent(
         fake = FakeRealtime(reply_audio=reply, pace=1.0, vad_threshold_dbfs=model_vad_dbfs)
         await fake.start()
         fakes.append(fake)
-        server = await serve(settings_factory(realtime_url=fake.url, **settings))
+        app = create_app(settings_factory(realtime_url=fake.url, **settings))
+        app.cleanup_ctx.append(_inline_vad)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
         servers.append(server)
         return fake, f"http://{server.host}:{server.port}"
 

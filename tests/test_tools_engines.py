@@ -39,6 +39,7 @@ name = "check_availability"
 description = "Free slots on a day."
 url = "{url}"
 filler = "{filler}"
+timeout_ms = {timeout_ms}
 [tools.parameters]
 type = "object"
 required = ["day"]
@@ -70,17 +71,19 @@ async def rig(
         business = await stack.enter_async_context(FakeBusiness())
         prompts = tmp_path / "prompts"
         prompts.mkdir()
-        (prompts / "clinic.toml").write_text(
-            PERSONA.format(url=business.url("check_availability"), filler=FILLER)
-        )
         services: list[Instance] = []
 
         async def start(
             delay_s: float,
             together: FakeTogether | None = None,
             settings: dict[str, Any] | None = None,
+            timeout_ms: int = 5000,
             **realtime: Any,
         ) -> Rig:
+            url = business.url("check_availability")
+            (prompts / "clinic.toml").write_text(
+                PERSONA.format(url=url, filler=FILLER, timeout_ms=timeout_ms)
+            )
             business.behaviours["check_availability"] = Behaviour(ANSWER, delay_s=delay_s)
             model = FakeRealtime(**{"reply_audio": GREETING[:2000], "pace": 0.0, **realtime})
             await stack.enter_async_context(model)
@@ -298,3 +301,27 @@ async def test_live_a_slow_tool_gets_the_filler_then_the_answer(rig: Any) -> Non
         assert live.session.tools.runs[0].filler is True
         await live.twilio_ends_stream()
         assert live_model.invalid_events == []
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "error"),
+    [(Behaviour({"error": "boom"}, status=500), "HTTP 500"), (Behaviour(delay_s=5.0), "no answer")],
+    ids=["500", "timeout"],
+)
+async def test_a_failing_tool_reaches_the_model_and_the_call_goes_on(
+    rig: Any, behaviour: Behaviour, error: str
+) -> None:
+    r: Rig = await rig(
+        0.0, timeout_ms=400, tool_calls=[FakeToolCall("check_availability", DAY, "call_1")]
+    )
+    r.business.behaviours["check_availability"] = behaviour
+    live = await r.call()
+    conn = r.realtime.connections[0]
+    await wait_until(lambda: delivered(conn), within_s=10, what="the output and a response")
+    answer = orjson.loads(outputs(conn)[0]["output"])
+    assert answer["ok"] is False and answer["error"].startswith(error)
+    assert "apologise" in answer["instruction"]
+    await wait_until(lambda: len(conn.responses) >= 2, within_s=10, what="the model's answer")
+    assert not live.task.done() and live.session.outcome == "completed"
+    await live.twilio_ends_stream()
+    assert conn.invalid_events == [] and conn.errors == []

@@ -220,6 +220,7 @@ async def test_chained_books_through_the_chat_streams_tool_call(rig: RigFactory)
     assert result["role"] == "tool" and result["tool_call_id"] == "call_7"
     assert orjson.loads(result["content"])["appointment"]["start"] == "2030-01-08T14:30"
     await live.twilio_ends_stream()
+    assert together.refusals == []
 
 
 @pytest.mark.parametrize(

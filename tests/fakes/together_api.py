@@ -84,7 +84,24 @@ def chat_request_error(body: Any) -> str | None:
     for message in messages:
         if problem := _message_error(message):
             return problem
-    return _tools_error(body.get("tools", []))
+    return _tool_answers_error(messages) or _tools_error(body.get("tools", []))
+
+
+def _tool_answers_error(messages: list[dict[str, Any]]) -> str | None:
+    """OpenAI's rule, which OpenAI-compatible servers keep: an assistant message's tool
+    calls are each answered by a `tool` message right after it, and a `tool` message
+    answers a call of the assistant message before it (docs/tools.md)."""
+    waiting: set[str] = set()
+    for message in messages:
+        if message["role"] == "tool":
+            if message["tool_call_id"] not in waiting:
+                return "messages with role 'tool' must be a response to a preceding 'tool_calls'"
+            waiting.discard(message["tool_call_id"])
+            continue
+        if waiting:
+            return f"tool_call_ids without response messages: {sorted(waiting)}"
+        waiting = {call["id"] for call in message.get("tool_calls", [])}
+    return f"tool_call_ids without response messages: {sorted(waiting)}" if waiting else None
 
 
 def _message_error(message: Any) -> str | None:

@@ -10,7 +10,6 @@ import asyncio
 import base64
 import contextlib
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from app.call.session import CallSession
+from app.clock import loop_time
 from app.server import CALLS
 from app.simulator import CallResult, Clip, simulate_call
 from tests.conftest import FIXTURES
@@ -44,9 +44,9 @@ def speech_after(ms: int, name: str = SPEECH) -> Clip:
 
 
 async def wait_until(condition: Callable[[], bool], within_s: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + within_s
+    deadline = loop_time() + within_s
     while not condition():
-        if time.monotonic() > deadline:
+        if loop_time() > deadline:
             raise AssertionError(f"timed out waiting for {what or 'condition'}")
         await asyncio.sleep(0.005)
 
@@ -55,12 +55,12 @@ async def eventually(
     check: Callable[[], Awaitable[bool]], within_s: float = 10.0, what: str = ""
 ) -> float:
     """Poll an async check until it holds; the seconds it took."""
-    started = time.monotonic()
+    started = loop_time()
     while not await check():
-        if time.monotonic() - started > within_s:
+        if loop_time() - started > within_s:
             raise AssertionError(f"timed out waiting for {what or 'condition'}")
         await asyncio.sleep(0.01)
-    return time.monotonic() - started
+    return loop_time() - started
 
 
 def admin_settings(

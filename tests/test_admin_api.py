@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from app.call.observer import CallObserver
+from app.clock import loop_time
 from app.config import Settings
 from app.simulator import Clip
 from tests.admin_rig import (
@@ -32,6 +32,9 @@ from tests.admin_rig import (
 from tests.fakes.realtime import FakeRealtime, FakeToolCall, RealtimeConnection
 from tests.fakes.together import FakeTogether, ToolReply
 from tests.fakes.twilio_rest import TOKEN, FakeTwilioRest, fake_twilio_rest
+
+# On looptime's virtual clock (see tests/conftest.py): waits and pacing cost no real time.
+pytestmark = pytest.mark.looptime
 
 SID = "CA" + "9" * 32
 CALLER_TEXT = "What are your opening hours on Saturday?"
@@ -139,7 +142,7 @@ class SwitchWatch(CallObserver):
         self.switches.append(
             {
                 "reason": reason,
-                "at": time.monotonic(),
+                "at": loop_time(),
                 "playing": self.session.playback.playing,
                 "responding": self.session.turn.responding,
             }
@@ -275,6 +278,8 @@ async def test_openapi_document_describes_every_route(rig: RigFactory) -> None:
 # -- the live call: list, detail, instructions ----------------------------------------------
 
 
+# Real time: the turn latency it reports must be above zero, and the fakes answer at once.
+@pytest.mark.looptime(False)
 async def test_list_detail_and_transcript_of_a_live_call(rig: RigFactory) -> None:
     r = await rig()
     live = await r.service.call(speech_after(1500, "yes"), tail_s=0.5, admin_token=ADMIN)

@@ -31,6 +31,9 @@ from tests.admin_rig import GREETING, Instance, Live, admin_settings, silence, w
 from tests.fakes.realtime import FakeRealtime, FakeToolCall, RealtimeConnection
 from tests.fakes.together import FakeTogether, ToolReply
 
+# On looptime's virtual clock (see tests/conftest.py): waits and pacing cost no real time.
+pytestmark = pytest.mark.looptime
+
 TZ = ZoneInfo("America/New_York")
 NOW = datetime(2030, 1, 7, 10, 0, tzinfo=TZ).timestamp()  # a Monday, 10 AM at the clinic
 SECRET = "tools-signing-secret-for-e2e"
@@ -149,6 +152,8 @@ def answered(conn: RealtimeConnection, count: int = 1) -> Callable[[], bool]:
     return check
 
 
+# Real time: the tool's latency must be above zero, and the clinic answers at once.
+@pytest.mark.looptime(False)
 async def test_realtime_books_at_the_clinic_and_the_model_hears_the_answer(rig: RigFactory) -> None:
     r = await rig(tool_calls=[FakeToolCall("book_appointment", ALICE, "call_book")])
     live = await quiet_call(r)

@@ -28,6 +28,9 @@ from tests.fakes.live import FakeLive, LiveToolCall
 from tests.fakes.realtime import FakeRealtime, FakeToolCall, RealtimeConnection
 from tests.fakes.together import FakeTogether, ToolReply
 
+# On looptime's virtual clock (see tests/conftest.py): waits and pacing cost no real time.
+pytestmark = pytest.mark.looptime
+
 FILLER = "Let me look at the calendar."
 PERSONA = """
 voice = "coral"

@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from app.tools.declarations import McpServer, Toolbox
 from app.tools.http import CallContext
-from app.tools.mcp import McpClient
+from app.tools.mcp import MAX_TOOLS, McpClient
 from app.tools.results import ToolOutcome
 from app.tools.toolset import ToolRunner
 from examples.clinic import TOOLS, Clinic, Schedule, create_app, running
@@ -155,6 +155,7 @@ def odd_server() -> Any:
                 mcp_types.Tool(name="slow", description="Takes its time.", input_schema=good),
                 mcp_types.Tool(name="broken", description="Refuses.", input_schema=good),
                 mcp_types.Tool(name="end_call", description="Clashes.", input_schema=good),
+                mcp_types.Tool(name="look.up", description="Uncallable.", input_schema=good),
                 mcp_types.Tool(
                     name="bad_schema",
                     description="Not JSON Schema.",
@@ -179,8 +180,10 @@ async def test_a_slow_or_refusing_tool_and_bad_listings(runner: ToolRunner) -> N
             tools = await runner.toolset(Toolbox(mcp=(McpServer(f"{url}/mcp", timeout_ms=300),)))
         assert [s.name for s in tools.specs] == ["slow", "broken"]
         skipped = [e["reason"] for e in logs if e["event"] == "tools.mcp_tool_skipped"]
-        assert len(skipped) == 2
-        assert "built-in" in skipped[0] and "not a JSON Schema" in skipped[1]
+        assert len(skipped) == 3
+        assert "built-in" in skipped[0]
+        assert "name must be 1-64 letters" in skipped[1]
+        assert "not a JSON Schema" in skipped[2]
         slow = await tools.run("slow", "call_1", {}, CONTEXT)
         assert slow.outcome is ToolOutcome.TIMEOUT
         assert orjson.loads(slow.output)["error"] == "no answer within 0.3 s"
@@ -216,3 +219,18 @@ async def test_a_slow_listing_holds_a_call_back_briefly_and_serves_the_next() ->
             assert [s.name for s in second.specs] == ["slow_lister"]
     finally:
         await runner.close()
+
+
+async def test_a_server_listing_too_many_tools_has_the_first_offered(runner: ToolRunner) -> None:
+    async def list_tools(ctx: Any, params: Any) -> mcp_types.ListToolsResult:
+        tools = [mcp_types.Tool(name=f"tool_{n}", input_schema={"type": "object"})
+                 for n in range(MAX_TOOLS + 6)]  # fmt: skip
+        return mcp_types.ListToolsResult(tools=tools)
+
+    app = Server("many", on_list_tools=list_tools).streamable_http_app(streamable_http_path="/mcp")
+    async with running(app) as url:
+        with capture_logs() as logs:
+            tools = await runner.toolset(Toolbox(mcp=(McpServer(f"{url}/mcp"),)))
+    assert [s.name for s in tools.specs] == [f"tool_{n}" for n in range(MAX_TOOLS)]
+    (warning,) = [e for e in logs if e["event"] == "tools.mcp_too_many"]
+    assert warning["listed"] == MAX_TOOLS + 6

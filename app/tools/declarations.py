@@ -30,6 +30,7 @@ __all__ = [
     "HttpTool",
     "McpServer",
     "Toolbox",
+    "check_name",
     "check_schema",
     "parse_toolbox",
 ]
@@ -131,7 +132,7 @@ class _Reader:
         where = f"tools[{index}]"
         _only(entry, where, {"name", "description", "parameters", "url", "method",
                              "timeout_ms", "headers", "filler"})  # fmt: skip
-        name = _tool_name(entry.get("name"), where)
+        name = check_name(entry.get("name"), where)
         where = f"tool {name!r}"
         method = _text(entry.get("method", "POST"), f"{where}: method").upper()
         if method not in _METHODS:
@@ -155,7 +156,7 @@ class _Reader:
         if allowed is not None:
             if not isinstance(allowed, list):
                 raise DeclarationError(f"{where}: allowed_tools must be a list of tool names")
-            names = frozenset(_tool_name(n, f"{where}: allowed_tools") for n in allowed)
+            names = frozenset(check_name(n, f"{where}: allowed_tools") for n in allowed)
         return McpServer(
             url=self._url(entry.get("url"), where),
             headers=self._headers(entry.get("headers", {}), where),
@@ -210,7 +211,7 @@ def _text(value: object, where: str) -> str:
     return value.strip()
 
 
-def _tool_name(value: object, where: str) -> str:
+def check_name(value: object, where: str) -> str:
     if not isinstance(value, str) or not _NAME.match(value):
         raise DeclarationError(f"{where}: name must be 1-64 letters, digits, _ or -: {value!r}")
     if value in BUILT_IN:

@@ -29,10 +29,10 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from app.clock import Clock, loop_time
-from app.tools.declarations import BUILT_IN, DeclarationError, McpServer, check_schema
+from app.tools.declarations import DeclarationError, McpServer, check_name, check_schema
 from app.tools.results import ToolAnswer, ToolOutcome, capped, failure
 
-__all__ = ["LIST_TTL_S", "LIST_WAIT_S", "McpClient", "McpTool"]
+__all__ = ["LIST_TTL_S", "LIST_WAIT_S", "MAX_TOOLS", "McpClient", "McpTool"]
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +40,8 @@ LIST_TTL_S = 60.0
 _FAILED_TTL_S = 5.0
 # The longest a call's start waits for a listing; a slower one goes on for later calls.
 LIST_WAIT_S = 2.0
+# The most tools of one server offered to the model (function-calling APIs cap the list).
+MAX_TOOLS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +102,9 @@ class McpClient:
             self._listings[server] = _Listing((), self._clock() + _FAILED_TTL_S)
             return ()
         tools = tuple(_offered(server, listed))
+        if len(tools) > MAX_TOOLS:
+            log.warning("tools.mcp_too_many", url=_safe(server.url), listed=len(tools))
+            tools = tools[:MAX_TOOLS]
         self._listings[server] = _Listing(tools, self._clock() + self._ttl_s)
         log.info(
             "tools.mcp_listed",
@@ -191,8 +196,7 @@ def _offered(server: McpServer, listed: Iterable[mcp_types.Tool]) -> Iterable[Mc
             continue
         where = f"MCP tool {tool.name!r} of {_safe(server.url)}"
         try:
-            if tool.name in BUILT_IN:
-                raise DeclarationError(f"{where}: takes the name of a built-in tool")
+            check_name(tool.name, where)
             parameters = check_schema(dict(tool.input_schema), where)
         except DeclarationError as exc:
             log.warning("tools.mcp_tool_skipped", reason=str(exc))

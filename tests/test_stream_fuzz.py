@@ -148,7 +148,7 @@ async def service(
     await fake.stop()
 
 
-@pytest.mark.slow  # the clean call runs on Twilio's real-time clock, about 3 s
+@pytest.mark.looptime  # the clean call's 20 ms pacing costs no real time
 async def test_fuzzed_call_goes_on_beside_a_byte_exact_clean_call(
     service: tuple[TestServer, FakeRealtime],
 ) -> None:

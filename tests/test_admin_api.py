@@ -280,6 +280,7 @@ async def test_openapi_document_describes_every_route(rig: RigFactory) -> None:
 
 # Real time: the turn latency it reports must be above zero, and the fakes answer at once.
 @pytest.mark.looptime(False)
+@pytest.mark.slow
 async def test_list_detail_and_transcript_of_a_live_call(rig: RigFactory) -> None:
     r = await rig()
     live = await r.service.call(speech_after(1500, "yes"), tail_s=0.5, admin_token=ADMIN)

@@ -150,6 +150,7 @@ async def test_instances_share_the_registry_and_route_commands(
         assert await eventually(none_listed, what="an empty list") < 1.0
 
 
+@pytest.mark.slow  # a child instance killed and its calls' TTL run out, in real time
 async def test_a_killed_instance_leaves_no_ghost_calls(
     redis_url: str,
     fakes: tuple[FakeRealtime, FakeTogether, FakeTwilioRest],

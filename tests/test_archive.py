@@ -458,6 +458,7 @@ def caller_clip() -> Clip:
 
 # The archive writes on its own thread, which the virtual clock cannot wait for: real time.
 @pytest.mark.looptime(False)
+@pytest.mark.slow
 async def test_a_real_call_is_archived(
     tmp_path: Path, serve: Callable[[Settings], Any], settings_factory: Callable[..., Settings]
 ) -> None:
@@ -486,6 +487,7 @@ async def test_a_real_call_is_archived(
 
 
 @pytest.mark.looptime(False)  # the writer's thread logs the failure: real time
+@pytest.mark.slow
 async def test_a_call_survives_an_unusable_archive(
     tmp_path: Path, serve: Callable[[Settings], Any], settings_factory: Callable[..., Settings]
 ) -> None:

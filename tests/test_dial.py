@@ -190,6 +190,7 @@ async def run_cli(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str,
     return proc.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.slow  # three `python -m app` child processes, in real time
 async def test_cli_dial(twilio: FakeTwilio, tmp_path: Path) -> None:
     env = {
         k: v

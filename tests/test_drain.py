@@ -165,6 +165,7 @@ async def wait_for_call(http: aiohttp.ClientSession, url: str) -> None:
         await asyncio.sleep(0.02)
 
 
+@pytest.mark.slow  # `python -m app serve` and its signals, in real time
 async def test_sigterm_drains_live_call_then_exits(
     start_service: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -204,6 +205,7 @@ async def test_sigterm_drains_live_call_then_exits(
     assert record["outcome"] == "completed"
 
 
+@pytest.mark.slow  # `python -m app serve` and its signals, in real time
 async def test_drain_timeout_ends_calls_and_exits(
     start_service: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp.test_utils import TestServer
 
 from app.config import Settings
@@ -141,6 +142,7 @@ async def _settled(
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.slow  # 255 calls through the real stack: seconds of CPU
 async def test_hundreds_of_short_calls_leave_no_socket_task_or_fd(
     serve: Callable[[Settings], Awaitable[TestServer]],
     settings_factory: Callable[..., Settings],

@@ -154,6 +154,7 @@ def answered(conn: RealtimeConnection, count: int = 1) -> Callable[[], bool]:
 
 # Real time: the tool's latency must be above zero, and the clinic answers at once.
 @pytest.mark.looptime(False)
+@pytest.mark.slow
 async def test_realtime_books_at_the_clinic_and_the_model_hears_the_answer(rig: RigFactory) -> None:
     r = await rig(tool_calls=[FakeToolCall("book_appointment", ALICE, "call_book")])
     live = await quiet_call(r)

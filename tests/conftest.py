@@ -17,10 +17,16 @@ Time in tests (the suite must end in about a minute):
 - It does not work for I/O that comes from another thread or process (redis-server, a
   subprocess, `threading.Thread` + `call_soon_threadsafe`): the loop jumps to its next
   timer before the answer arrives, so a 5 s timeout fires at once. Keep those in real time.
-- Code under test must read the loop's clock (`asyncio.get_running_loop().time()`, or a
-  `clock=` given that), never `time.monotonic()`/`time.time()` for waits: those stand
-  still under looptime. A `time.monotonic()` deadline around `asyncio.sleep` polling only
-  ends in real time (the fakes' `wait_until` does this: prefer events to polling).
+- Code under test reads the loop's clock: `app.clock.loop_time` is every component's
+  default `clock=` (the simulator and the fakes pace on it too), never
+  `time.monotonic()`/`time.time()` for waits or latencies: those go on in real time
+  while the virtual clock jumps, so the two do not agree.
+- A wait that recomputes a tiny positive remainder (float rounding) must treat it as
+  done: the virtual clock only moves when the loop idles, so it would spin forever.
+- A module marked `pytestmark = pytest.mark.looptime` opts one test out with
+  `@pytest.mark.looptime(False)` (e.g. it asserts a measured latency above zero: the
+  fakes answer in no virtual time). The barge-in end-to-end tests score the VAD on the
+  loop's thread (`InlineVad` in tests/test_bargein_e2e.py) so their calls stay virtual.
 - Fixtures run on real time even for a marked test (looptime is on for the test body
   only), and the loop's clock jumps between the two: do not start in a fixture a deadline
   the test relies on.

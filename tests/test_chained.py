@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 
 from app.audio.g711 import ulaw_decode, ulaw_encode
 from app.audio.resample import StreamResampler
+from app.clock import loop_time
 from app.engines.base import (
     AgentSetup,
     AudioOut,
@@ -150,17 +150,17 @@ class Call:
     async def _pump(self) -> None:
         async for event in self.engine.events():
             self.events.append(event)
-            self.times.append(time.monotonic())
+            self.times.append(loop_time())
         self.ended = True
 
     def of(self, kind: type[Any]) -> list[Any]:
         return [e for e in self.events if isinstance(e, kind)]
 
     async def until(self, condition: Callable[[], bool], within_s: float = 5.0) -> None:
-        deadline = time.monotonic() + within_s
+        deadline = loop_time() + within_s
         while not condition():
             kinds = [type(e).__name__ for e in self.events]
-            assert time.monotonic() < deadline, f"timed out; events: {kinds}"
+            assert loop_time() < deadline, f"timed out; events: {kinds}"
             await asyncio.sleep(0.005)
 
     async def responses_done(self, count: int) -> list[ResponseDone]:
@@ -679,10 +679,10 @@ async def test_an_stt_error_event_fails_the_turn_at_once_and_reopens_the_session
 ) -> None:
     fake.stt_error_next = 1
     call = await open_call(finalize_timeout_s=30.0)  # the apology must not wait for this
-    started = time.monotonic()
+    started = loop_time()
     await call.speak("opening_hours")
     await call.responses_done(1)
-    assert time.monotonic() - started < 2.0
+    assert loop_time() - started < 2.0
     assert call.of(EngineError)[0].code == "server_error"
     assert call.of(Transcript)[-1].text == APOLOGY
     await fake.wait_until(lambda: len(fake.stt) == 2, what="a fresh STT session")

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from aiohttp import WSMsgType, web
 
+from app.clock import loop_time
 from tests.fakes.loopback import LoopbackServer
 from tests.fakes.together_api import (
     STT_QUERY,
@@ -154,7 +155,7 @@ class FakeTogether(LoopbackServer):
         self.chat_requests: list[dict[str, Any]] = []
         self.chat_headers: list[dict[str, str]] = []
         self.chat_peers: list[Any] = []  # the client address of each chat request
-        self.chat_finished_at: list[float] = []  # monotonic time each chat stream ended
+        self.chat_finished_at: list[float] = []  # loop time each chat stream ended
         self.open_sockets = 0
 
     @property
@@ -179,9 +180,9 @@ class FakeTogether(LoopbackServer):
                 await conn.ws.close(code=1011, message=b"dropped by the fake")
 
     async def wait_until(self, condition: Any, within_s: float = 5.0, what: str = "it") -> None:
-        deadline = time.monotonic() + within_s
+        deadline = loop_time() + within_s
         while not condition():
-            if time.monotonic() > deadline:
+            if loop_time() > deadline:
                 raise AssertionError(f"timed out waiting for {what}")
             await asyncio.sleep(0.01)
 
@@ -312,7 +313,7 @@ class FakeTogether(LoopbackServer):
         else:
             await self._sse(resp, {"role": "assistant"}, "stop")
         await resp.write(b"data: [DONE]\n\n")
-        self.chat_finished_at.append(time.monotonic())
+        self.chat_finished_at.append(loop_time())
         await resp.write_eof()
         return resp
 

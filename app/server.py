@@ -1,11 +1,11 @@
-"""The aiohttp application: Twilio webhook, media stream socket, probes."""
+"""The aiohttp application: each carrier's webhook and media stream socket, probes."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -24,7 +24,10 @@ from app.engines.factory import Engines, EngineState
 from app.metrics import METRICS, Metrics, metrics_endpoint
 from app.modes import UnknownMode, parse_mode
 from app.personas import Persona, load_personas
-from app.telephony import messages, signature, streamtoken, twiml
+from app.telephony import messages, signature, streamtoken
+from app.telephony.base import Edge, Webhook
+from app.telephony.carriers.twilio import TWILIO
+from app.telephony.edges import EDGES
 from app.tools.toolset import shared_runner
 from app.urls import websocket_url
 from app.vad.batcher import VadBatcher
@@ -59,77 +62,94 @@ STREAM_TOKENS: web.AppKey[streamtoken.StreamTokens] = web.AppKey(
 )
 
 
-def _refused(request: web.Request, url: str, params: dict[str, str], what: str) -> None:
-    """403 unless Twilio's signature (or dev mode's rules) admits the request."""
-    reason = signature.refusal(request, request.app[SETTINGS], url, params)
+def _refused(request: web.Request, reason: str | None, what: str) -> None:
+    """403 unless the carrier's signature (or dev mode's rules) admitted the request."""
     if reason is not None:
         log.warning(f"{what}.forbidden", remote=request.remote, reason=reason)
         raise web.HTTPForbidden(text=reason)
 
 
-async def _twiml_webhook(request: web.Request) -> web.Response:
-    """Answer Twilio's call webhook with a `<Connect><Stream>` to our socket."""
-    if request.app[DRAIN].active:
-        # Twilio moves to the number's fallback URL; the load balancer to another instance.
-        log.info("twiml.refused_draining")
-        raise web.HTTPServiceUnavailable(text="draining")
-    settings = request.app[SETTINGS]
-    form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
-    origin = signature.public_origin(request, settings)
-    _refused(request, origin + request.path_qs, form, "twiml")
-    call_sid = form.get("CallSid")
-    if not messages.is_sid(call_sid, "CA"):
-        log.warning("twiml.bad_call_sid", call_sid=str(call_sid)[:64])
-        raise web.HTTPBadRequest(text="CallSid missing or not a Twilio call SID")
-    personas = request.app[PERSONAS]
-    persona = request.query.get("persona") or settings.persona
-    if persona not in personas:
-        log.warning("twiml.unknown_persona", persona=persona, using=settings.persona)
-        persona = settings.persona
-    mode = request.query.get("mode", "")
-    try:
-        mode = parse_mode(mode) if mode else ""
-    except UnknownMode:
-        log.warning("twiml.unknown_mode", mode=mode, using=settings.agent_mode)
-        mode = ""
-    body = twiml.connect_stream(
-        websocket_url(origin) + "/media-stream",
-        {
-            "persona": persona,
-            "mode": mode,
-            "From": form.get("From", ""),
-            "To": form.get("To", ""),
-            streamtoken.PARAMETER: request.app[STREAM_TOKENS].issue(str(call_sid)),
-        },
-    )
-    log.info("twiml.answered", call_sid=call_sid, persona=persona, mode=mode or None)
-    return web.Response(text=body, content_type="text/xml")
+def _webhook(carrier: Edge, stream_path: str) -> Handler:
+    """The carrier's call webhook: answer with its markup connecting the call to our socket
+    at `stream_path`, persona and mode from the query, a stream token for the call."""
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.app[DRAIN].active:
+            # The carrier moves to the number's fallback URL; the load balancer to another
+            # instance.
+            log.info("twiml.refused_draining", carrier=carrier.carrier)
+            raise web.HTTPServiceUnavailable(text="draining")
+        settings = request.app[SETTINGS]
+        body = await request.read()
+        form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+        origin = signature.public_origin(request, settings)
+        hook = Webhook(origin + request.path_qs, body, form)
+        _refused(request, carrier.webhook_refusal(request, settings, hook), "twiml")
+        call_id = carrier.call_id(form)
+        if call_id is None:
+            log.warning("twiml.bad_call_sid", carrier=carrier.carrier)
+            raise web.HTTPBadRequest(text=f"no {carrier.carrier} call id in the webhook")
+        personas = request.app[PERSONAS]
+        persona = request.query.get("persona") or settings.persona
+        if persona not in personas:
+            log.warning("twiml.unknown_persona", persona=persona, using=settings.persona)
+            persona = settings.persona
+        mode = request.query.get("mode", "")
+        try:
+            mode = parse_mode(mode) if mode else ""
+        except UnknownMode:
+            log.warning("twiml.unknown_mode", mode=mode, using=settings.agent_mode)
+            mode = ""
+        markup = carrier.answer(
+            websocket_url(origin) + stream_path,
+            {
+                "persona": persona,
+                "mode": mode,
+                "From": form.get("From", ""),
+                "To": form.get("To", ""),
+                streamtoken.PARAMETER: request.app[STREAM_TOKENS].issue(call_id),
+            },
+        )
+        log.info(
+            "twiml.answered",
+            carrier=carrier.carrier,
+            call_sid=call_id,
+            persona=persona,
+            mode=mode or None,
+        )
+        return web.Response(text=markup, content_type="text/xml")
+
+    return answer
 
 
-Received = tuple[messages.TwilioMessage, float]
+Received = tuple[messages.StreamMessage, float]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-async def _messages(ws: web.WebSocketResponse) -> AsyncGenerator[Received, None]:
-    """Twilio's messages with their arrival time; every bad frame is logged and dropped."""
+async def _messages(ws: web.WebSocketResponse, carrier: Edge) -> AsyncGenerator[Received, None]:
+    """The carrier's messages with their arrival time; every bad frame is logged and
+    dropped."""
     async for msg in ws:
         received_at = loop_time()
         if msg.type == WSMsgType.BINARY:
-            log.warning("twilio.binary_frame_dropped", size=len(msg.data))
+            log.warning(f"{carrier.carrier}.binary_frame_dropped", size=len(msg.data))
             continue
         if msg.type != WSMsgType.TEXT:
             return
         try:
-            message = messages.parse(msg.data)
+            message = carrier.parse(msg.data)
         except messages.BadMessage as exc:
-            log.warning("twilio.frame_dropped", reason=str(exc))
+            log.warning(f"{carrier.carrier}.frame_dropped", reason=str(exc))
             continue
         except Exception:  # a parser bug: the frame goes, the call stays
-            log.exception("twilio.frame_dropped", reason="parser error")
+            log.exception(f"{carrier.carrier}.frame_dropped", reason="parser error")
             continue
         yield message, received_at
 
 
-async def _start(frames: AsyncIterator[Received], timeout_s: float) -> messages.Start | None:
+async def _start(
+    frames: AsyncIterator[Received], timeout_s: float, carrier: Edge
+) -> messages.Start | None:
     """The stream's `start`, or None when the socket closes or STREAM_START_TIMEOUT passes."""
     try:
         async with asyncio.timeout(timeout_s):
@@ -137,9 +157,11 @@ async def _start(frames: AsyncIterator[Received], timeout_s: float) -> messages.
                 if isinstance(message, messages.Start):
                     return message
                 if not isinstance(message, messages.Connected):
-                    log.warning("twilio.before_start_dropped", message=type(message).__name__)
+                    log.warning(
+                        f"{carrier.carrier}.before_start_dropped", message=type(message).__name__
+                    )
     except TimeoutError:
-        log.warning("twilio.start_timeout", timeout_s=timeout_s)
+        log.warning(f"{carrier.carrier}.start_timeout", timeout_s=timeout_s)
     return None
 
 
@@ -171,21 +193,28 @@ async def _relay(frames: AsyncIterator[Received], session: CallSession) -> None:
             session.observers.relay_lag(loop_time() - received_at)
 
 
-async def _media_stream(request: web.Request) -> web.StreamResponse:
-    """One Twilio Media Stream: its `start` must name a call we answered, then relay."""
-    settings = request.app[SETTINGS]
-    origin = websocket_url(signature.public_origin(request, settings))
-    _refused(request, origin + request.path_qs, {}, "media_stream")
-    ws = web.WebSocketResponse(max_msg_size=4 * messages.MAX_FRAME_BYTES, autoping=True)
-    await ws.prepare(request)
-    async with contextlib.aclosing(_messages(ws)) as frames:
-        start = await _start(frames, settings.stream_start_timeout)
-        refusal = "no start" if start is None else _refusal(request, start)
-        if start is not None and refusal is not None:
-            log.warning("twilio.stream_refused", call_sid=start.call_sid, reason=refusal)
-            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=refusal[:120].encode())
-        await _run_call(request, ws, frames, start if refusal is None else None)
-    return ws
+def _media_stream(carrier: Edge) -> Handler:
+    """One carrier media stream: its `start` must name a call we answered, then relay."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        settings = request.app[SETTINGS]
+        url = websocket_url(signature.public_origin(request, settings)) + request.path_qs
+        _refused(request, carrier.stream_refusal(request, settings, url), "media_stream")
+        ws = web.WebSocketResponse(max_msg_size=4 * messages.MAX_FRAME_BYTES, autoping=True)
+        await ws.prepare(request)
+        async with contextlib.aclosing(_messages(ws, carrier)) as frames:
+            start = await _start(frames, settings.stream_start_timeout, carrier)
+            refusal = "no start" if start is None else _refusal(request, start)
+            if start is not None and refusal is not None:
+                log.warning(
+                    f"{carrier.carrier}.stream_refused", call_sid=start.call_sid, reason=refusal
+                )
+                reason = refusal[:120].encode()
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=reason)
+            await _run_call(request, ws, frames, start if refusal is None else None)
+        return ws
+
+    return stream
 
 
 async def _run_call(
@@ -244,7 +273,7 @@ async def _console_call(request: web.Request) -> web.StreamResponse:
     log.info("console.call", call_sid=start.call_sid, persona=parameters.get("persona"))
     started = {"event": "console.started", "callSid": start.call_sid}
     await ws.send_json(started | {"streamSid": start.stream_sid})
-    async with contextlib.aclosing(_messages(ws)) as frames:
+    async with contextlib.aclosing(_messages(ws, TWILIO)) as frames:  # Twilio's shapes
         await _run_call(request, ws, frames, start)
     return ws
 
@@ -336,8 +365,13 @@ def create_app(settings: Settings) -> web.Application:
         metrics.observer,
     ]
     app[OBSERVERS] = observers
-    app.router.add_post("/twiml", _twiml_webhook)
-    app.router.add_get("/media-stream", _media_stream)
+    app.router.add_post("/twiml", _webhook(TWILIO, "/media-stream"))
+    app.router.add_get("/media-stream", _media_stream(TWILIO))
+    for carrier in EDGES.values():
+        if carrier is not TWILIO:  # Twilio's paths predate the others'
+            name = carrier.carrier.value
+            app.router.add_post(f"/{name}/answer", _webhook(carrier, f"/{name}/stream"))
+            app.router.add_get(f"/{name}/stream", _media_stream(carrier))
     app.router.add_get("/console/call", _console_call, allow_head=False)
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)

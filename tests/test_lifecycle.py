@@ -78,7 +78,7 @@ class Ended(CallObserver):
         self.outcomes.append(outcome)
 
 
-def twilio(event: str, stream_sid: str, **body: Any) -> messages.TwilioMessage:
+def twilio(event: str, stream_sid: str, **body: Any) -> messages.StreamMessage:
     return messages.parse(orjson.dumps({"event": event, "streamSid": stream_sid, **body}))
 
 

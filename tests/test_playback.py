@@ -12,6 +12,7 @@ import pytest
 
 from app.audio.g711 import ulaw_b64_duration_ms
 from app.call.playback import Heard, Playback, split_payload
+from app.telephony.carriers.twilio import TWILIO
 
 
 class Twilio:
@@ -41,7 +42,7 @@ def audio(ms: int, seed: int = 0) -> str:
 @pytest.fixture
 async def running() -> AsyncIterator[tuple[Playback, Twilio]]:
     twilio = Twilio()
-    playback = Playback("MZ1", twilio.send, lead_ms=250)
+    playback = Playback("MZ1", twilio.send, TWILIO, lead_ms=250)
     task = asyncio.create_task(playback.run())
     yield playback, twilio
     task.cancel()
@@ -110,7 +111,7 @@ async def test_interrupt_clears_and_ignores_late_marks(running: tuple[Playback, 
 async def test_truncation_is_clamped_when_marks_come_late() -> None:
     now = 0.0
     twilio = Twilio()
-    playback = Playback("MZ1", twilio.send, lead_ms=250, clock=lambda: now)
+    playback = Playback("MZ1", twilio.send, TWILIO, lead_ms=250, clock=lambda: now)
     playback.enqueue("item_1", audio(100))  # chunks of 60 and 40 ms, both within the lead
     task = asyncio.create_task(playback.run())
     try:

@@ -19,7 +19,7 @@ from app.call import control
 from app.call.session import CallSession
 from app.call.steering import Steer
 from app.call.tools import ToolRun
-from app.telephony import rest
+from app.telephony.carrier import RestError, RestSetupError
 from app.timefmt import iso_utc
 
 __all__ = ["Op", "Reply", "detail", "engine_state", "error", "execute", "not_found", "summary"]
@@ -189,7 +189,7 @@ async def execute(session: CallSession, op: str, body: dict[str, Any], instance:
     except ValidationError as exc:
         details = exc.errors(include_url=False, include_context=False, include_input=False)
         return error(422, "invalid body", [dict(d) for d in details])
-    except rest.RestSetupError as exc:
+    except RestSetupError as exc:
         return error(503, str(exc))
-    except rest.RestError as exc:
+    except RestError as exc:
         return error(502, str(exc))

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from app.modes import Mode
+from app.telephony.carrier import Carrier
 
 __all__ = ["CallInfo"]
 
@@ -26,3 +27,4 @@ class CallInfo:
     last_turn_latency_ms: float | None = None
     barge_ins: int = 0
     billed_seconds: dict[str, float] = field(default_factory=dict)  # engine -> seconds
+    carrier: Carrier = Carrier.TWILIO  # whose network the call came through

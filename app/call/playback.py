@@ -24,7 +24,7 @@ from app.audio.g711 import ulaw_b64_duration_ms
 from app.call.observer import CallObserver
 from app.clock import Clock, loop_time
 from app.tasks import wait_event
-from app.telephony import messages
+from app.telephony.base import Framer
 
 __all__ = ["MAX_CHUNK_CHARS", "Heard", "Playback", "split_payload"]
 
@@ -61,12 +61,13 @@ class Heard:
 
 
 class Playback:
-    """One call's agent-audio queue towards Twilio."""
+    """One call's agent-audio queue towards the carrier (framed by its `Framer`)."""
 
     def __init__(
         self,
         stream_sid: str,
         send: Callable[[str], Awaitable[None]],
+        framer: Framer,
         lead_ms: float = 250.0,
         clock: Clock = loop_time,
         on_sent: Callable[[str], None] | None = None,
@@ -75,6 +76,7 @@ class Playback:
     ) -> None:
         self._stream_sid = stream_sid
         self._send = send
+        self._framer = framer
         self._lead = lead_ms / 1000.0
         self._clock = clock
         self._on_sent = on_sent
@@ -131,8 +133,8 @@ class Playback:
                 self._on_sent(chunk.item_id)
             self.sent_ms += chunk.ms
             self._observer.agent_audio(chunk.payload, chunk.started_at)
-            await self._send(messages.media(self._stream_sid, chunk.payload))
-            await self._send(messages.mark(self._stream_sid, chunk.mark))
+            await self._send(self._framer.media(self._stream_sid, chunk.payload))
+            await self._send(self._framer.mark(self._stream_sid, chunk.mark))
 
     def on_mark(self, name: str) -> None:
         """Twilio played everything up to mark `name`."""
@@ -220,4 +222,4 @@ class Playback:
     async def _clear(self) -> None:
         self._play_end = self._clock()
         self._observer.agent_cleared(self._play_end)
-        await self._send(messages.clear(self._stream_sid))
+        await self._send(self._framer.clear(self._stream_sid))

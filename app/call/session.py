@@ -53,7 +53,8 @@ from app.engines.base import (
 from app.modes import Mode, UnknownMode, parse_mode
 from app.personas import Persona
 from app.tasks import Supervisor
-from app.telephony.messages import Dtmf, Mark, Media, Start, Stop, TwilioMessage
+from app.telephony.edges import edge
+from app.telephony.messages import Dtmf, Mark, Media, Start, Stop, StreamMessage
 from app.vad.batcher import VadBatcher
 
 __all__ = ["CallSession"]
@@ -95,6 +96,7 @@ class CallSession:
             persona=persona.name,
             mode=mode,
             voice=persona.voice,
+            carrier=start.carrier,
         )
         self.log = log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
         self.transcript: list[Turn] = []
@@ -112,6 +114,7 @@ class CallSession:
         self.playback = Playback(
             start.stream_sid,
             self._send,
+            edge(start.carrier),
             lead_ms=settings.playback_lead_ms,
             on_sent=lambda _: self._span("first_audio_sent"),
             on_heard=lambda _: self._span("first_audio_heard"),
@@ -176,7 +179,8 @@ class CallSession:
         return self._switch_lock.locked()
 
     async def _send(self, frame: str) -> None:
-        """A frame to Twilio; once the stream is closing (the caller hung up) it is dropped."""
+        """A frame to the carrier; once the stream is closing (the caller hung up) it is
+        dropped."""
         if self._stream_gone:
             return
         async with self._send_lock:
@@ -184,7 +188,7 @@ class CallSession:
                 await self._send_raw(frame)
             except ConnectionError as exc:  # aiohttp: "Cannot write to closing transport"
                 self._stream_gone = True
-                self.log.info("twilio.stream_gone", error=str(exc))
+                self.log.info(f"{self.info.carrier}.stream_gone", error=str(exc))
 
     async def start(self) -> bool:
         """Open an engine (the call's mode first, then any other) and greet.
@@ -306,8 +310,8 @@ class CallSession:
         self._outcome = Outcome.ENGINE_LOST
         await self._hang_up_stream()
 
-    async def handle(self, message: TwilioMessage) -> None:
-        """One message from Twilio, after `start`."""
+    async def handle(self, message: StreamMessage) -> None:
+        """One message from the carrier, after `start`."""
         if isinstance(message, Media):
             # The payload string goes to the engine as is; the recorder and the VAD share
             # the bytes the parser decoded to check it, through the frame.
@@ -325,7 +329,7 @@ class CallSession:
         elif isinstance(message, Stop):
             self.log.info("call.stop_received")
         elif isinstance(message, Start):
-            self.log.warning("twilio.duplicate_start")
+            self.log.warning(f"{self.info.carrier}.duplicate_start")
 
     async def _forward(self, payload: str) -> None:
         """Caller audio to the engine, unless a switch or a barge-in decision holds it."""

@@ -2,7 +2,7 @@
 
 Every engine offers them (`CallTools.specs` goes into every `AgentSetup`) and sends the
 model's calls here. A call runs in a task of its own, off the session's event pump: the
-goodbye or "let me put you through" that came with it must keep flowing to Twilio while
+goodbye or "let me put you through" that came with it must keep flowing to the carrier while
 the tool waits for the caller to have heard it, and a business tool may take seconds.
 Hanging up and transferring use the same functions as the admin API (`app.call.control`);
 business tools run through the call's `Toolset` (`app.tools`: HTTP or MCP).
@@ -39,7 +39,8 @@ from app.clock import loop_time
 from app.engines.base import Engine, ToolCall, ToolSpec
 from app.personas import Persona
 from app.tasks import Supervisor
-from app.telephony import rest
+from app.telephony.carrier import RestError
+from app.telephony.edges import edge
 from app.tools.http import CallContext
 from app.tools.results import ToolAnswer, ToolCallRecord, ToolOutcome, failure
 from app.tools.toolset import Toolset, shared_runner
@@ -348,7 +349,7 @@ class CallTools:
         await host.until_agent_done(GOODBYE_WAIT_S)
         try:
             await control.hang_up(host, "agent_hangup")
-        except rest.RestError as exc:
+        except RestError as exc:
             # The model said goodbye: end at least our side rather than leave the line open.
             host.log.error("tool.hang_up_failed", error=str(exc))
             await host.end(Outcome.AGENT_HANGUP)
@@ -361,12 +362,12 @@ class CallTools:
                 f"transfer to {to!r} is not allowed; "
                 f"the numbers you may transfer to are: {', '.join(allowed)}"
             )
-        if not rest.configured(host.settings):
+        if not edge(host.info.carrier).rest_configured(host.settings):
             return _refused("transfers are not available on this line; offer to take a message")
         await host.until_agent_done(GOODBYE_WAIT_S)
         try:
             await control.transfer(host, to)
-        except rest.RestError as exc:
+        except RestError as exc:
             host.log.error("tool.transfer_failed", to=to, error=str(exc))
             return _refused("the transfer failed; apologise and offer to take a message")
         return None

@@ -1,4 +1,5 @@
-"""Twilio Media Streams messages: typed parsing of what Twilio sends, and what we send.
+"""Stream messages: the typed messages every carrier's stream is parsed into, the checks
+the parsers share, and Twilio's Media Streams envelopes (parse, media, mark, clear).
 
 Parsing is hand-written over orjson rather than a validation library because `media`
 arrives fifty times a second per call; every other message is rare. A message that
@@ -14,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from app.telephony.carrier import Carrier
+
 __all__ = [
     "MAX_FRAME_BYTES",
     "BadMessage",
@@ -23,12 +26,17 @@ __all__ = [
     "Media",
     "Start",
     "Stop",
-    "TwilioMessage",
+    "StreamMessage",
+    "bounded_int",
     "clear",
     "is_sid",
+    "load",
     "mark",
     "media",
+    "media_audio",
+    "object_field",
     "parse",
+    "unknown_event",
     "unsupported_format",
 ]
 
@@ -43,7 +51,7 @@ _SID = re.compile(r"[A-Z]{2}[0-9a-fA-F]{32}")
 
 
 class BadMessage(ValueError):
-    """A frame from Twilio that we drop (logged with this reason)."""
+    """A frame from the carrier that we drop (logged with this reason)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +61,10 @@ class Connected:
 
 @dataclass(frozen=True, slots=True)
 class Start:
-    """The stream's metadata; custom parameters carry persona, mode, From and To."""
+    """The stream's metadata; custom parameters carry persona, mode, From and To.
+
+    `call_sid` is the carrier's id of the call (what its REST API takes), `stream_sid` its
+    id of the stream; the names are Twilio's, the values any carrier's."""
 
     stream_sid: str
     call_sid: str
@@ -62,6 +73,7 @@ class Start:
     encoding: str = ENCODING
     sample_rate: int = SAMPLE_RATE
     channels: int = 1
+    carrier: Carrier = Carrier.TWILIO
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +96,7 @@ class Dtmf:
 
 @dataclass(frozen=True, slots=True)
 class Mark:
-    """Twilio played (or cleared) the audio sent before the mark of this name."""
+    """The carrier played (or cleared) the audio sent before the mark of this name."""
 
     name: str
 
@@ -94,17 +106,17 @@ class Stop:
     """The stream ended: the caller hung up or the call was redirected."""
 
 
-TwilioMessage = Connected | Start | Media | Dtmf | Mark | Stop
+StreamMessage = Connected | Start | Media | Dtmf | Mark | Stop
 
 
-def _object(data: dict[str, Any], key: str) -> dict[str, Any]:
+def object_field(data: dict[str, Any], key: str) -> dict[str, Any]:
     value = data.get(key)
     if not isinstance(value, dict):
         raise BadMessage(f"'{key}' missing or not an object")
     return value
 
 
-def _int(value: Any, name: str, maximum: int) -> int:
+def bounded_int(value: Any, name: str, maximum: int) -> int:
     """A bounded non-negative integer; Twilio sends these as digit strings."""
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 12:
         number = int(value)
@@ -134,7 +146,8 @@ def _sid(value: Any, name: str, prefix: str) -> str:
     return str(value)
 
 
-def _check_base64(payload: Any) -> tuple[str, bytes]:
+def media_audio(payload: Any) -> tuple[str, bytes]:
+    """A media payload and its audio: base64, checked strictly (the payload goes on as is)."""
     if not isinstance(payload, str) or not payload:
         raise BadMessage("media payload missing or not a string")
     if not payload.isascii():
@@ -147,18 +160,18 @@ def _check_base64(payload: Any) -> tuple[str, bytes]:
 
 
 def _media(data: dict[str, Any]) -> Media:
-    media = _object(data, "media")
-    payload, audio = _check_base64(media.get("payload"))
+    media = object_field(data, "media")
+    payload, audio = media_audio(media.get("payload"))
     return Media(
         payload=payload,
-        timestamp_ms=_int(media.get("timestamp", 0), "timestamp", MAX_TIMESTAMP_MS),
-        chunk=_int(media.get("chunk", 0), "chunk", MAX_COUNTER),
+        timestamp_ms=bounded_int(media.get("timestamp", 0), "timestamp", MAX_TIMESTAMP_MS),
+        chunk=bounded_int(media.get("chunk", 0), "chunk", MAX_COUNTER),
         audio=audio,
     )
 
 
 def _start(data: dict[str, Any]) -> Start:
-    start = _object(data, "start")
+    start = object_field(data, "start")
     params = start.get("customParameters") or {}
     if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
         raise BadMessage("customParameters is not an object of strings")
@@ -171,25 +184,25 @@ def _start(data: dict[str, Any]) -> Start:
         account_sid=_str(start.get("accountSid", ""), "accountSid"),
         parameters=params,
         encoding=_str(fmt.get("encoding", ENCODING), "encoding"),
-        sample_rate=_int(fmt.get("sampleRate", SAMPLE_RATE), "sampleRate", MAX_COUNTER),
-        channels=_int(fmt.get("channels", 1), "channels", MAX_COUNTER),
+        sample_rate=bounded_int(fmt.get("sampleRate", SAMPLE_RATE), "sampleRate", MAX_COUNTER),
+        channels=bounded_int(fmt.get("channels", 1), "channels", MAX_COUNTER),
     )
 
 
 def _named(data: dict[str, Any], event: str) -> Mark | Dtmf:
     if event == "mark":
-        name = _object(data, "mark").get("name")
+        name = object_field(data, "mark").get("name")
         if not isinstance(name, str):
             raise BadMessage("mark without a name")
         return Mark(name)
-    digit = _object(data, "dtmf").get("digit")
+    digit = object_field(data, "dtmf").get("digit")
     if not isinstance(digit, str) or len(digit) != 1 or digit not in DTMF_DIGITS:
         raise BadMessage("dtmf without a single keypad digit")
     return Dtmf(digit)
 
 
-def parse(frame: str | bytes) -> TwilioMessage:
-    """Parse one text frame from Twilio; whatever is wrong with it raises `BadMessage`."""
+def load(frame: str | bytes) -> dict[str, Any]:
+    """One text frame as a JSON object, bounded in size; raises `BadMessage`."""
     if len(frame) > MAX_FRAME_BYTES:
         raise BadMessage(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
@@ -198,6 +211,18 @@ def parse(frame: str | bytes) -> TwilioMessage:
         raise BadMessage(f"malformed JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadMessage("frame is not a JSON object")
+    return data
+
+
+def unknown_event(event: Any) -> BadMessage:
+    """The error for an event name no parser knows (shown short and safe)."""
+    shown = repr(event[:40]) if isinstance(event, str) else type(event).__name__
+    return BadMessage(f"unknown event {shown}")
+
+
+def parse(frame: str | bytes) -> StreamMessage:
+    """Parse one text frame from Twilio; whatever is wrong with it raises `BadMessage`."""
+    data = load(frame)
     event = data.get("event")
     if event == "media":
         return _media(data)
@@ -209,8 +234,7 @@ def parse(frame: str | bytes) -> TwilioMessage:
         return Connected()
     if event == "stop":
         return Stop()
-    shown = repr(event[:40]) if isinstance(event, str) else type(event).__name__
-    raise BadMessage(f"unknown event {shown}")
+    raise unknown_event(event)
 
 
 def unsupported_format(start: Start) -> str | None:

@@ -14,6 +14,7 @@ from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
 
 from app.config import Settings
+from app.telephony.carrier import RestError, RestSetupError
 
 __all__ = [
     "NOT_FOUND",
@@ -30,14 +31,6 @@ log = structlog.get_logger(__name__)
 
 TWILIO_TIMEOUT_S = 15.0
 NOT_FOUND = 20404  # Twilio's code for a resource (here: a call) that does not exist
-
-
-class RestError(Exception):
-    """Twilio refused the request or could not be reached; one line for the operator."""
-
-
-class RestSetupError(RestError):
-    """This deployment has no Twilio credentials: TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN."""
 
 
 def configured(settings: Settings) -> bool:

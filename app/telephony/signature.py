@@ -1,4 +1,7 @@
-"""Who may reach the Twilio edge: X-Twilio-Signature checks, dev mode, proxies.
+"""Who may reach a carrier's edge: Twilio's signature check, dev mode, proxies.
+
+Every carrier's edge uses the public origin and the dev-mode rules below; each checks its
+own signature (Twilio's here, the others' in their modules).
 
 Twilio signs the exact URL it requested plus, for webhooks, the POSTed form fields.
 Behind a proxy the URL we see is not the one Twilio used, so the public origin comes
@@ -21,7 +24,14 @@ from twilio.request_validator import RequestValidator
 
 from app.config import Network, Settings
 
-__all__ = ["client_address", "exposure", "is_valid", "public_origin", "refusal"]
+__all__ = [
+    "client_address",
+    "exposure",
+    "is_valid",
+    "public_origin",
+    "refusal",
+    "unsigned_refusal",
+]
 
 # Headers a proxy or tunnel adds; X-Forwarded-* is matched by prefix.
 _FORWARDING = frozenset(
@@ -97,14 +107,20 @@ def refusal(
         if is_valid(token.get_secret_value(), url, params, signature):
             return None
         return "invalid Twilio signature"
+    return unsigned_refusal(request, settings, "TWILIO_AUTH_TOKEN")
+
+
+def unsigned_refusal(request: web.Request, settings: Settings, key: str) -> str | None:
+    """Dev mode, for a carrier whose signing key (setting `key`) is unset: why this
+    unsigned request is refused, or None when it may pass."""
     if settings.allow_unsigned:
         return None
     if not _loopback(request):
-        return "dev mode (no TWILIO_AUTH_TOKEN) accepts unsigned requests from loopback only"
+        return f"dev mode (no {key}) accepts unsigned requests from loopback only"
     if _forwarded(request):
         return (
-            "dev mode (no TWILIO_AUTH_TOKEN) refuses requests that came through a proxy "
-            "(forwarding headers); set TWILIO_AUTH_TOKEN, or ALLOW_UNSIGNED=true"
+            f"dev mode (no {key}) refuses requests that came through a proxy "
+            f"(forwarding headers); set {key}, or ALLOW_UNSIGNED=true"
         )
     return None
 

@@ -1,0 +1,61 @@
+"""Twilio: TwiML `<Connect><Stream>`, X-Twilio-Signature, Media Streams, the REST API."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+from aiohttp import web
+
+from app.config import Settings
+from app.telephony import messages, rest, signature, twiml
+from app.telephony.base import Webhook
+from app.telephony.carrier import Carrier
+from app.telephony.messages import StreamMessage
+
+__all__ = ["TWILIO", "Twilio"]
+
+
+class Twilio:
+    """The Twilio edge (`POST /twiml`, `GET /media-stream`)."""
+
+    carrier: Final = Carrier.TWILIO
+
+    def answer(self, stream_url: str, parameters: Mapping[str, str]) -> str:
+        return twiml.connect_stream(stream_url, parameters)
+
+    def call_id(self, form: Mapping[str, str]) -> str | None:
+        call_sid = form.get("CallSid")
+        return call_sid if messages.is_sid(call_sid, "CA") else None
+
+    def webhook_refusal(
+        self, request: web.Request, settings: Settings, hook: Webhook
+    ) -> str | None:
+        return signature.refusal(request, settings, hook.url, hook.form)
+
+    def stream_refusal(self, request: web.Request, settings: Settings, url: str) -> str | None:
+        return signature.refusal(request, settings, url, {})
+
+    def parse(self, frame: str | bytes) -> StreamMessage:
+        return messages.parse(frame)
+
+    def media(self, stream_id: str, payload: str) -> str:
+        return messages.media(stream_id, payload)
+
+    def mark(self, stream_id: str, name: str) -> str:
+        return messages.mark(stream_id, name)
+
+    def clear(self, stream_id: str) -> str:
+        return messages.clear(stream_id)
+
+    def rest_configured(self, settings: Settings) -> bool:
+        return rest.configured(settings)
+
+    def hang_up(self, settings: Settings, call_id: str) -> bool:
+        return rest.hang_up(settings, call_id)
+
+    def transfer(self, settings: Settings, call_id: str, to: str) -> bool:
+        return rest.transfer(settings, call_id, to)
+
+
+TWILIO: Final = Twilio()

@@ -5,6 +5,7 @@ The names are the configuration contract in DESIGN.md; the README documents each
 
 from __future__ import annotations
 
+import base64
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -54,6 +55,17 @@ class Settings(BaseSettings):
     twilio_auth_token: SecretStr | None = None
     twilio_api_base: str = "https://api.twilio.com"
     twilio_from_number: str | None = None
+
+    telnyx_public_key: str | None = None  # base64 Ed25519 key that signs Telnyx webhooks
+    telnyx_api_key: SecretStr | None = None
+    telnyx_api_base: str = "https://api.telnyx.com"
+    plivo_auth_id: str | None = None
+    plivo_auth_token: SecretStr | None = None
+    plivo_api_base: str = "https://api.plivo.com"
+    signalwire_signing_key: SecretStr | None = None
+    signalwire_space_url: str | None = None  # https://<space>.signalwire.com
+    signalwire_project_id: str | None = None
+    signalwire_api_token: SecretStr | None = None
 
     agent_mode: Mode = Mode.REALTIME
     realtime_url: str = "wss://api.openai.com/v1/realtime"
@@ -144,10 +156,29 @@ class Settings(BaseSettings):
                 raise ValueError(f"names a mode twice: {','.join(map(str, value))}")
         return value
 
-    @field_validator("together_base_url", "twilio_api_base")
+    @field_validator(
+        "together_base_url",
+        "twilio_api_base",
+        "telnyx_api_base",
+        "plivo_api_base",
+        "signalwire_space_url",
+    )
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        return _url(value, ("http", "https"))
+    def _http_url(cls, value: str | None) -> str | None:
+        return None if value is None else _url(value, ("http", "https"))
+
+    @field_validator("telnyx_public_key")
+    @classmethod
+    def _ed25519_key(cls, value: str | None) -> str | None:
+        """Telnyx's public key as the portal shows it: base64 of the 32-byte Ed25519 key."""
+        if value is not None:
+            try:
+                raw = base64.b64decode(value, validate=True)
+            except ValueError:
+                raise ValueError("must be base64 (the key as Telnyx's portal shows it)") from None
+            if len(raw) != 32:
+                raise ValueError(f"must be a 32-byte Ed25519 key, not {len(raw)} bytes")
+        return value
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

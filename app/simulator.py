@@ -1,12 +1,13 @@
-"""Local call simulator: plays Twilio's part of a call against our service.
+"""Local call simulator: plays a carrier's part of a call against our service.
 
-It does what Twilio does, in Twilio's exact message shapes: signs and POSTs the incoming
+It does what the carrier does (Twilio unless told `--carrier`), in its exact message shapes
+(app.simwire): signs and POSTs the incoming
 call webhook, follows the `<Connect><Stream>` of the TwiML, streams the caller's clip as
 20 ms mu-law frames on the event loop's clock (then line silence), sends DTMF, and plays the
 agent's audio through a simulated playback buffer that acknowledges marks only once the
 audio before them has played and flushes on `clear`. What the caller would have heard is
 recorded on the call clock, and the time from the end of each caller turn to the first
-agent audio is reported. Anything Twilio would reject is counted as a protocol error.
+agent audio is reported. Anything the carrier would reject is counted as a protocol error.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ import binascii
 import json
 import math
 import os
-import secrets
 import sys
 import wave
-import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,11 +31,12 @@ from urllib.parse import urlencode
 import aiohttp
 import numpy as np
 import numpy.typing as npt
-from twilio.request_validator import RequestValidator
 
 from app.audio.g711 import ulaw_decode, ulaw_encode
 from app.clock import loop_time
 from app.modes import Mode
+from app.simwire import CarrierSide, Ids, SimulatorError, side, stream_of
+from app.telephony.carrier import Carrier
 
 __all__ = [
     "BYTES_PER_MS",
@@ -70,10 +70,6 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_TAIL_S = 8.0
 DTMF_DIGITS = frozenset("0123456789*#")
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10)
-
-
-class SimulatorError(Exception):
-    """The call could not be placed or the clip cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -247,26 +243,9 @@ class _Playback:
         return done
 
 
-def _sid(prefix: str) -> str:
-    return prefix + secrets.token_hex(16)
-
-
 def parse_twiml(body: str) -> tuple[str, dict[str, str]]:
     """The Stream URL and its Parameters from `<Response><Connect><Stream>`."""
-    try:
-        root = ET.fromstring(body)
-    except ET.ParseError as exc:
-        raise SimulatorError(f"webhook answer is not XML: {exc}: {body[:200]!r}") from exc
-    stream = root.find("./Connect/Stream") if root.tag == "Response" else None
-    if stream is None:
-        said = " ".join(s.text or "" for s in root.iter("Say")).strip()
-        detail = f" (it says: {said!r})" if said else ""
-        raise SimulatorError(f"the TwiML connects no media stream{detail}: {body[:300]!r}")
-    url = stream.get("url", "")
-    if not url.startswith(("ws://", "wss://")):
-        raise SimulatorError(f"Stream url must be ws:// or wss://, got {url!r}")
-    parameters = {p.get("name", ""): p.get("value", "") for p in stream.iter("Parameter")}
-    return url, parameters
+    return stream_of(body)
 
 
 class _Call:
@@ -275,12 +254,15 @@ class _Call:
     def __init__(
         self,
         ws: aiohttp.ClientWebSocketResponse,
+        carrier: CarrierSide,
         result: CallResult,
         clip: Clip,
         dtmf: Sequence[Dtmf],
         tail_s: float,
     ) -> None:
         self.ws = ws
+        self.carrier = carrier
+        self.ids = Ids(result.call_sid, result.stream_sid, result.account_sid)
         self.result = result
         self.dtmf = deque(sorted(dtmf, key=lambda d: d.at_s))
         caller = clip.ulaw + LINE_SILENCE * (-len(clip.ulaw) % FRAME_BYTES)
@@ -296,35 +278,25 @@ class _Call:
         return (loop_time() - self.t0) * 1000
 
     async def send(self, message: dict[str, Any]) -> None:
-        """Send a Twilio message; every message but `connected` is numbered."""
+        """Send a message of the carrier's; Twilio numbers every one but `connected`."""
         async with self.send_lock:
-            if message["event"] != "connected":
+            if self.carrier.carrier is Carrier.TWILIO and message["event"] != "connected":
                 self.sequence += 1
                 message["sequenceNumber"] = str(self.sequence)
             await self.ws.send_str(json.dumps(message))
 
-    def stream_message(self, event: str, **body: Any) -> dict[str, Any]:
-        return {"event": event, "streamSid": self.result.stream_sid, **body}
-
     async def run(self, before_stop: Callable[[], Awaitable[None]]) -> None:
         r = self.result
-        await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
-        start = {
-            "accountSid": r.account_sid,
-            "streamSid": r.stream_sid,
-            "callSid": r.call_sid,
-            "tracks": ["inbound"],
-            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": SAMPLE_RATE, "channels": 1},
-            "customParameters": r.parameters,
-        }
+        connected = self.carrier.connected()
+        if connected is not None:
+            await self.send(connected)
         self.t0 = loop_time()
-        await self.send(self.stream_message("start", start=start))
+        await self.send(self.carrier.start(self.ids, r.parameters))
         receiver = asyncio.create_task(self.receive())
         try:
             if await self.clock() and not self.ws.closed:
                 await before_stop()
-                stop = {"accountSid": r.account_sid, "callSid": r.call_sid}
-                await self.send(self.stream_message("stop", stop=stop))
+                await self.send(self.carrier.stop(self.ids))
             else:
                 r.ended_by = "server"
         except ConnectionError:
@@ -343,18 +315,11 @@ class _Call:
             if self.ws.closed:
                 return False
             payload = base64.b64encode(frame).decode("ascii")
-            media = {
-                "track": "inbound",
-                "chunk": str(n + 1),
-                "timestamp": str(n * FRAME_MS),
-                "payload": payload,
-            }
-            await self.send(self.stream_message("media", media=media))
+            await self.send(self.carrier.media(self.ids, n + 1, n * FRAME_MS, payload))
             self.result.sent_payloads.append(payload)
             while self.dtmf and self.dtmf[0].at_s * 1000 <= n * FRAME_MS:
                 digit = self.dtmf.popleft().digit
-                dtmf = {"track": "inbound_track", "digit": digit}
-                await self.send(self.stream_message("dtmf", dtmf=dtmf))
+                await self.send(self.carrier.dtmf(self.ids, digit))
                 self.result.dtmf_sent.append(digit)
             await self.echo_marks(self.playback.tick(n))
             self.ticks = n + 1
@@ -362,7 +327,7 @@ class _Call:
 
     async def echo_marks(self, names: list[str]) -> None:
         for name in names:
-            await self.send(self.stream_message("mark", mark={"name": name}))
+            await self.send(self.carrier.mark(self.ids, name))
             self.result.marks_sent_back.append(name)
 
     async def receive(self) -> None:
@@ -388,11 +353,9 @@ class _Call:
             errors.append(f"not a JSON object: {raw[:80]!r}")
             return
         event = message.get("event")
-        if event not in ("media", "mark", "clear"):
-            errors.append(f"unknown event {event!r}: {raw[:80]!r}")
-            return
-        if message.get("streamSid") != self.result.stream_sid:
-            errors.append(f"{event} for streamSid {message.get('streamSid')!r}")
+        rejected = self.carrier.inbound(self.ids, message)
+        if rejected is not None:
+            errors.append(f"{rejected}: {raw[:80]!r}")
             return
         body = message.get(event)
         if event == "media":
@@ -469,53 +432,43 @@ async def simulate_call(
     account_sid: str | None = None,
     from_number: str = "+15005550006",
     to_number: str = "+15005550001",
+    carrier: Carrier = Carrier.TWILIO,
 ) -> CallResult:
-    """Place one call against the service at `url`, as Twilio would, and report on it.
+    """Place one call against the service at `url`, as `carrier` would, and report on it.
 
-    With `auth_token` the webhook and the stream upgrade carry Twilio's signature; with
-    `admin_token` the transcript is fetched from the admin API before hanging up.
+    With `auth_token` (the carrier's signing key: Twilio's auth token, Telnyx's Ed25519
+    private key in base64) the webhook, and the upgrade where the carrier signs it, carry
+    its signature; with `admin_token` the transcript is fetched from the admin API before
+    hanging up.
     """
     if not isinstance(clip, Clip):
         clip = Clip.from_wav(clip)
+    part = side(carrier, auth_token)
     url = url.rstrip("/")
     query = urlencode({k: v for k, v in (("persona", persona), ("mode", mode)) if v})
-    webhook = f"{url}/twiml" + (f"?{query}" if query else "")
+    webhook = f"{url}{part.webhook_path}" + (f"?{query}" if query else "")
+    ids = part.ids(account_sid)
     result = CallResult(
-        call_sid=_sid("CA"),
-        stream_sid=_sid("MZ"),
-        account_sid=account_sid or _sid("AC"),
+        call_sid=ids.call,
+        stream_sid=ids.stream,
+        account_sid=ids.account,
         parameters={},
         speech_ends_ms=clip.speech_ends_ms,
     )
-    form = {
-        "AccountSid": result.account_sid,
-        "ApiVersion": "2010-04-01",
-        "CallSid": result.call_sid,
-        "CallStatus": "ringing",
-        "Called": to_number,
-        "Caller": from_number,
-        "Direction": "inbound",
-        "From": from_number,
-        "To": to_number,
-    }
-    validator = RequestValidator(auth_token) if auth_token else None
-    headers = {"User-Agent": "TwilioProxy/1.1"}
-    if validator is not None:
-        headers["X-Twilio-Signature"] = str(validator.compute_signature(webhook, form))
+    body, headers = part.webhook(webhook, ids, from_number, to_number)
     async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
         try:
-            async with http.post(webhook, data=form, headers=headers) as resp:
-                body = await resp.text()
+            async with http.post(webhook, data=body, headers=headers) as resp:
+                markup = await resp.text()
                 if resp.status != 200:
-                    raise SimulatorError(f"webhook answered {resp.status}: {body[:200]!r}")
+                    raise SimulatorError(f"webhook answered {resp.status}: {markup[:200]!r}")
         except aiohttp.ClientError as exc:
             raise SimulatorError(f"webhook {webhook} failed: {exc}") from exc
-        stream_url, result.parameters = parse_twiml(body)
-        ws_headers = {"User-Agent": "Twilio.TmeWs/1.0"}
-        if validator is not None:
-            ws_headers["X-Twilio-Signature"] = str(validator.compute_signature(stream_url, {}))
+        stream_url, result.parameters = part.stream(markup)
         try:
-            ws = await http.ws_connect(stream_url, headers=ws_headers, autoping=True)
+            ws = await http.ws_connect(
+                stream_url, headers=part.upgrade_headers(stream_url), autoping=True
+            )
         except aiohttp.WSServerHandshakeError as exc:
             raise SimulatorError(f"stream {stream_url} refused: {exc.status}") from exc
         except aiohttp.ClientError as exc:
@@ -525,7 +478,7 @@ async def simulate_call(
             if admin_token:
                 result.transcript = await _fetch_transcript(http, url, result.call_sid, admin_token)
 
-        await _Call(ws, result, clip, dtmf, tail_s).run(before_stop)
+        await _Call(ws, part, result, clip, dtmf, tail_s).run(before_stop)
     result.latencies_ms = turn_latencies(clip.speech_ends_ms, result.received_at_ms)
     return result
 
@@ -577,6 +530,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL, help="service base URL")
     parser.add_argument("--persona", help="persona to ask for (webhook query)")
     parser.add_argument("--mode", choices=tuple(Mode), type=Mode, help="engine to ask for")
+    parser.add_argument(
+        "--carrier",
+        choices=tuple(Carrier),
+        type=Carrier,
+        default=Carrier.TWILIO,
+        help="whose part to play (webhook, signature, stream messages)",
+    )
     parser.add_argument("--out", type=Path, help="write what the caller heard to this WAV")
     parser.add_argument("--calls", type=int, default=1, help="concurrent calls (load test)")
     parser.add_argument(
@@ -596,6 +556,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The environment variable holding each carrier's signing key, as the simulator signs.
+_SIGNING_KEYS = {
+    Carrier.TWILIO: "TWILIO_AUTH_TOKEN",
+    Carrier.TELNYX: "TELNYX_PRIVATE_KEY",  # the seed whose public half is TELNYX_PUBLIC_KEY
+    Carrier.PLIVO: "PLIVO_AUTH_TOKEN",
+    Carrier.SIGNALWIRE: "SIGNALWIRE_SIGNING_KEY",
+}
+
+
 def _out_path(out: Path, index: int, calls: int) -> Path:
     return out if calls == 1 else out.with_name(f"{out.stem}-{index}{out.suffix}")
 
@@ -610,9 +579,10 @@ async def _run(args: argparse.Namespace, clip: Clip) -> int:
                 mode=args.mode,
                 dtmf=args.dtmf,
                 tail_s=args.tail,
-                auth_token=os.environ.get("TWILIO_AUTH_TOKEN") or None,
+                auth_token=os.environ.get(_SIGNING_KEYS[args.carrier]) or None,
                 admin_token=os.environ.get("ADMIN_TOKEN") or None,
                 account_sid=os.environ.get("TWILIO_ACCOUNT_SID") or None,
+                carrier=args.carrier,
             )
             for _ in range(args.calls)
         ),

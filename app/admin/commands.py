@@ -71,6 +71,7 @@ def summary(session: CallSession, instance: str) -> schemas.CallSummary:
     return schemas.CallSummary.model_validate(
         {
             "call_sid": info.call_sid,
+            "carrier": info.carrier,
             "from": info.from_number,
             "to": info.to_number,
             "persona": info.persona,

@@ -20,6 +20,7 @@ from app.call.steering import SteerState
 from app.call.tools import ToolStatus
 from app.modes import Mode
 from app.phone import E164
+from app.telephony.carrier import CALL_ID_PATTERN, Carrier
 from app.tools.results import ToolOutcome
 
 __all__ = [
@@ -46,9 +47,16 @@ __all__ = [
     "dial_body",
 ]
 
-# Twilio's CallSid, as the media stream's `start` must carry it (app.telephony.messages).
-CALL_SID_PATTERN = r"^CA[0-9a-fA-F]{32}$"
-CallSid = Annotated[str, Field(pattern=CALL_SID_PATTERN, description="Twilio's CallSid")]
+# A carrier's call id, as its media stream's `start` carries it (app.telephony.carrier).
+CALL_SID_PATTERN = CALL_ID_PATTERN
+CallSid = Annotated[
+    str,
+    Field(
+        pattern=CALL_SID_PATTERN,
+        description="The carrier's call id: Twilio's CallSid, Telnyx's call_control_id, "
+        "Plivo's CallUUID or SignalWire's CallSid",
+    ),
+]
 
 
 class _Body(BaseModel):
@@ -168,6 +176,7 @@ class CallSummary(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
     call_sid: str
+    carrier: Carrier = Field(description="Whose network the call came through.")
     from_: str = Field(alias="from")
     to: str
     persona: str
@@ -211,7 +220,8 @@ class ModeResult(BaseModel):
 class HangupResult(BaseModel):
     call_sid: str
     status: control.HangUpResult = Field(
-        description="stream_closed: no Twilio credentials, our side closed the stream."
+        description="stream_closed: no REST credentials for the call's carrier, our side "
+        "closed the stream."
     )
 
 

@@ -550,6 +550,7 @@ class CallRecorder(CallObserver):
         return {
             "call_sid": info.call_sid,
             "stream_sid": info.stream_sid,
+            "carrier": info.carrier,
             "from": info.from_number,
             "to": info.to_number,
             "persona": info.persona,

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 __all__ = [
+    "CALL_ID_PATTERN",
     "Carrier",
     "RestError",
     "RestSetupError",
     "UnknownCarrier",
+    "is_call_id",
     "parse_carrier",
 ]
+
+# The carriers' call ids, which name calls in the admin API and archive folders: Twilio's
+# CallSid; a UUID (Plivo's CallUUID, SignalWire's CallSid); Telnyx's call_control_id
+# (`v3:` and URL-safe base64).
+_TWILIO_SID = r"CA[0-9a-fA-F]{32}"
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_TELNYX_ID = r"v[0-9]:[A-Za-z0-9_-]{8,200}"
+CALL_ID_PATTERN = rf"^(?:{_TWILIO_SID}|{_UUID}|{_TELNYX_ID})$"
+_CALL_IDS = re.compile(CALL_ID_PATTERN)
 
 
 class Carrier(StrEnum):
@@ -20,6 +32,11 @@ class Carrier(StrEnum):
     TELNYX = "telnyx"
     PLIVO = "plivo"
     SIGNALWIRE = "signalwire"
+
+
+def is_call_id(value: object) -> bool:
+    """`value` has the shape of some carrier's call id (safe in paths and logs)."""
+    return isinstance(value, str) and _CALL_IDS.fullmatch(value) is not None
 
 
 class UnknownCarrier(ValueError):

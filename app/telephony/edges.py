@@ -8,11 +8,12 @@ from typing import Final
 
 from app.telephony.base import Edge
 from app.telephony.carrier import Carrier
+from app.telephony.carriers.telnyx import TELNYX
 from app.telephony.carriers.twilio import TWILIO
 
 __all__ = ["EDGES", "edge"]
 
-EDGES: Final = MappingProxyType({edge.carrier: edge for edge in (TWILIO,)})
+EDGES: Final = MappingProxyType({edge.carrier: edge for edge in (TWILIO, TELNYX)})
 
 
 def edge(carrier: Carrier) -> Edge:

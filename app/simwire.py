@@ -1,0 +1,289 @@
+"""Each carrier's side of a simulated call: how it signs and posts the webhook, reads our
+markup, opens the stream, and wraps its messages (the simulator's carrier seam).
+
+Every side speaks its carrier's documented shapes (docs/carriers.md) and checks ours: a
+message we send that the carrier would reject is returned as a protocol error.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlencode
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twilio.request_validator import RequestValidator
+
+from app.telephony.carrier import Carrier
+
+__all__ = ["CarrierSide", "Ids", "SimulatorError", "side", "stream_of"]
+
+SAMPLE_RATE = 8000
+
+
+class SimulatorError(Exception):
+    """The call could not be placed or did not follow the protocol."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ids:
+    """One call's ids, in the carrier's formats."""
+
+    call: str
+    stream: str
+    account: str
+
+
+def stream_of(markup: str, path: str = "./Connect/Stream") -> tuple[str, dict[str, str]]:
+    """The stream URL and its `<Parameter>`s from `<Response><Connect><Stream>`."""
+    try:
+        root = ET.fromstring(markup)
+    except ET.ParseError as exc:
+        raise SimulatorError(f"webhook answer is not XML: {exc}: {markup[:200]!r}") from exc
+    stream = root.find(path) if root.tag == "Response" else None
+    if stream is None:
+        said = " ".join(s.text or "" for s in root.iter("Say")).strip()
+        detail = f" (it says: {said!r})" if said else ""
+        raise SimulatorError(f"the markup connects no media stream{detail}: {markup[:300]!r}")
+    url = stream.get("url", "")
+    if not url.startswith(("ws://", "wss://")):
+        raise SimulatorError(f"Stream url must be ws:// or wss://, got {url!r}")
+    parameters = {p.get("name", ""): p.get("value", "") for p in stream.iter("Parameter")}
+    return url, parameters
+
+
+class CarrierSide(Protocol):
+    """What the simulator needs of one carrier."""
+
+    carrier: Carrier
+    webhook_path: str
+
+    def ids(self, account: str | None) -> Ids: ...
+
+    def webhook(self, url: str, ids: Ids, caller: str, callee: str) -> tuple[bytes, dict[str, str]]:
+        """The webhook's body and headers (signed when the side has a key)."""
+
+    def stream(self, markup: str) -> tuple[str, dict[str, str]]:
+        """The stream URL and the parameters our markup asks to carry."""
+
+    def upgrade_headers(self, stream_url: str) -> dict[str, str]: ...
+
+    def connected(self) -> dict[str, Any] | None: ...
+
+    def start(self, ids: Ids, parameters: Mapping[str, str]) -> dict[str, Any]: ...
+
+    def media(self, ids: Ids, chunk: int, timestamp_ms: int, payload: str) -> dict[str, Any]: ...
+
+    def dtmf(self, ids: Ids, digit: str) -> dict[str, Any]: ...
+
+    def mark(self, ids: Ids, name: str) -> dict[str, Any]: ...
+
+    def stop(self, ids: Ids) -> dict[str, Any]: ...
+
+    def inbound(self, ids: Ids, message: dict[str, Any]) -> str | None:
+        """Why the carrier would reject this message of ours, or None."""
+
+
+def _form(body: Mapping[str, str]) -> tuple[bytes, dict[str, str]]:
+    return urlencode(body).encode(), {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def _hex_sid(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+class TwilioSide:
+    """Twilio: X-Twilio-Signature on the webhook and the upgrade, camelCase frames."""
+
+    carrier = Carrier.TWILIO
+    webhook_path = "/twiml"
+    _header = "X-Twilio-Signature"
+    user_agent = "TwilioProxy/1.1"
+
+    def __init__(self, key: str | None = None) -> None:
+        self._validator = RequestValidator(key) if key else None
+
+    def ids(self, account: str | None) -> Ids:
+        return Ids(_hex_sid("CA"), _hex_sid("MZ"), account or _hex_sid("AC"))
+
+    def webhook(self, url: str, ids: Ids, caller: str, callee: str) -> tuple[bytes, dict[str, str]]:
+        form = {
+            "AccountSid": ids.account,
+            "ApiVersion": "2010-04-01",
+            "CallSid": ids.call,
+            "CallStatus": "ringing",
+            "Called": callee,
+            "Caller": caller,
+            "Direction": "inbound",
+            "From": caller,
+            "To": callee,
+        }
+        body, headers = _form(form)
+        headers["User-Agent"] = self.user_agent
+        if self._validator is not None:
+            headers[self._header] = str(self._validator.compute_signature(url, form))
+        return body, headers
+
+    def stream(self, markup: str) -> tuple[str, dict[str, str]]:
+        return stream_of(markup)
+
+    def upgrade_headers(self, stream_url: str) -> dict[str, str]:
+        headers = {"User-Agent": "Twilio.TmeWs/1.0"}
+        if self._validator is not None:
+            headers[self._header] = str(self._validator.compute_signature(stream_url, {}))
+        return headers
+
+    def connected(self) -> dict[str, Any] | None:
+        return {"event": "connected", "protocol": "Call", "version": "1.0.0"}
+
+    def start(self, ids: Ids, parameters: Mapping[str, str]) -> dict[str, Any]:
+        start = {
+            "accountSid": ids.account,
+            "streamSid": ids.stream,
+            "callSid": ids.call,
+            "tracks": ["inbound"],
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": SAMPLE_RATE, "channels": 1},
+            "customParameters": dict(parameters),
+        }
+        return {"event": "start", "streamSid": ids.stream, "start": start}
+
+    def media(self, ids: Ids, chunk: int, timestamp_ms: int, payload: str) -> dict[str, Any]:
+        media = {
+            "track": "inbound",
+            "chunk": str(chunk),
+            "timestamp": str(timestamp_ms),
+            "payload": payload,
+        }
+        return {"event": "media", "streamSid": ids.stream, "media": media}
+
+    def dtmf(self, ids: Ids, digit: str) -> dict[str, Any]:
+        dtmf = {"track": "inbound_track", "digit": digit}
+        return {"event": "dtmf", "streamSid": ids.stream, "dtmf": dtmf}
+
+    def mark(self, ids: Ids, name: str) -> dict[str, Any]:
+        return {"event": "mark", "streamSid": ids.stream, "mark": {"name": name}}
+
+    def stop(self, ids: Ids) -> dict[str, Any]:
+        stop = {"accountSid": ids.account, "callSid": ids.call}
+        return {"event": "stop", "streamSid": ids.stream, "stop": stop}
+
+    def inbound(self, ids: Ids, message: dict[str, Any]) -> str | None:
+        if message.get("event") not in ("media", "mark", "clear"):
+            return f"unknown event {message.get('event')!r}"
+        if message.get("streamSid") != ids.stream:
+            return f"{message.get('event')} for streamSid {message.get('streamSid')!r}"
+        return None
+
+
+class TelnyxSide:
+    """Telnyx: an Ed25519-signed TeXML webhook, an unsigned upgrade, snake_case frames as
+    Telnyx's media-streaming AsyncAPI gives them. `key` is the base64 Ed25519 private key
+    (seed) whose public half the service holds as TELNYX_PUBLIC_KEY."""
+
+    carrier = Carrier.TELNYX
+    webhook_path = "/telnyx/answer"
+
+    def __init__(self, key: str | None = None) -> None:
+        seed = base64.b64decode(key) if key else None
+        self._key = Ed25519PrivateKey.from_private_bytes(seed) if seed else None
+        self._sequence = 0
+
+    def ids(self, account: str | None) -> Ids:
+        call = "v3:" + base64.urlsafe_b64encode(secrets.token_bytes(39)).decode()
+        return Ids(call, str(uuid.uuid4()), account or str(uuid.uuid4()))
+
+    def webhook(self, url: str, ids: Ids, caller: str, callee: str) -> tuple[bytes, dict[str, str]]:
+        form = {
+            "AccountSid": ids.account,
+            "CallSid": ids.call,
+            "CallSessionId": str(uuid.uuid4()),
+            "CallStatus": "ringing",
+            "Direction": "inbound",
+            "From": caller,
+            "To": callee,
+        }
+        body, headers = _form(form)
+        if self._key is not None:
+            timestamp = str(int(time.time()))
+            signed = self._key.sign(timestamp.encode() + b"|" + body)
+            headers["telnyx-timestamp"] = timestamp
+            headers["telnyx-signature-ed25519"] = base64.b64encode(signed).decode()
+        return body, headers
+
+    def stream(self, markup: str) -> tuple[str, dict[str, str]]:
+        url, parameters = stream_of(markup)
+        stream = ET.fromstring(markup).find("./Connect/Stream")
+        assert stream is not None  # stream_of found it
+        wanted = {"bidirectionalMode": "rtp", "bidirectionalCodec": "PCMU"}
+        for name, value in wanted.items():
+            if stream.get(name) != value:
+                raise SimulatorError(f"<Stream {name}> is {stream.get(name)!r}, not {value!r}")
+        return url, parameters
+
+    def upgrade_headers(self, stream_url: str) -> dict[str, str]:
+        return {}
+
+    def _numbered(self, message: dict[str, Any]) -> dict[str, Any]:
+        self._sequence += 1
+        return {**message, "sequence_number": str(self._sequence)}
+
+    def connected(self) -> dict[str, Any] | None:
+        return {"event": "connected", "version": "1.0.0"}
+
+    def start(self, ids: Ids, parameters: Mapping[str, str]) -> dict[str, Any]:
+        start = {
+            "user_id": ids.account,
+            "call_control_id": ids.call,
+            "client_state": "",
+            "media_format": {"encoding": "PCMU", "sample_rate": SAMPLE_RATE, "channels": 1},
+            "custom_parameters": dict(parameters),
+        }
+        return self._numbered({"event": "start", "start": start, "stream_id": ids.stream})
+
+    def media(self, ids: Ids, chunk: int, timestamp_ms: int, payload: str) -> dict[str, Any]:
+        media = {
+            "track": "inbound",
+            "chunk": str(chunk),
+            "timestamp": str(timestamp_ms),
+            "payload": payload,
+        }
+        return self._numbered({"event": "media", "media": media, "stream_id": ids.stream})
+
+    def dtmf(self, ids: Ids, digit: str) -> dict[str, Any]:
+        return self._numbered({"event": "dtmf", "dtmf": {"digit": digit}, "stream_id": ids.stream})
+
+    def mark(self, ids: Ids, name: str) -> dict[str, Any]:
+        return self._numbered({"event": "mark", "mark": {"name": name}, "stream_id": ids.stream})
+
+    def stop(self, ids: Ids) -> dict[str, Any]:
+        stop = {"user_id": ids.account, "call_control_id": ids.call}
+        return self._numbered({"event": "stop", "stop": stop, "stream_id": ids.stream})
+
+    def inbound(self, ids: Ids, message: dict[str, Any]) -> str | None:
+        event = message.get("event")
+        allowed = {"media": {"event", "media"}, "mark": {"event", "mark"}, "clear": {"event"}}
+        if event not in allowed:
+            return f"unknown event {event!r}"
+        extra = set(message) - allowed[event] - {"stream_id"}
+        if extra:
+            return f"{event} with fields Telnyx does not take: {sorted(extra)}"
+        if "stream_id" in message and message["stream_id"] != ids.stream:
+            return f"{event} for stream_id {message['stream_id']!r}"
+        return None
+
+
+def side(carrier: Carrier, key: str | None = None) -> CarrierSide:
+    """The simulator's side of `carrier`, signing with `key` when given."""
+    sides: dict[Carrier, type[TwilioSide] | type[TelnyxSide]] = {
+        Carrier.TWILIO: TwilioSide,
+        Carrier.TELNYX: TelnyxSide,
+    }
+    if carrier not in sides:
+        raise SimulatorError(f"the simulator does not play {carrier} yet")
+    return sides[carrier](key)

@@ -1,0 +1,258 @@
+"""Telnyx: TeXML `<Connect><Stream>` (bidirectional RTP, PCMU), Ed25519-signed webhooks,
+its media-streaming WebSocket, and Call Control for hang-up and transfer.
+
+Facts and sources: docs/carriers.md. In short: Telnyx signs `<timestamp>|<raw body>` with
+its account's Ed25519 key (headers `telnyx-signature-ed25519`, `telnyx-timestamp`) and does
+not sign the stream's upgrade, so the stream token in the start's `custom_parameters` is
+what admits a stream; frames are Twilio-like with snake_case names (`stream_id`,
+`call_control_id`, `media_format`), and we answer with `media`, `mark` and `clear`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+from urllib.parse import quote
+
+import orjson
+import structlog
+from aiohttp import web
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from app.config import Settings
+from app.telephony import http, messages, signature
+from app.telephony.base import Webhook
+from app.telephony.carrier import Carrier, RestError, RestSetupError, is_call_id
+from app.telephony.messages import (
+    BadMessage,
+    Connected,
+    Dtmf,
+    Mark,
+    Media,
+    Start,
+    Stop,
+    StreamMessage,
+)
+from app.telephony.twiml import APOLOGY
+
+__all__ = ["SIGNATURE_HEADER", "TELNYX", "TIMESTAMP_HEADER", "TOLERANCE_S", "Telnyx"]
+
+log = structlog.get_logger(__name__)
+
+SIGNATURE_HEADER = "telnyx-signature-ed25519"
+TIMESTAMP_HEADER = "telnyx-timestamp"
+TOLERANCE_S = 300  # a signed webhook older (or newer) than this is a replay
+_ALREADY_ENDED = "90018"  # Telnyx's error code: the call has already ended
+_ENCODINGS = {"PCMU": messages.ENCODING}  # Telnyx's codec names -> ours
+
+
+def _verified(public_key: str, timestamp: str, body: bytes, signed: str, now: float) -> str | None:
+    """Why Telnyx's signature of `body` does not hold, or None when it does."""
+    if not (timestamp.isascii() and timestamp.isdigit()):
+        return "telnyx-timestamp missing or not a number"
+    if abs(now - int(timestamp)) > TOLERANCE_S:
+        return "telnyx-timestamp too far from now (a replay?)"
+    try:
+        raw = base64.b64decode(signed, validate=True)
+        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key))
+        key.verify(raw, timestamp.encode() + b"|" + body)
+    except (binascii.Error, ValueError, InvalidSignature):
+        return "invalid Telnyx signature"
+    return None
+
+
+def _text(value: Any, name: str, limit: int = 200) -> str:
+    if not isinstance(value, str) or not value or len(value) > limit or not value.isascii():
+        raise BadMessage(f"'{name}' missing or not a short ASCII string")
+    return value
+
+
+def _start(data: dict[str, Any]) -> Start:
+    start = messages.object_field(data, "start")
+    call_id = start.get("call_control_id")
+    if not is_call_id(call_id):
+        raise BadMessage("'call_control_id' is not a Telnyx call control id")
+    params = start.get("custom_parameters") or {}
+    if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
+        raise BadMessage("custom_parameters is not an object of strings")
+    fmt = start.get("media_format") or {}
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("encoding", "PCMU"), str):
+        raise BadMessage("media_format is not an object")
+    encoding = str(fmt.get("encoding", "PCMU"))
+    return Start(
+        stream_sid=_text(data.get("stream_id"), "stream_id"),
+        call_sid=str(call_id),
+        account_sid=str(start.get("user_id") or ""),
+        parameters=params,
+        encoding=_ENCODINGS.get(encoding, encoding),
+        sample_rate=messages.bounded_int(
+            fmt.get("sample_rate", messages.SAMPLE_RATE), "sample_rate", messages.MAX_COUNTER
+        ),
+        channels=messages.bounded_int(fmt.get("channels", 1), "channels", messages.MAX_COUNTER),
+        carrier=Carrier.TELNYX,
+    )
+
+
+def _media(data: dict[str, Any]) -> Media:
+    media = messages.object_field(data, "media")
+    if media.get("track", "inbound") != "inbound":
+        raise BadMessage("media of a track other than the caller's (inbound)")
+    payload, audio = messages.media_audio(media.get("payload"))
+    return Media(
+        payload=payload,
+        timestamp_ms=messages.bounded_int(
+            media.get("timestamp", 0), "timestamp", messages.MAX_TIMESTAMP_MS
+        ),
+        chunk=messages.bounded_int(media.get("chunk", 0), "chunk", messages.MAX_COUNTER),
+        audio=audio,
+    )
+
+
+def _error(data: dict[str, Any]) -> BadMessage:
+    """Telnyx reports a problem with what we sent (e.g. a malformed media frame)."""
+    payload = data.get("payload")
+    detail = payload.get("detail") or payload.get("title") if isinstance(payload, dict) else None
+    return BadMessage(f"Telnyx reported an error: {str(detail)[:120]}")
+
+
+class Telnyx:
+    """The Telnyx edge (`POST /telnyx/answer`, `GET /telnyx/stream`)."""
+
+    carrier: Final = Carrier.TELNYX
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+
+    def answer(self, stream_url: str, parameters: Mapping[str, str]) -> str:
+        """TeXML: stream the caller's audio both ways as PCMU (RTP payloads, base64), the
+        values as `<Parameter>`s; when our side closes the stream, the apology and hang-up."""
+        response = ET.Element("Response")
+        connect = ET.SubElement(response, "Connect")
+        stream = ET.SubElement(
+            connect,
+            "Stream",
+            url=stream_url,
+            track="inbound_track",
+            codec="PCMU",
+            bidirectionalMode="rtp",
+            bidirectionalCodec="PCMU",
+            bidirectionalSamplingRate=str(messages.SAMPLE_RATE),
+        )
+        for name, value in parameters.items():
+            if value:
+                ET.SubElement(stream, "Parameter", name=name, value=value)
+        ET.SubElement(response, "Say").text = APOLOGY
+        ET.SubElement(response, "Hangup")
+        return ET.tostring(response, encoding="unicode", xml_declaration=True)
+
+    def call_id(self, form: Mapping[str, str]) -> str | None:
+        call_sid = form.get("CallSid")
+        return call_sid if call_sid is not None and is_call_id(call_sid) else None
+
+    def webhook_refusal(
+        self, request: web.Request, settings: Settings, hook: Webhook
+    ) -> str | None:
+        key = settings.telnyx_public_key
+        if key is None:
+            return signature.unsigned_refusal(request, settings, "TELNYX_PUBLIC_KEY")
+        return _verified(
+            key,
+            request.headers.get(TIMESTAMP_HEADER, ""),
+            hook.body,
+            request.headers.get(SIGNATURE_HEADER, ""),
+            self._clock(),
+        )
+
+    def stream_refusal(self, request: web.Request, settings: Settings, url: str) -> str | None:
+        # Telnyx does not sign the upgrade: the start's stream token admits the stream.
+        if settings.telnyx_public_key is None:
+            return signature.unsigned_refusal(request, settings, "TELNYX_PUBLIC_KEY")
+        return None
+
+    def parse(self, frame: str | bytes) -> StreamMessage:
+        data = messages.load(frame)
+        event = data.get("event")
+        if event == "media":
+            return _media(data)
+        if event == "mark":
+            name = messages.object_field(data, "mark").get("name")
+            if not isinstance(name, str):
+                raise BadMessage("mark without a name")
+            return Mark(name)
+        if event == "dtmf":
+            digit = messages.object_field(data, "dtmf").get("digit")
+            if not isinstance(digit, str) or len(digit) != 1 or digit not in messages.DTMF_DIGITS:
+                raise BadMessage("dtmf without a single keypad digit")
+            return Dtmf(digit)
+        if event == "start":
+            return _start(data)
+        if event == "connected":
+            return Connected()
+        if event == "stop":
+            return Stop()
+        if event == "error":
+            raise _error(data)
+        raise messages.unknown_event(event)
+
+    def media(self, stream_id: str, payload: str) -> str:
+        return orjson.dumps({"event": "media", "media": {"payload": payload}}).decode()
+
+    def mark(self, stream_id: str, name: str) -> str:
+        return orjson.dumps({"event": "mark", "mark": {"name": name}}).decode()
+
+    def clear(self, stream_id: str) -> str:
+        return '{"event":"clear"}'
+
+    def rest_configured(self, settings: Settings) -> bool:
+        return settings.telnyx_api_key is not None
+
+    def hang_up(self, settings: Settings, call_id: str) -> bool:
+        return _action(settings, call_id, "hangup", {})
+
+    def transfer(self, settings: Settings, call_id: str, to: str) -> bool:
+        return _action(settings, call_id, "transfer", {"to": to})
+
+
+def _action(settings: Settings, call_id: str, action: str, body: dict[str, str]) -> bool:
+    """A Call Control command on a live call; False when Telnyx says it already ended."""
+    key = settings.telnyx_api_key
+    if key is None:
+        raise RestSetupError("Telnyx's REST API needs TELNYX_API_KEY")
+    url = f"{settings.telnyx_api_base.rstrip('/')}/v2/calls/{quote(call_id, safe=':')}"
+    status, answer = http.post(
+        f"{url}/actions/{action}",
+        orjson.dumps(body),
+        {
+            "Authorization": f"Bearer {key.get_secret_value()}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+        },
+        "Telnyx",
+    )
+    if 200 <= status < 300:
+        log.info("telnyx.call_updated", call_sid=call_id, action=action)
+        return True
+    codes, detail = _errors(answer)
+    if status == 404 or _ALREADY_ENDED in codes:
+        log.info("telnyx.call_already_ended", call_sid=call_id, action=action)
+        return False
+    raise RestError(f"Telnyx refused to {action} the call (HTTP {status}): {detail}")
+
+
+def _errors(answer: bytes) -> tuple[set[str], str]:
+    """Telnyx's `errors` list: their codes, and the first one's title, for the operator."""
+    try:
+        errors = orjson.loads(answer).get("errors") or []
+        codes = {str(e.get("code")) for e in errors if isinstance(e, dict)}
+        first = errors[0] if errors and isinstance(errors[0], dict) else {}
+        return codes, str(first.get("detail") or first.get("title") or "no detail")[:200]
+    except (orjson.JSONDecodeError, AttributeError):
+        return set(), answer[:200].decode(errors="replace")
+
+
+TELNYX: Final = Telnyx()

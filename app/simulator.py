@@ -270,7 +270,6 @@ class _Call:
         self.frames += [LINE_SILENCE * FRAME_BYTES] * round(tail_s * 1000 / FRAME_MS)
         self.playback = _Playback(len(self.frames))
         self.ticks = 0  # frames of the call clock that have run
-        self.sequence = 0
         self.send_lock = asyncio.Lock()
         self.t0 = 0.0
 
@@ -278,11 +277,8 @@ class _Call:
         return (loop_time() - self.t0) * 1000
 
     async def send(self, message: dict[str, Any]) -> None:
-        """Send a message of the carrier's; Twilio numbers every one but `connected`."""
+        """Send a message of the carrier's (numbered by its side, as the carrier does)."""
         async with self.send_lock:
-            if self.carrier.carrier is Carrier.TWILIO and message["event"] != "connected":
-                self.sequence += 1
-                message["sequenceNumber"] = str(self.sequence)
             await self.ws.send_str(json.dumps(message))
 
     async def run(self, before_stop: Callable[[], Awaitable[None]]) -> None:

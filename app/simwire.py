@@ -108,9 +108,15 @@ class TwilioSide:
 
     def __init__(self, key: str | None = None) -> None:
         self._validator = RequestValidator(key) if key else None
+        self._sequence = 0
 
     def ids(self, account: str | None) -> Ids:
         return Ids(_hex_sid("CA"), _hex_sid("MZ"), account or _hex_sid("AC"))
+
+    def _numbered(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Every message but `connected` carries its sequence number."""
+        self._sequence += 1
+        return {**message, "sequenceNumber": str(self._sequence)}
 
     def webhook(self, url: str, ids: Ids, caller: str, callee: str) -> tuple[bytes, dict[str, str]]:
         form = {
@@ -151,7 +157,7 @@ class TwilioSide:
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": SAMPLE_RATE, "channels": 1},
             "customParameters": dict(parameters),
         }
-        return {"event": "start", "streamSid": ids.stream, "start": start}
+        return self._numbered({"event": "start", "streamSid": ids.stream, "start": start})
 
     def media(self, ids: Ids, chunk: int, timestamp_ms: int, payload: str) -> dict[str, Any]:
         media = {
@@ -160,18 +166,18 @@ class TwilioSide:
             "timestamp": str(timestamp_ms),
             "payload": payload,
         }
-        return {"event": "media", "streamSid": ids.stream, "media": media}
+        return self._numbered({"event": "media", "streamSid": ids.stream, "media": media})
 
     def dtmf(self, ids: Ids, digit: str) -> dict[str, Any]:
         dtmf = {"track": "inbound_track", "digit": digit}
-        return {"event": "dtmf", "streamSid": ids.stream, "dtmf": dtmf}
+        return self._numbered({"event": "dtmf", "streamSid": ids.stream, "dtmf": dtmf})
 
     def mark(self, ids: Ids, name: str) -> dict[str, Any]:
-        return {"event": "mark", "streamSid": ids.stream, "mark": {"name": name}}
+        return self._numbered({"event": "mark", "streamSid": ids.stream, "mark": {"name": name}})
 
     def stop(self, ids: Ids) -> dict[str, Any]:
         stop = {"accountSid": ids.account, "callSid": ids.call}
-        return {"event": "stop", "streamSid": ids.stream, "stop": stop}
+        return self._numbered({"event": "stop", "streamSid": ids.stream, "stop": stop})
 
     def inbound(self, ids: Ids, message: dict[str, Any]) -> str | None:
         if message.get("event") not in ("media", "mark", "clear"):
@@ -278,11 +284,25 @@ class TelnyxSide:
         return None
 
 
+class SignalWireSide(TwilioSide):
+    """SignalWire: Twilio's shapes with UUID ids, signed with the project's signing key in
+    X-SignalWire-Signature (Twilio's scheme)."""
+
+    carrier = Carrier.SIGNALWIRE
+    webhook_path = "/signalwire/answer"
+    _header = "X-SignalWire-Signature"
+    user_agent = "SignalWire"
+
+    def ids(self, account: str | None) -> Ids:
+        return Ids(str(uuid.uuid4()), str(uuid.uuid4()), account or str(uuid.uuid4()))
+
+
 def side(carrier: Carrier, key: str | None = None) -> CarrierSide:
     """The simulator's side of `carrier`, signing with `key` when given."""
     sides: dict[Carrier, type[TwilioSide] | type[TelnyxSide]] = {
         Carrier.TWILIO: TwilioSide,
         Carrier.TELNYX: TelnyxSide,
+        Carrier.SIGNALWIRE: SignalWireSide,
     }
     if carrier not in sides:
         raise SimulatorError(f"the simulator does not play {carrier} yet")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -141,7 +142,9 @@ async def test_the_document_states_the_rules(serve: Serve) -> None:
     assert [a["required"] for a in steer["anyOf"]] == [["instructions"], ["voice"]]
     assert "partial" in models["CallList"]["required"]
     sid = doc["paths"]["/admin/calls/{call_sid}/steer"]["post"]["parameters"][0]["schema"]
-    assert sid["pattern"].startswith("^CA")
+    ids = ("CA" + "0" * 32, "0bd2b5f0-2ae1-4c1f-9e5f-7f9d0a2b3c4d", "v3:abcdefgh_-ijklm")
+    assert all(re.fullmatch(sid["pattern"], i) for i in ids)  # Twilio, Plivo/SignalWire, Telnyx
+    assert not any(re.fullmatch(sid["pattern"], i) for i in ("CA1", "../etc", "v3:a b"))
 
 
 # -- the document against the API ----------------------------------------------------------

@@ -29,6 +29,7 @@ from app.telephony.carrier import Carrier
 from tests.conftest import FIXTURES
 from tests.fakes.realtime import FakeRealtime
 from tests.fakes.telnyx_rest import API_KEY, fake_telnyx_rest
+from tests.fakes.twilio_rest import fake_twilio_rest
 
 GREETING = (FIXTURES / "yes.ulaw").read_bytes()
 SHORT = GREETING[:8000]  # 1 s
@@ -59,10 +60,15 @@ def kit(carrier: Carrier) -> Kit:
         seed, public = _telnyx_keys()
         wrong, _ = _telnyx_keys()
         return Kit(carrier, seed, wrong, {"telnyx_public_key": public})
+    if carrier is Carrier.SIGNALWIRE:
+        key = "PSK_signalwire_signing_key_0123"
+        return Kit(carrier, key, key + "-wrong", {"signalwire_signing_key": key})
     raise AssertionError(f"no kit for {carrier}")
 
 
-CARRIERS = [Carrier.TELNYX]
+CARRIERS = [Carrier.TELNYX, Carrier.SIGNALWIRE]
+SW_PROJECT = "3b1d6b1e-5a2b-4c3d-8e9f-0a1b2c3d4e5f"
+SW_TOKEN = "PT0123456789abcdef_signalwire"
 
 
 @dataclass
@@ -220,16 +226,33 @@ async def test_a_stream_without_the_calls_token_is_refused(
 ) -> None:
     """The carrier does not sign the upgrade: the start's stream token must hold."""
     r = await rig(carrier)
-    start = {
+    forged = {"stream_token": "1.forged.token"}
+    stream_id = "32de0dea-53cb-4b21-89a4-9e1819c043bc"
+    call_id = "v3:abcdefghijklmnopqrstuvwxyz"
+    start: dict[str, Any] = {
         "event": "start",
         "sequence_number": "1",
-        "stream_id": "32de0dea-53cb-4b21-89a4-9e1819c043bc",
+        "stream_id": stream_id,
         "start": {
-            "call_control_id": "v3:abcdefghijklmnopqrstuvwxyz",
+            "call_control_id": call_id,
             "media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1},
-            "custom_parameters": {"stream_token": "1.forged.token"},
+            "custom_parameters": forged,
         },
     }
+    if carrier is Carrier.SIGNALWIRE:  # Twilio's shapes, UUID ids
+        fmt = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
+        start = {
+            "event": "start",
+            "sequenceNumber": "1",
+            "streamSid": stream_id,
+            "start": {
+                "streamSid": stream_id,
+                "callSid": "0bd2b5f0-2ae1-4c1f-9e5f-7f9d0a2b3c4d",
+                "accountSid": SW_PROJECT,
+                "mediaFormat": fmt,
+                "customParameters": forged,
+            },
+        }
     async with aiohttp.ClientSession() as http:
         ws = await http.ws_connect(f"{r.url}/{carrier}/stream")
         await ws.send_str(orjson.dumps(start).decode())
@@ -273,3 +296,41 @@ async def test_hang_up_and_transfer_go_through_telnyx_call_control(
     assert telnyx.commands[0].body == body
     assert result.call_sid == call_id
     assert answer["status"] == ("completed" if op == "hangup" else "transferring")
+
+
+@pytest.mark.parametrize("op", ["hangup", "transfer"])
+async def test_hang_up_and_transfer_go_through_signalwires_compatibility_api(
+    rig: Callable[..., Awaitable[Rig]], op: str
+) -> None:
+    async with fake_twilio_rest("/api/laml", SW_PROJECT, SW_TOKEN) as signalwire:
+        r = await rig(
+            Carrier.SIGNALWIRE,
+            admin_token=ADMIN,
+            signalwire_space_url=signalwire.url,
+            signalwire_project_id=SW_PROJECT,
+            signalwire_api_token=SW_TOKEN,
+        )
+        call = asyncio.create_task(r.call(quiet(1500), tail_s=0.2))
+        for _ in range(200):
+            if r.server.app[CALLS]:
+                break
+            await asyncio.sleep(0.01)
+        (call_id,) = r.server.app[CALLS]
+        body = {"to": "+15551234567"} if op == "transfer" else {}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{r.url}/admin/calls/{call_id}/{op}",
+                json=body,
+                headers={"Authorization": f"Bearer {ADMIN}"},
+            ) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+        await call
+        await r.settled()
+    (update,) = signalwire.updates
+    assert update.call_sid == call_id
+    if op == "hangup":
+        assert update.form == {"Status": "completed"}
+    else:
+        assert "<Dial>+15551234567</Dial>" in update.form["Twiml"]

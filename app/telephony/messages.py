@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from app.telephony.carrier import Carrier
+from app.telephony.carrier import Carrier, is_call_id
 
 __all__ = [
     "MAX_FRAME_BYTES",
@@ -170,7 +170,7 @@ def _media(data: dict[str, Any]) -> Media:
     )
 
 
-def _start(data: dict[str, Any]) -> Start:
+def _start(data: dict[str, Any], carrier: Carrier) -> Start:
     start = object_field(data, "start")
     params = start.get("customParameters") or {}
     if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
@@ -178,14 +178,20 @@ def _start(data: dict[str, Any]) -> Start:
     fmt = start.get("mediaFormat") or {}
     if not isinstance(fmt, dict):
         raise BadMessage("mediaFormat is not an object")
+    stream_sid, call_sid = start.get("streamSid") or data.get("streamSid"), start.get("callSid")
+    if carrier is Carrier.TWILIO:
+        stream_sid, call_sid = _sid(stream_sid, "streamSid", "MZ"), _sid(call_sid, "callSid", "CA")
+    elif not (is_call_id(call_sid) and is_call_id(stream_sid)):
+        raise BadMessage(f"'callSid' or 'streamSid' is not a {carrier} id")
     return Start(
-        stream_sid=_sid(start.get("streamSid") or data.get("streamSid"), "streamSid", "MZ"),
-        call_sid=_sid(start.get("callSid"), "callSid", "CA"),
+        stream_sid=str(stream_sid),
+        call_sid=str(call_sid),
         account_sid=_str(start.get("accountSid", ""), "accountSid"),
         parameters=params,
         encoding=_str(fmt.get("encoding", ENCODING), "encoding"),
         sample_rate=bounded_int(fmt.get("sampleRate", SAMPLE_RATE), "sampleRate", MAX_COUNTER),
         channels=bounded_int(fmt.get("channels", 1), "channels", MAX_COUNTER),
+        carrier=carrier,
     )
 
 
@@ -220,8 +226,9 @@ def unknown_event(event: Any) -> BadMessage:
     return BadMessage(f"unknown event {shown}")
 
 
-def parse(frame: str | bytes) -> StreamMessage:
-    """Parse one text frame from Twilio; whatever is wrong with it raises `BadMessage`."""
+def parse(frame: str | bytes, carrier: Carrier = Carrier.TWILIO) -> StreamMessage:
+    """Parse one text frame in Twilio's shapes (Twilio's, or a compatible `carrier`'s, whose
+    ids differ); whatever is wrong with it raises `BadMessage`."""
     data = load(frame)
     event = data.get("event")
     if event == "media":
@@ -229,7 +236,7 @@ def parse(frame: str | bytes) -> StreamMessage:
     if event in ("mark", "dtmf"):
         return _named(data, event)
     if event == "start":
-        return _start(data)
+        return _start(data, carrier)
     if event == "connected":
         return Connected()
     if event == "stop":

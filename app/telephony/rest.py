@@ -1,4 +1,5 @@
-"""Twilio's REST API: the one client construction, and live-call control (hang up, transfer).
+"""Twilio's REST API, and SignalWire's Twilio-compatible one: the one client construction,
+and live-call control (hang up, transfer).
 
 The `twilio` client is synchronous: these functions block on HTTP and are run in a thread
 (`asyncio.to_thread`). The REST base is configurable (TWILIO_API_BASE) for a regional edge
@@ -7,7 +8,10 @@ or a test fake. Errors are one line for the operator, never carrying the auth to
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import structlog
+from pydantic import SecretStr
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
@@ -19,12 +23,15 @@ from app.telephony.carrier import RestError, RestSetupError
 __all__ = [
     "NOT_FOUND",
     "TWILIO_TIMEOUT_S",
+    "Account",
     "RestError",
     "RestSetupError",
     "client",
     "configured",
     "hang_up",
+    "signalwire",
     "transfer",
+    "twilio",
 ]
 
 log = structlog.get_logger(__name__)
@@ -33,48 +40,90 @@ TWILIO_TIMEOUT_S = 15.0
 NOT_FOUND = 20404  # Twilio's code for a resource (here: a call) that does not exist
 
 
+@dataclass(frozen=True, slots=True)
+class Account:
+    """Credentials of a Twilio-compatible REST API; `settings` names them for the operator."""
+
+    name: str  # "Twilio", "SignalWire"
+    sid: str | None
+    token: SecretStr | None
+    base_url: str  # where `/2010-04-01/Accounts/...` lives
+    settings: tuple[str, str]  # the settings holding sid and token
+
+    def configured(self) -> bool:
+        return bool(self.sid and self.token)
+
+
+def twilio(settings: Settings) -> Account:
+    """This deployment's Twilio account, at TWILIO_API_BASE."""
+    return Account(
+        "Twilio",
+        settings.twilio_account_sid,
+        settings.twilio_auth_token,
+        settings.twilio_api_base,
+        ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"),
+    )
+
+
+def signalwire(settings: Settings) -> Account:
+    """This deployment's SignalWire project: its compatibility API under the space URL."""
+    space = settings.signalwire_space_url or ""
+    return Account(
+        "SignalWire",
+        settings.signalwire_project_id if space else None,
+        settings.signalwire_api_token,
+        space.rstrip("/") + "/api/laml",
+        ("SIGNALWIRE_PROJECT_ID and SIGNALWIRE_SPACE_URL", "SIGNALWIRE_API_TOKEN"),
+    )
+
+
 def configured(settings: Settings) -> bool:
     """Twilio's REST API can be used (account SID and auth token are set)."""
-    return bool(settings.twilio_account_sid and settings.twilio_auth_token)
+    return twilio(settings).configured()
 
 
 def client(settings: Settings) -> Client:
-    """A Twilio REST client for this deployment's account, at TWILIO_API_BASE."""
-    account, token = settings.twilio_account_sid, settings.twilio_auth_token
-    if not (account and token):
-        needed = {"TWILIO_ACCOUNT_SID": account, "TWILIO_AUTH_TOKEN": token}
+    """A REST client for this deployment's Twilio account."""
+    return _client(twilio(settings))
+
+
+def _client(account: Account) -> Client:
+    sid, token = account.sid, account.token
+    if not (sid and token):
+        needed = dict(zip(account.settings, (sid, token), strict=True))
         missing = ", ".join(name for name, value in needed.items() if not value)
-        raise RestSetupError(f"Twilio's REST API needs {missing}")
+        raise RestSetupError(f"{account.name}'s REST API needs {missing}")
     rest = Client(
-        account, token.get_secret_value(), http_client=TwilioHttpClient(timeout=TWILIO_TIMEOUT_S)
+        sid, token.get_secret_value(), http_client=TwilioHttpClient(timeout=TWILIO_TIMEOUT_S)
     )
-    rest.api.base_url = settings.twilio_api_base.rstrip("/")
+    rest.api.base_url = account.base_url.rstrip("/")
     return rest
 
 
-def _update(settings: Settings, call_sid: str, action: str, **changes: str) -> bool:
-    """Update a live call; False when Twilio says the call no longer exists (20404)."""
+def _update(account: Account, call_sid: str, action: str, **changes: str) -> bool:
+    """Update a live call; False when the carrier says the call no longer exists (404)."""
+    who, event = account.name, account.name.lower()
     try:
-        client(settings).calls(call_sid).update(**changes)
+        _client(account).calls(call_sid).update(**changes)
     except TwilioRestException as exc:
         if exc.code == NOT_FOUND or exc.status == 404:
-            log.info("twilio.call_already_ended", call_sid=call_sid, action=action)
+            log.info(f"{event}.call_already_ended", call_sid=call_sid, action=action)
             return False
         raise RestError(
-            f"Twilio refused to {action} the call (HTTP {exc.status}, code {exc.code}): {exc.msg}"
+            f"{who} refused to {action} the call (HTTP {exc.status}, code {exc.code}): {exc.msg}"
         ) from None
     except (TwilioException, OSError) as exc:
-        raise RestError(f"Twilio's API could not be reached: {exc}") from None
-    log.info("twilio.call_updated", call_sid=call_sid, action=action)
+        raise RestError(f"{who}'s API could not be reached: {exc}") from None
+    log.info(f"{event}.call_updated", call_sid=call_sid, action=action)
     return True
 
 
-def hang_up(settings: Settings, call_sid: str) -> bool:
+def hang_up(account: Account, call_sid: str) -> bool:
     """End a call (`status=completed`); False when it had already ended. Blocking."""
-    return _update(settings, call_sid, "hang up", status="completed")
+    return _update(account, call_sid, "hang up", status="completed")
 
 
-def transfer(settings: Settings, call_sid: str, to: str) -> bool:
+def transfer(account: Account, call_sid: str, to: str) -> bool:
     """Send the caller to `to` (new TwiML: `<Dial>`); False when the call had already ended.
 
     Twilio leaves our `<Connect><Stream>`, which ends the media stream and the session.
@@ -82,4 +131,4 @@ def transfer(settings: Settings, call_sid: str, to: str) -> bool:
     """
     twiml = VoiceResponse()
     twiml.dial(to)
-    return _update(settings, call_sid, "transfer", twiml=str(twiml))
+    return _update(account, call_sid, "transfer", twiml=str(twiml))

@@ -37,13 +37,15 @@ class FakeTwilioRest:
     ended: set[str] = field(default_factory=set)
     error: tuple[int, dict[str, Any]] | None = None
     on_update: Callable[[CallUpdate], None] | None = None
+    account: str = ACCOUNT  # SignalWire's compatibility API: its project id and API token
+    token: str = TOKEN
 
     async def update(self, request: web.Request) -> web.Response:
-        expected = "Basic " + base64.b64encode(f"{ACCOUNT}:{TOKEN}".encode()).decode()
+        expected = "Basic " + base64.b64encode(f"{self.account}:{self.token}".encode()).decode()
         if request.headers.get("Authorization") != expected:
             return web.json_response({"code": 20003, "message": "Authenticate"}, status=401)
         sid = request.match_info["sid"]
-        if request.match_info["account"] != ACCOUNT or sid in self.ended:
+        if request.match_info["account"] != self.account or sid in self.ended:
             body = {"code": 20404, "message": f"Call {sid} not found", "status": 404}
             return web.json_response(body, status=404)
         if self.error is not None:
@@ -55,14 +57,17 @@ class FakeTwilioRest:
         if self.on_update is not None:
             self.on_update(update)
         status = "completed" if form.get("Status") == "completed" else "in-progress"
-        return web.json_response({"sid": sid, "account_sid": ACCOUNT, "status": status})
+        return web.json_response({"sid": sid, "account_sid": self.account, "status": status})
 
 
 @asynccontextmanager
-async def fake_twilio_rest() -> AsyncIterator[FakeTwilioRest]:
-    fake = FakeTwilioRest()
+async def fake_twilio_rest(
+    prefix: str = "", account: str = ACCOUNT, token: str = TOKEN
+) -> AsyncIterator[FakeTwilioRest]:
+    """Twilio's call resource under `prefix` (SignalWire's: `/api/laml`, its project)."""
+    fake = FakeTwilioRest(account=account, token=token)
     app = web.Application()
-    app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", fake.update)
+    app.router.add_post(prefix + "/2010-04-01/Accounts/{account}/Calls/{sid}.json", fake.update)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

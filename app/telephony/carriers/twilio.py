@@ -52,10 +52,10 @@ class Twilio:
         return rest.configured(settings)
 
     def hang_up(self, settings: Settings, call_id: str) -> bool:
-        return rest.hang_up(settings, call_id)
+        return rest.hang_up(rest.twilio(settings), call_id)
 
     def transfer(self, settings: Settings, call_id: str, to: str) -> bool:
-        return rest.transfer(settings, call_id, to)
+        return rest.transfer(rest.twilio(settings), call_id, to)
 
 
 TWILIO: Final = Twilio()

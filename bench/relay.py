@@ -43,8 +43,13 @@ and its peak in the window; per call = (peak - baseline) / N. The per-core busy 
 foreign load on the two cores. The harness keeps its garbage collector off and the fake
 skips validating appends (`--validate` to keep it), so that neither shows as relay time.
 
+Carriers: the target `telnyx` is the service driven in Telnyx's shapes (its start, media
+with `stream_id` and snake_case fields, marks echoed, on /telnyx/stream) instead of
+Twilio's; the verdict compares its CPU per call with the Twilio-driven service's (the
+carrier seam must cost nothing measurable: within 10%).
+
     .venv/bin/python -m bench.relay [--calls 1,25,100] [--seconds 20]
-                                    [--targets service,bare,no-deflate] [--validate]
+                                    [--targets service,bare,no-deflate,telnyx] [--validate]
 """
 
 from __future__ import annotations
@@ -109,6 +114,10 @@ APPEND = '{"type":"input_audio_buffer.append","audio":"'
 MEDIA = (
     '{"event":"media","sequenceNumber":"%d","streamSid":"%s",'
     '"media":{"track":"inbound","chunk":"%d","timestamp":"%d","payload":"%s"}}'
+)
+TELNYX_MEDIA = (
+    '{"event":"media","sequence_number":"%d","media":{"track":"inbound","chunk":"%d",'
+    '"timestamp":"%d","payload":"%s"},"stream_id":"%s"}'
 )
 # Calls connect at random moments over this long, so their 20 ms clocks run at random
 # phases as independent Twilio streams do (an even spread would line them up on one beat).
@@ -305,16 +314,22 @@ class Timings:
 
 
 class LeanCall:
-    """Twilio's side of one call: caller frames on a 20 ms clock, real-time playback of
-    the agent's audio with mark echoes, clear."""
+    """The carrier's side of one call (Twilio's, or Telnyx's with `telnyx`): caller frames
+    on a 20 ms clock, real-time playback of the agent's audio with mark echoes, clear."""
 
-    def __init__(self, index: int, caller: bytes, frames: int, timings: Timings) -> None:
+    def __init__(
+        self, index: int, caller: bytes, frames: int, timings: Timings, telnyx: bool = False
+    ) -> None:
         self.index = index
         self.caller = caller
         self.frames = frames
         self.timings = timings
+        self.telnyx = telnyx
         self.sid = f"MZ{index:032x}"
         self.call_sid = f"CA{index:032x}"
+        if telnyx:
+            self.sid = f"{index:08x}-0000-4000-8000-000000000000"
+            self.call_sid = f"v3:bench{index:032x}"
         self.sequence = 0
         self.queued = 0  # agent bytes ever received
         self.consumed = 0  # agent bytes played (or cleared)
@@ -326,29 +341,49 @@ class LeanCall:
         async with self.lock:
             if message["event"] != "connected":
                 self.sequence += 1
-                message["sequenceNumber"] = str(self.sequence)
+                number = "sequence_number" if self.telnyx else "sequenceNumber"
+                message[number] = str(self.sequence)
             await ws.send_str(orjson.dumps(message).decode())
+
+    def message(self, event: str, **body: Any) -> dict[str, Any]:
+        """A message in the carrier's envelope."""
+        stream = {"stream_id": self.sid} if self.telnyx else {"streamSid": self.sid}
+        return {"event": event, **stream, **body}
 
     async def echo(self, ws: aiohttp.ClientWebSocketResponse, upto: int) -> None:
         while self.marks and self.marks[0][0] <= upto:
             name = self.marks.popleft()[1]
-            await self.send(ws, {"event": "mark", "streamSid": self.sid, "mark": {"name": name}})
+            await self.send(ws, self.message("mark", mark={"name": name}))
+
+    def start(self) -> dict[str, Any]:
+        token = {PARAMETER: StreamTokens(STREAM_TOKEN_SECRET.encode()).issue(self.call_sid)}
+        if self.telnyx:
+            start = {
+                "user_id": "bench",
+                "call_control_id": self.call_sid,
+                "media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1},
+                "custom_parameters": token,
+            }
+            return self.message("start", start=start)
+        return self.message(
+            "start",
+            start={
+                "accountSid": "AC" + "0" * 32,
+                "streamSid": self.sid,
+                "callSid": self.call_sid,
+                "tracks": ["inbound"],
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                "customParameters": token,
+            },
+        )
 
     async def run(self, http: aiohttp.ClientSession, url: str, start_at: float) -> None:
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
-        ws = await http.ws_connect(url + "/media-stream", headers={"User-Agent": "bench"})
-        await self.send(ws, {"event": "connected", "protocol": "Call", "version": "1.0.0"})
-        start = {
-            "accountSid": "AC" + "0" * 32,
-            "streamSid": self.sid,
-            "callSid": self.call_sid,
-            "tracks": ["inbound"],
-            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-            "customParameters": {
-                PARAMETER: StreamTokens(STREAM_TOKEN_SECRET.encode()).issue(self.call_sid)
-            },
-        }
-        await self.send(ws, {"event": "start", "streamSid": self.sid, "start": start})
+        path = "/telnyx/stream" if self.telnyx else "/media-stream"
+        ws = await http.ws_connect(url + path, headers={"User-Agent": "bench"})
+        connected = {"event": "connected", "version": "1.0.0"}
+        await self.send(ws, connected if self.telnyx else connected | {"protocol": "Call"})
+        await self.send(ws, self.start())
         receiver = asyncio.create_task(self.receive(ws))
         sent = self.timings.sent
         t0 = time.monotonic()
@@ -365,7 +400,10 @@ class LeanCall:
             payload = base64.b64encode(audio).decode("ascii")
             async with self.lock:
                 self.sequence += 1
-                message = MEDIA % (self.sequence, self.sid, n + 1, n * 20, payload)
+                if self.telnyx:
+                    message = TELNYX_MEDIA % (self.sequence, n + 1, n * 20, payload, self.sid)
+                else:
+                    message = MEDIA % (self.sequence, self.sid, n + 1, n * 20, payload)
                 sent[payload[:KEY_CHARS]] = time.monotonic()
                 await ws.send_str(message)
             # Twilio plays one frame of agent audio per tick, then echoes passed marks
@@ -373,7 +411,7 @@ class LeanCall:
             await self.echo(ws, self.consumed)
         if not ws.closed:
             stop = {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid}
-            await self.send(ws, {"event": "stop", "streamSid": self.sid, "stop": stop})
+            await self.send(ws, self.message("stop", stop=stop))
         await ws.close()
         await receiver
 
@@ -465,7 +503,7 @@ STREAM_TOKEN_SECRET = "bench-stream-token-secret"
 
 def start_relay(target: str, fake_url: str, workdir: Path) -> Relay:
     secret = {"stream_token_secret": STREAM_TOKEN_SECRET}
-    if target == "service":
+    if target in ("service", "telnyx"):
         return Service(fake_url, workdir, cpus=SERVICE_CPUS, **secret)
     if target == "no-deflate":
         return Service(fake_url, workdir, cpus=SERVICE_CPUS, prelude=NO_DEFLATE, **secret)
@@ -493,7 +531,8 @@ async def run_level(
         async with aiohttp.ClientSession(connector=connector) as http:
             await relay.ready(http)
             # Warm-up call: lazy imports and first allocations belong to the baseline.
-            warm = LeanCall(0, caller_audio(0, 100, rng), 100, Timings())
+            telnyx = target == "telnyx"
+            warm = LeanCall(0, caller_audio(0, 100, rng), 100, Timings(), telnyx)
             await warm.run(http, relay.url, time.monotonic())
             await relay.idle(http)
             await asyncio.sleep(0.5)
@@ -501,7 +540,7 @@ async def run_level(
             frames = round(seconds / FRAME_S)
             begin = time.monotonic() + 0.2
             lean = [
-                LeanCall(i, caller_audio(i, frames, rng), frames, timings)
+                LeanCall(i, caller_audio(i, frames, rng), frames, timings, telnyx)
                 for i in range(1, calls + 1)
             ]
             window = (begin + RAMP_S + SETTLE_S, begin + seconds - 0.5)
@@ -666,6 +705,15 @@ def print_verdict(rows: list[Row]) -> None:
         f"  < 2 MB per call: {top.rss_per_call_mb:.2f} MB -> "
         f"{'holds' if top.rss_per_call_mb < 2 else 'MISSED'}"
     )
+    telnyx = next((r for r in rows if r.target == "telnyx" and r.calls == top.calls), None)
+    if telnyx is not None:
+        ratio = telnyx.cpu_s_per_call_min / top.cpu_s_per_call_min - 1
+        print(
+            f"  Telnyx within 10% of Twilio's CPU per call: "
+            f"{telnyx.cpu_s_per_call_min * 1000 / 60:.2f} vs "
+            f"{top.cpu_s_per_call_min * 1000 / 60:.2f} CPU-ms per call-second ({ratio:+.1%}) "
+            f"-> {'holds' if abs(ratio) <= 0.10 else 'MISSED'}"
+        )
 
 
 async def main() -> None:
@@ -676,7 +724,7 @@ async def main() -> None:
         "--targets",
         default="service,bare",
         help="relays to load, of: service, bare (the floor), no-deflate (the service with "
-        "its realtime socket uncompressed: a what-if)",
+        "its realtime socket uncompressed: a what-if), telnyx (the service, driven as Telnyx)",
     )
     parser.add_argument(
         "--validate", action="store_true", help="the fake validates every append too"

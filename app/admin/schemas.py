@@ -176,7 +176,11 @@ class CallSummary(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
     call_sid: str
-    carrier: Carrier = Field(description="Whose network the call came through.")
+    carrier: Carrier = Field(
+        Carrier.TWILIO,
+        description="Whose network the call came through (records of instances that "
+        "predate carriers have none: theirs were Twilio's).",
+    )
     from_: str = Field(alias="from")
     to: str
     persona: str

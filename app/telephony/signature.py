@@ -126,15 +126,25 @@ def unsigned_refusal(request: web.Request, settings: Settings, key: str) -> str 
 
 
 def exposure(settings: Settings) -> str:
-    """What the edge accepts, for the start-up log."""
-    if not settings.dev_mode:
-        return "requests must carry Twilio's signature (TWILIO_AUTH_TOKEN)"
+    """What the carriers' edges accept, for the start-up log."""
+    keys = {
+        "Twilio": ("TWILIO_AUTH_TOKEN", settings.twilio_auth_token),
+        "Telnyx": ("TELNYX_PUBLIC_KEY", settings.telnyx_public_key),
+        "SignalWire": ("SIGNALWIRE_SIGNING_KEY", settings.signalwire_signing_key),
+    }
+    signed = [f"{name}'s ({key})" for name, (key, value) in keys.items() if value is not None]
+    unsigned = [key for key, value in keys.values() if value is None]
+    said = f"requests must carry {', '.join(signed)} signature" if signed else ""
+    if not unsigned:
+        return said
     if settings.allow_unsigned:
-        return (
+        opened = (
             "ALLOW_UNSIGNED=true: unsigned requests accepted from ANY client, proxied or not; "
             "whoever reaches this port can place calls on your model keys"
         )
-    return (
-        "TWILIO_AUTH_TOKEN unset: unsigned requests accepted from loopback only, "
-        "and not through a proxy or tunnel that adds forwarding headers"
-    )
+    else:
+        opened = (
+            f"{', '.join(unsigned)} unset: unsigned requests accepted from loopback only, "
+            "and not through a proxy or tunnel that adds forwarding headers"
+        )
+    return f"{said}; for the other carriers, {opened}" if said else opened

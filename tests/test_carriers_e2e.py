@@ -3,6 +3,8 @@
 fake realtime model; the carrier's REST API is a fake on 127.0.0.1.
 
 Twilio's own end-to-end tests are tests/test_relay_e2e.py and tests/test_bargein_e2e.py.
+The calls run on looptime's virtual clock, the VAD scored on the loop's thread (as in
+tests/test_bargein_e2e.py), so a call costs only its CPU.
 """
 
 from __future__ import annotations
@@ -17,19 +19,22 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import WSCloseCode
+from aiohttp import WSCloseCode, web
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from app.config import Settings
-from app.server import CALLS
+from app.server import CALLS, VAD, create_app
 from app.simulator import CallResult, Clip, Dtmf, SimulatorError, simulate_call
 from app.telephony.carrier import Carrier
 from tests.conftest import FIXTURES
 from tests.fakes.realtime import FakeRealtime
 from tests.fakes.telnyx_rest import API_KEY, fake_telnyx_rest
 from tests.fakes.twilio_rest import fake_twilio_rest
+from tests.test_bargein_e2e import InlineVad
+
+pytestmark = pytest.mark.looptime
 
 GREETING = (FIXTURES / "yes.ulaw").read_bytes()
 SHORT = GREETING[:8000]  # 1 s
@@ -93,12 +98,27 @@ class Rig:
         raise AssertionError("a call or a model socket outlived the call")
 
 
+async def _inline_vad(app: web.Application) -> AsyncIterator[None]:
+    batcher = app[VAD]
+    app[VAD] = InlineVad(batcher.vad)
+    yield
+    await batcher.close()  # the app closes the inline one
+
+
 @pytest.fixture
 async def rig(
-    serve: Callable[[Settings], Awaitable[TestServer]],
     settings_factory: Callable[..., Settings],
 ) -> AsyncIterator[Callable[..., Awaitable[Rig]]]:
     fakes: list[FakeRealtime] = []
+    servers: list[TestServer] = []
+
+    async def serve(settings: Settings) -> TestServer:
+        app = create_app(settings)
+        app.cleanup_ctx.append(_inline_vad)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return server
 
     async def start(
         carrier: Carrier, reply: bytes = SHORT, deaf: bool = False, **settings: Any
@@ -113,6 +133,8 @@ async def rig(
         return Rig(tools, fake, await serve(settings_factory(**values)))
 
     yield start
+    for server in servers:  # first: its calls close their model sockets
+        await server.close()
     for fake in fakes:
         await fake.stop()
 

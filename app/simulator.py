@@ -158,12 +158,12 @@ class Dtmf:
 
 @dataclass
 class CallResult:
-    """What happened on one simulated call, from Twilio's side of the stream."""
+    """What happened on one simulated call, from the carrier's side of the stream."""
 
     call_sid: str
     stream_sid: str
     account_sid: str
-    parameters: dict[str, str]  # the TwiML <Parameter>s, sent as start.customParameters
+    parameters: dict[str, str]  # the markup's <Parameter>s, sent in the start message
     speech_ends_ms: tuple[int, ...]
     sent_payloads: list[str] = field(default_factory=list)  # base64, one per 20 ms frame
     received_payloads: list[str] = field(default_factory=list)  # base64 as the server sent

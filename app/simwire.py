@@ -40,13 +40,13 @@ class Ids:
     account: str
 
 
-def stream_of(markup: str, path: str = "./Connect/Stream") -> tuple[str, dict[str, str]]:
+def stream_of(markup: str) -> tuple[str, dict[str, str]]:
     """The stream URL and its `<Parameter>`s from `<Response><Connect><Stream>`."""
     try:
         root = ET.fromstring(markup)
     except ET.ParseError as exc:
         raise SimulatorError(f"webhook answer is not XML: {exc}: {markup[:200]!r}") from exc
-    stream = root.find(path) if root.tag == "Response" else None
+    stream = root.find("./Connect/Stream") if root.tag == "Response" else None
     if stream is None:
         said = " ".join(s.text or "" for s in root.iter("Say")).strip()
         detail = f" (it says: {said!r})" if said else ""

@@ -62,6 +62,12 @@ class Metrics:
             ["kind", "state"],
             registry=r,
         )
+        self.answered_by = Counter(
+            "phone_agent_outbound_answered",
+            "Outbound calls by who answered (answering-machine detection): human, machine.",
+            ["answered_by"],
+            registry=r,
+        )
         self.turn_latency = Histogram(
             "phone_agent_turn_latency_seconds",
             "Per-turn latency from the caller's end of speech, by span.",

@@ -35,6 +35,7 @@ class Persona:
     transfer_numbers: tuple[str, ...] = ()
     tools: Toolbox = field(default_factory=Toolbox)
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
+    voicemail_message: str = ""  # left on an answering machine (outbound calls), after the beep
 
     def instructions_on(self, when: float) -> str:
         """The instructions for a call at `when` (unix seconds): `{today}` becomes that
@@ -67,6 +68,7 @@ def load_personas(directory: Path) -> dict[str, Persona]:
                 transfer_numbers=_numbers(path, data.get("transfer_numbers", [])),
                 tools=parse_toolbox(data, env),
                 timezone=_zone(path, data.get("timezone", "UTC")),
+                voicemail_message=str(data.get("voicemail_message", "")).strip(),
             )
         except DeclarationError as exc:
             raise PersonaError(f"persona file {path}: {exc}") from None

@@ -26,6 +26,7 @@ from app.modes import UnknownMode, parse_mode
 from app.personas import Persona, load_personas
 from app.telephony import messages, signature, streamtoken
 from app.telephony.base import Edge, Webhook
+from app.telephony.carrier import AnsweredBy
 from app.telephony.carriers.twilio import TWILIO
 from app.telephony.edges import EDGES
 from app.tools.toolset import shared_runner
@@ -100,6 +101,14 @@ def _webhook(carrier: Edge, stream_path: str) -> Handler:
         except UnknownMode:
             log.warning("twiml.unknown_mode", mode=mode, using=settings.agent_mode)
             mode = ""
+        answered_by = carrier.answered_by(form)
+        if answered_by is not None:
+            request.app[METRICS].answered_by.labels(answered_by).inc()
+        if answered_by is AnsweredBy.MACHINE:
+            # The greeting's beep has passed: leave the persona's message and hang up.
+            message = personas[persona].voicemail_message
+            log.info("call.voicemail", carrier=carrier.carrier, call_sid=call_id, persona=persona)
+            return web.Response(text=carrier.voicemail(message), content_type="text/xml")
         markup = carrier.answer(
             websocket_url(origin) + stream_path,
             {
@@ -107,6 +116,7 @@ def _webhook(carrier: Edge, stream_path: str) -> Handler:
                 "mode": mode,
                 "From": form.get("From", ""),
                 "To": form.get("To", ""),
+                "AnsweredBy": answered_by or "",
                 streamtoken.PARAMETER: request.app[STREAM_TOKENS].issue(call_id),
             },
         )

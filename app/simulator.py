@@ -429,13 +429,15 @@ async def simulate_call(
     from_number: str = "+15005550006",
     to_number: str = "+15005550001",
     carrier: Carrier = Carrier.TWILIO,
+    answered_by: str | None = None,
 ) -> CallResult:
     """Place one call against the service at `url`, as `carrier` would, and report on it.
 
     With `auth_token` (the carrier's signing key: Twilio's auth token, Telnyx's Ed25519
     private key in base64) the webhook, and the upgrade where the carrier signs it, carry
     its signature; with `admin_token` the transcript is fetched from the admin API before
-    hanging up.
+    hanging up. `answered_by` plays an outbound call's machine detection (Twilio's
+    `AnsweredBy`, e.g. `human`, `machine_end_beep`).
     """
     if not isinstance(clip, Clip):
         clip = Clip.from_wav(clip)
@@ -451,7 +453,8 @@ async def simulate_call(
         parameters={},
         speech_ends_ms=clip.speech_ends_ms,
     )
-    body, headers = part.webhook(webhook, ids, from_number, to_number)
+    extra = {"AnsweredBy": answered_by} if answered_by else {}
+    body, headers = part.webhook(webhook, ids, from_number, to_number, extra)
     async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
         try:
             async with http.post(webhook, data=body, headers=headers) as resp:

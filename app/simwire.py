@@ -66,8 +66,11 @@ class CarrierSide(Protocol):
 
     def ids(self, account: str | None) -> Ids: ...
 
-    def webhook(self, url: str, ids: Ids, caller: str, callee: str) -> tuple[bytes, dict[str, str]]:
-        """The webhook's body and headers (signed when the side has a key)."""
+    def webhook(
+        self, url: str, ids: Ids, caller: str, callee: str, extra: Mapping[str, str]
+    ) -> tuple[bytes, dict[str, str]]:
+        """The webhook's body (with `extra` fields) and headers (signed when the side has
+        a key)."""
 
     def stream(self, markup: str) -> tuple[str, dict[str, str]]:
         """The stream URL and the parameters our markup asks to carry."""
@@ -118,8 +121,11 @@ class TwilioSide:
         self._sequence += 1
         return {**message, "sequenceNumber": str(self._sequence)}
 
-    def webhook(self, url: str, ids: Ids, caller: str, callee: str) -> tuple[bytes, dict[str, str]]:
+    def webhook(
+        self, url: str, ids: Ids, caller: str, callee: str, extra: Mapping[str, str]
+    ) -> tuple[bytes, dict[str, str]]:
         form = {
+            **extra,
             "AccountSid": ids.account,
             "ApiVersion": "2010-04-01",
             "CallSid": ids.call,
@@ -204,8 +210,11 @@ class TelnyxSide:
         call = "v3:" + base64.urlsafe_b64encode(secrets.token_bytes(39)).decode()
         return Ids(call, str(uuid.uuid4()), account or str(uuid.uuid4()))
 
-    def webhook(self, url: str, ids: Ids, caller: str, callee: str) -> tuple[bytes, dict[str, str]]:
+    def webhook(
+        self, url: str, ids: Ids, caller: str, callee: str, extra: Mapping[str, str]
+    ) -> tuple[bytes, dict[str, str]]:
         form = {
+            **extra,
             "AccountSid": ids.account,
             "CallSid": ids.call,
             "CallSessionId": str(uuid.uuid4()),

@@ -125,7 +125,15 @@ def place_call(
         raise DialSetupError(f"outbound calls need {missing}")
     url = answer_url(public_url, persona, mode)
     try:
-        call = rest.client(settings).calls.create(to=to, from_=from_number, url=url, method="POST")
+        # Twilio fetches the TwiML once it knows who answered (a machine: after its beep),
+        # with AnsweredBy in the webhook (app.telephony.twiml.answered_by).
+        call = rest.client(settings).calls.create(
+            to=to,
+            from_=from_number,
+            url=url,
+            method="POST",
+            machine_detection="DetectMessageEnd",
+        )
     except TwilioRestException as exc:
         raise DialError(
             f"Twilio refused the call (HTTP {exc.status}, code {exc.code}): {exc.msg}"

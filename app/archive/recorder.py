@@ -551,6 +551,7 @@ class CallRecorder(CallObserver):
             "call_sid": info.call_sid,
             "stream_sid": info.stream_sid,
             "carrier": info.carrier,
+            "answered_by": info.answered_by,
             "from": info.from_number,
             "to": info.to_number,
             "persona": info.persona,

@@ -28,3 +28,6 @@ class CallInfo:
     barge_ins: int = 0
     billed_seconds: dict[str, float] = field(default_factory=dict)  # engine -> seconds
     carrier: Carrier = Carrier.TWILIO  # whose network the call came through
+    # Outbound: who answered, by the carrier's machine detection (a machine gets the
+    # voicemail message and no call); None for inbound calls.
+    answered_by: str | None = None

@@ -97,6 +97,7 @@ class CallSession:
             mode=mode,
             voice=persona.voice,
             carrier=start.carrier,
+            answered_by=params.get("AnsweredBy") or None,
         )
         self.log = log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
         self.transcript: list[Turn] = []

@@ -17,7 +17,7 @@ from typing import Protocol
 from aiohttp import web
 
 from app.config import Settings
-from app.telephony.carrier import Carrier
+from app.telephony.carrier import AnsweredBy, Carrier
 from app.telephony.messages import StreamMessage
 
 __all__ = ["Edge", "Framer", "Webhook"]
@@ -57,6 +57,13 @@ class Edge(Framer, Protocol):
 
     def call_id(self, form: Mapping[str, str]) -> str | None:
         """The webhook's call id, or None when it is missing or not this carrier's."""
+
+    def answered_by(self, form: Mapping[str, str]) -> AnsweredBy | None:
+        """Who answered an outbound call, when the carrier's answering-machine detection
+        says so in the webhook; None for inbound calls and carriers without it."""
+
+    def voicemail(self, message: str) -> str:
+        """The webhook's answer for a machine: say `message` (if any) and hang up."""
 
     def webhook_refusal(
         self, request: web.Request, settings: Settings, hook: Webhook

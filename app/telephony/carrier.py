@@ -7,6 +7,7 @@ from enum import StrEnum
 
 __all__ = [
     "CALL_ID_PATTERN",
+    "AnsweredBy",
     "Carrier",
     "RestError",
     "RestSetupError",
@@ -37,6 +38,13 @@ class Carrier(StrEnum):
 def is_call_id(value: object) -> bool:
     """`value` has the shape of some carrier's call id (safe in paths and logs)."""
     return isinstance(value, str) and _CALL_IDS.fullmatch(value) is not None
+
+
+class AnsweredBy(StrEnum):
+    """Who picked up an outbound call, by the carrier's answering-machine detection."""
+
+    HUMAN = "human"
+    MACHINE = "machine"  # a voicemail greeting (its beep has passed) or a fax
 
 
 class UnknownCarrier(ValueError):

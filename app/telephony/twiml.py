@@ -6,7 +6,9 @@ from collections.abc import Mapping
 
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-__all__ = ["APOLOGY", "connect_stream"]
+from app.telephony.carrier import AnsweredBy
+
+__all__ = ["APOLOGY", "answered_by", "connect_stream", "voicemail"]
 
 APOLOGY = "Sorry, our assistant is not available right now. Please call again in a few minutes."
 
@@ -26,5 +28,27 @@ def connect_stream(stream_url: str, parameters: Mapping[str, str]) -> str:
             stream.parameter(name=name, value=value)
     response.append(connect)
     response.say(APOLOGY)
+    response.hangup()
+    return str(response)
+
+
+def answered_by(form: Mapping[str, str]) -> AnsweredBy | None:
+    """`AnsweredBy` of a call placed with `MachineDetection=DetectMessageEnd`: Twilio waits
+    for the end of a voicemail greeting (`machine_end_beep`, `_silence`, `_other`) before
+    fetching the TwiML; `human` and `unknown` get the agent (talking to a person who was
+    taken for a machine would be worse than the reverse)."""
+    value = form.get("AnsweredBy")
+    if not value:
+        return None
+    if value.startswith("machine") or value == "fax":
+        return AnsweredBy.MACHINE
+    return AnsweredBy.HUMAN
+
+
+def voicemail(message: str) -> str:
+    """Leave `message` after the beep, then hang up."""
+    response = VoiceResponse()
+    if message:
+        response.say(message)
     response.hangup()
     return str(response)

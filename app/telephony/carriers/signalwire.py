@@ -15,7 +15,7 @@ from aiohttp import web
 from app.config import Settings
 from app.telephony import messages, rest, signature, twiml
 from app.telephony.base import Webhook
-from app.telephony.carrier import Carrier, is_call_id
+from app.telephony.carrier import AnsweredBy, Carrier, is_call_id
 from app.telephony.messages import StreamMessage
 
 __all__ = ["SIGNALWIRE", "SIGNATURE_HEADER", "SignalWire"]
@@ -35,6 +35,12 @@ class SignalWire:
     def call_id(self, form: Mapping[str, str]) -> str | None:
         call_sid = form.get("CallSid")
         return call_sid if call_sid is not None and is_call_id(call_sid) else None
+
+    def answered_by(self, form: Mapping[str, str]) -> AnsweredBy | None:
+        return twiml.answered_by(form)
+
+    def voicemail(self, message: str) -> str:
+        return twiml.voicemail(message)
 
     def webhook_refusal(
         self, request: web.Request, settings: Settings, hook: Webhook

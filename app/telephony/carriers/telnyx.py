@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from app.config import Settings
 from app.telephony import http, messages, signature
 from app.telephony.base import Webhook
-from app.telephony.carrier import Carrier, RestError, RestSetupError, is_call_id
+from app.telephony.carrier import AnsweredBy, Carrier, RestError, RestSetupError, is_call_id
 from app.telephony.messages import (
     BadMessage,
     Connected,
@@ -153,6 +153,16 @@ class Telnyx:
     def call_id(self, form: Mapping[str, str]) -> str | None:
         call_sid = form.get("CallSid")
         return call_sid if call_sid is not None and is_call_id(call_sid) else None
+
+    def answered_by(self, form: Mapping[str, str]) -> AnsweredBy | None:
+        return None  # outbound calls are placed through Twilio only
+
+    def voicemail(self, message: str) -> str:
+        response = ET.Element("Response")
+        if message:
+            ET.SubElement(response, "Say").text = message
+        ET.SubElement(response, "Hangup")
+        return ET.tostring(response, encoding="unicode", xml_declaration=True)
 
     def webhook_refusal(
         self, request: web.Request, settings: Settings, hook: Webhook

@@ -10,7 +10,7 @@ from aiohttp import web
 from app.config import Settings
 from app.telephony import messages, rest, signature, twiml
 from app.telephony.base import Webhook
-from app.telephony.carrier import Carrier
+from app.telephony.carrier import AnsweredBy, Carrier
 from app.telephony.messages import StreamMessage
 
 __all__ = ["TWILIO", "Twilio"]
@@ -27,6 +27,12 @@ class Twilio:
     def call_id(self, form: Mapping[str, str]) -> str | None:
         call_sid = form.get("CallSid")
         return call_sid if messages.is_sid(call_sid, "CA") else None
+
+    def answered_by(self, form: Mapping[str, str]) -> AnsweredBy | None:
+        return twiml.answered_by(form)
+
+    def voicemail(self, message: str) -> str:
+        return twiml.voicemail(message)
 
     def webhook_refusal(
         self, request: web.Request, settings: Settings, hook: Webhook

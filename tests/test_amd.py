@@ -1,0 +1,107 @@
+"""Answering-machine detection on outbound calls (Twilio): the dial asks Twilio to detect
+the end of a voicemail greeting; the webhook then says who answered. A machine gets the
+persona's `voicemail_message` and a hang-up (no stream, no model); a person gets the agent
+as usual, and the call's record says `answered_by: human`. /metrics counts both."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
+
+from app.admin.dial import place_call
+from app.config import Settings
+from app.personas import load_personas
+from app.server import CALLS
+from app.simulator import Clip, SimulatorError, simulate_call
+from tests.conftest import FIXTURES
+from tests.fakes.realtime import FakeRealtime
+from tests.test_dial import FakeTwilio, dial_settings, twilio  # noqa: F401 (fixture)
+
+GREETING = (FIXTURES / "yes.ulaw").read_bytes()[:8000]
+TOKEN = "twilio-auth-token-for-amd-tests"
+PERSONA = "account_exec"  # prompts/account_exec.toml has a voicemail_message
+
+
+async def test_outbound_calls_ask_twilio_to_wait_for_the_beep(
+    twilio: FakeTwilio,  # noqa: F811
+    settings_factory: Callable[..., Settings],
+) -> None:
+    settings = dial_settings(settings_factory, twilio)
+    await asyncio.to_thread(place_call, settings, "+15551234567", PERSONA)
+    (form,) = twilio.requests
+    assert form["MachineDetection"] == "DetectMessageEnd"
+
+
+@pytest.fixture
+async def service(
+    serve: Callable[[Settings], Awaitable[TestServer]],
+    settings_factory: Callable[..., Settings],
+) -> AsyncIterator[tuple[FakeRealtime, TestServer, Settings]]:
+    model = FakeRealtime(reply_audio=GREETING, pace=1.0, vad_threshold_dbfs=10.0)
+    await model.start()
+    settings = settings_factory(realtime_url=model.url, twilio_auth_token=TOKEN)
+    yield model, await serve(settings), settings
+    await model.stop()
+
+
+async def _answered(server: TestServer) -> dict[str, float]:
+    async with ClientSession() as http, http.get(server.make_url("/metrics")) as resp:
+        text = await resp.text()
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("phone_agent_outbound_answered_total{"):
+            label = line.split('answered_by="')[1].split('"')[0]
+            counts[label] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+async def test_a_machine_gets_the_voicemail_message_and_a_hang_up(
+    service: tuple[FakeRealtime, TestServer, Settings],
+) -> None:
+    model, server, settings = service
+    url = f"http://{server.host}:{server.port}"
+    message = load_personas(settings.prompts_dir)[PERSONA].voicemail_message
+    assert message
+    with pytest.raises(SimulatorError, match="connects no media stream") as refused:
+        await simulate_call(
+            Clip(b"\xff" * 800, ()),
+            url=url,
+            persona=PERSONA,
+            auth_token=TOKEN,
+            answered_by="machine_end_beep",
+        )
+    assert message in str(refused.value)  # the TwiML says it, then <Hangup/>
+    assert "<Hangup />" in str(refused.value)
+    assert model.connections == []  # no stream, no model
+    assert await _answered(server) == {"machine": 1.0}
+
+
+async def test_a_person_gets_the_agent_and_the_record_says_so(
+    service: tuple[FakeRealtime, TestServer, Settings],
+) -> None:
+    model, server, settings = service
+    url = f"http://{server.host}:{server.port}"
+    result = await simulate_call(
+        Clip(b"\xff" * 8 * 1500, ()),
+        url=url,
+        persona=PERSONA,
+        auth_token=TOKEN,
+        answered_by="human",
+        tail_s=0.2,
+    )
+    for _ in range(100):
+        if not server.app[CALLS]:
+            break
+        await asyncio.sleep(0.05)
+    assert b"".join(base64.b64decode(p) for p in result.received_payloads) == GREETING
+    assert result.parameters["AnsweredBy"] == "human"
+    assert len(model.connections) == 1  # the agent took the call
+    record = json.loads((settings.archive_dir / result.call_sid / "call.json").read_text())
+    assert record["answered_by"] == "human" and record["carrier"] == "twilio"
+    assert await _answered(server) == {"human": 1.0}

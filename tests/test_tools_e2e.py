@@ -193,7 +193,11 @@ async def test_realtime_books_at_the_clinic_and_the_model_hears_the_answer(rig: 
         await r.metric("phone_agent_tool_calls_total", tool="book_appointment", outcome="ok") == 1.0
     )
     assert await r.metric("phone_agent_tool_latency_seconds_count", tool="book_appointment") == 1.0
-    await wait_until(lambda: (r.archive / live.sid / "call.json").exists(), what="the record")
+    # The archive writes on its own thread: call.json may exist before it lists the tool.
+    await wait_until(
+        lambda: (r.archive / live.sid / "call.json").exists() and bool(r.record(live.sid)["tools"]),
+        what="the record with its tool call",
+    )
     (entry,) = r.record(live.sid)["tools"]
     assert (entry["tool"], entry["outcome"], entry["arguments"]) == (
         "book_appointment",

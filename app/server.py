@@ -250,9 +250,13 @@ async def _run_call(
         if session is None:
             await ws.close()
         else:
-            if calls.get(session.info.call_sid) is session:
-                del calls[session.info.call_sid]
-            await session.close()  # its last cleanup step closes the socket
+            # Unregistered once closed, so a drain that waits for the registry to empty
+            # waits for every call's cleanup (the archive, the engine socket) too.
+            try:
+                await session.close()  # its last cleanup step closes the socket
+            finally:
+                if calls.get(session.info.call_sid) is session:
+                    del calls[session.info.call_sid]
 
 
 async def _console_call(request: web.Request) -> web.StreamResponse:

@@ -70,6 +70,7 @@ async def test_paces_to_the_lead(running: tuple[Playback, Twilio]) -> None:
     assert frames[:4] == ["media", "mark", "media", "mark"]
 
 
+@pytest.mark.looptime
 async def test_heard_follows_marks_and_is_clamped(running: tuple[Playback, Twilio]) -> None:
     playback, twilio = running
     playback.enqueue("item_1", audio(300))

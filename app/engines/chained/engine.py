@@ -48,6 +48,7 @@ from app.engines.chained.sentences import SentenceSplitter
 from app.engines.chained.stt import TogetherSTT
 from app.engines.chained.tts import SpeechChunk, TogetherTTS
 from app.modes import Mode
+from app.tasks import Supervisor
 
 __all__ = ["APOLOGY", "ChainedEngine"]
 
@@ -165,7 +166,7 @@ class ChainedEngine:
         self._stt: TogetherSTT | None = None
         self._tts: TogetherTTS | None = None
         self._llm: ChatClient | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._tasks = Supervisor(log)  # the turn worker: a crash is logged and ends the engine
         self._response: asyncio.Task[ProviderError | None] | None = None
         self._replies: OrderedDict[str, _Reply] = OrderedDict()
         self._closed = False
@@ -210,7 +211,7 @@ class ChainedEngine:
         self._conversation.seed(history)
         self._instructions = setup.instructions
         self._tools = [_tool_json(tool) for tool in setup.tools]
-        self._worker = asyncio.create_task(self._work(), name="chained-turns")
+        self._tasks.spawn(self._work(), "chained-turns", self._worker_crashed)
         if greet and setup.greeting:
             self._jobs.put_nowait(_Say(setup.greeting))
         log.info("chained_started", voice=self._tts.voice, history=len(history), greet=greet)
@@ -286,10 +287,7 @@ class ChainedEngine:
         if self._closed:
             return
         self._closed = True
-        tasks = [t for t in (self._worker, self._response) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.close()  # the worker's own cleanup cancels the reply it speaks
         for part in (self._stt, self._tts):
             if part is not None:
                 await part.close()
@@ -350,7 +348,9 @@ class ChainedEngine:
         try:
             await asyncio.wait({task})
         finally:
-            task.cancel()  # no-op unless this worker itself is being cancelled
+            if not task.done():  # this worker itself is being cancelled: so is the reply
+                task.cancel()
+                await asyncio.wait({task})
             self._response = None
         return None if task.cancelled() else task.result()
 
@@ -413,6 +413,11 @@ class ChainedEngine:
 
     def _emit(self, event: EngineEvent) -> None:
         self._events.put_nowait(event)
+
+    def _worker_crashed(self, exc: BaseException) -> None:
+        """The turn worker died (logged with its traceback): no turn would be answered
+        again, so the engine ends and the call fails over."""
+        self._fatal(ProviderError("internal_error", f"turn worker crashed: {exc!r}"))
 
     def _fatal(self, error: ProviderError) -> None:
         """A socket was refused for good (bad key, unknown model): this engine is done."""

@@ -13,9 +13,10 @@ from typing import Final
 from aiohttp import web
 
 from app.config import Settings
-from app.telephony import messages, rest, signature, twiml
+from app.telephony import messages, rest, signature
 from app.telephony.base import Webhook
-from app.telephony.carrier import AnsweredBy, Carrier, is_call_id
+from app.telephony.carrier import Carrier, is_call_id
+from app.telephony.carriers.twilio import TwilioCompatible
 from app.telephony.messages import StreamMessage
 
 __all__ = ["SIGNALWIRE", "SIGNATURE_HEADER", "SignalWire"]
@@ -24,23 +25,14 @@ SIGNATURE_HEADER = "X-SignalWire-Signature"
 _KEY = "SIGNALWIRE_SIGNING_KEY"
 
 
-class SignalWire:
+class SignalWire(TwilioCompatible):
     """The SignalWire edge (`POST /signalwire/answer`, `GET /signalwire/stream`)."""
 
     carrier: Final = Carrier.SIGNALWIRE
 
-    def answer(self, stream_url: str, parameters: Mapping[str, str]) -> str:
-        return twiml.connect_stream(stream_url, parameters)
-
     def call_id(self, form: Mapping[str, str]) -> str | None:
         call_sid = form.get("CallSid")
         return call_sid if call_sid is not None and is_call_id(call_sid) else None
-
-    def answered_by(self, form: Mapping[str, str]) -> AnsweredBy | None:
-        return twiml.answered_by(form)
-
-    def voicemail(self, message: str) -> str:
-        return twiml.voicemail(message)
 
     def webhook_refusal(
         self, request: web.Request, settings: Settings, hook: Webhook
@@ -71,15 +63,6 @@ class SignalWire:
 
     def parse(self, frame: str | bytes) -> StreamMessage:
         return messages.parse(frame, Carrier.SIGNALWIRE)
-
-    def media(self, stream_id: str, payload: str) -> str:
-        return messages.media(stream_id, payload)
-
-    def mark(self, stream_id: str, name: str) -> str:
-        return messages.mark(stream_id, name)
-
-    def clear(self, stream_id: str) -> str:
-        return messages.clear(stream_id)
 
     def rest_configured(self, settings: Settings) -> bool:
         return rest.signalwire(settings).configured()

@@ -13,26 +13,39 @@ from app.telephony.base import Webhook
 from app.telephony.carrier import AnsweredBy, Carrier
 from app.telephony.messages import StreamMessage
 
-__all__ = ["TWILIO", "Twilio"]
+__all__ = ["TWILIO", "Twilio", "TwilioCompatible"]
 
 
-class Twilio:
-    """The Twilio edge (`POST /twiml`, `GET /media-stream`)."""
-
-    carrier: Final = Carrier.TWILIO
+class TwilioCompatible:
+    """Twilio's markup and stream envelope, which SignalWire's compatibility API shares."""
 
     def answer(self, stream_url: str, parameters: Mapping[str, str]) -> str:
         return twiml.connect_stream(stream_url, parameters)
-
-    def call_id(self, form: Mapping[str, str]) -> str | None:
-        call_sid = form.get("CallSid")
-        return call_sid if messages.is_sid(call_sid, "CA") else None
 
     def answered_by(self, form: Mapping[str, str]) -> AnsweredBy | None:
         return twiml.answered_by(form)
 
     def voicemail(self, message: str) -> str:
         return twiml.voicemail(message)
+
+    def media(self, stream_id: str, payload: str) -> str:
+        return messages.media(stream_id, payload)
+
+    def mark(self, stream_id: str, name: str) -> str:
+        return messages.mark(stream_id, name)
+
+    def clear(self, stream_id: str) -> str:
+        return messages.clear(stream_id)
+
+
+class Twilio(TwilioCompatible):
+    """The Twilio edge (`POST /twiml`, `GET /media-stream`)."""
+
+    carrier: Final = Carrier.TWILIO
+
+    def call_id(self, form: Mapping[str, str]) -> str | None:
+        call_sid = form.get("CallSid")
+        return call_sid if messages.is_sid(call_sid, "CA") else None
 
     def webhook_refusal(
         self, request: web.Request, settings: Settings, hook: Webhook
@@ -44,15 +57,6 @@ class Twilio:
 
     def parse(self, frame: str | bytes) -> StreamMessage:
         return messages.parse(frame)
-
-    def media(self, stream_id: str, payload: str) -> str:
-        return messages.media(stream_id, payload)
-
-    def mark(self, stream_id: str, name: str) -> str:
-        return messages.mark(stream_id, name)
-
-    def clear(self, stream_id: str) -> str:
-        return messages.clear(stream_id)
 
     def rest_configured(self, settings: Settings) -> bool:
         return rest.configured(settings)

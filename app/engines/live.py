@@ -53,6 +53,7 @@ from app.engines.base import (
     Transcript,
     Turn,
 )
+from app.engines.sockets import open_socket
 from app.modes import Mode
 from app.tasks import Supervisor
 
@@ -302,18 +303,10 @@ class LiveEngine:
         key = settings.live_api_key
         if key is None:
             raise EngineUnavailable("LIVE_API_KEY is not set")
-        try:
-            self._ws = await websockets.connect(
-                settings.live_url,
-                additional_headers={"Authorization": f"Bearer {key.get_secret_value()}"},
-                open_timeout=settings.live_session_timeout,
-                max_size=16 * 1024 * 1024,
-                ping_interval=20,
-                ping_timeout=20,
-                compression=None,  # base64 audio hardly compresses (bench.relay)
-            )
-        except (OSError, TimeoutError, ValueError, websockets.WebSocketException) as exc:
-            raise EngineUnavailable(f"live socket failed to open: {exc!r}") from exc
+        headers = {"Authorization": f"Bearer {key.get_secret_value()}"}
+        self._ws = await open_socket(
+            settings.live_url, headers, settings.live_session_timeout, "live"
+        )
         self._setup, self._seeded = setup, len(history)
         session = session_config(settings, setup, history)
         await self._send({"type": "session.start", "session": session})

@@ -50,6 +50,7 @@ from app.engines.base import (
     Transcript,
     Turn,
 )
+from app.engines.sockets import open_socket
 from app.modes import Mode
 from app.tasks import Supervisor
 
@@ -363,20 +364,7 @@ class RealtimeEngine:
             headers["OpenAI-Beta"] = "realtime=v1"
         sep = "&" if "?" in settings.realtime_url else "?"
         url = f"{settings.realtime_url}{sep}model={settings.realtime_model}"
-        try:
-            self._ws = await websockets.connect(
-                url,
-                additional_headers=headers,
-                open_timeout=settings.realtime_connect_timeout,
-                max_size=16 * 1024 * 1024,
-                ping_interval=20,
-                ping_timeout=20,
-                # base64 audio hardly compresses; deflate cost a quarter of a core at
-                # 100 calls and added ms to every frame (bench.relay)
-                compression=None,
-            )
-        except (OSError, TimeoutError, ValueError, websockets.WebSocketException) as exc:
-            raise EngineUnavailable(f"realtime socket failed to open: {exc!r}") from exc
+        self._ws = await open_socket(url, headers, settings.realtime_connect_timeout, "realtime")
         self._setup = setup
         await self._send(
             {"type": "session.update", "session": session_config(self._dialect, setup)}

@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     call_registry_ttl: float = Field(15.0, gt=0)
     archive_dir: Path = Path("calls")
+    call_webhook_url: str | None = None  # each finished call is POSTed here, signed
+    call_webhook_secret: SecretStr | None = None
+    prices_file: Path | None = None  # overrides rows of the shipped app/records/prices.toml
     drain_timeout: float = Field(600.0, ge=0)
 
     log_format: Literal["console", "json"] = "console"
@@ -162,6 +165,7 @@ class Settings(BaseSettings):
         "telnyx_api_base",
         "plivo_api_base",
         "signalwire_space_url",
+        "call_webhook_url",
     )
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:

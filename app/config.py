@@ -9,7 +9,7 @@ import base64
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -114,7 +114,17 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
     redis_url: str | None = None
     call_registry_ttl: float = Field(15.0, gt=0)
-    archive_dir: Path = Path("calls")
+    archive_dir: Path = Path("calls")  # the archive, or with an s3:// ARCHIVE_URL its spool
+    archive_url: str | None = None  # file:///path or s3://bucket/prefix
+    archive_retention_days: float | None = Field(None, gt=0)
+    s3_endpoint_url: str | None = None  # MinIO, SeaweedFS, R2...; unset: AWS
+    aws_access_key_id: str | None = None  # unset: botocore's chain (profile, web identity)
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+    aws_region: str | None = Field(
+        None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
+    )
+    call_webhook_url_ttl: int = Field(3600, ge=1, le=604_800)  # SigV4 presigns 7 days at most
     call_webhook_url: str | None = None  # each finished call is POSTed here, signed
     call_webhook_secret: SecretStr | None = None
     prices_file: Path | None = None  # overrides rows of the shipped app/records/prices.toml
@@ -141,6 +151,26 @@ class Settings(BaseSettings):
             if not (key.lower() in optional and isinstance(value, str) and not value.strip())
         }
 
+    @field_validator("archive_url")
+    @classmethod
+    def _archive_url(cls, value: str | None) -> str | None:
+        """`file:///absolute/path` or `s3://bucket[/prefix]`."""
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme == "file" and parts.netloc in ("", "localhost") and parts.path:
+            return value
+        if parts.scheme == "s3" and parts.netloc:
+            return value
+        raise ValueError(f"must be file:///path or s3://bucket/prefix, got {value!r}")
+
+    @model_validator(mode="after")
+    def _archive_dir_from_url(self) -> Settings:
+        """A file:// ARCHIVE_URL is where the archive goes: ARCHIVE_DIR follows it."""
+        if self.archive_url and urlsplit(self.archive_url).scheme == "file":
+            self.archive_dir = Path(unquote(urlsplit(self.archive_url).path))
+        return self
+
     @field_validator("realtime_url", "live_url")
     @classmethod
     def _ws_url(cls, value: str) -> str:
@@ -165,6 +195,7 @@ class Settings(BaseSettings):
         "telnyx_api_base",
         "plivo_api_base",
         "signalwire_space_url",
+        "s3_endpoint_url",
         "call_webhook_url",
     )
     @classmethod

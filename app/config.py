@@ -132,6 +132,15 @@ class Settings(BaseSettings):
 
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
+    redact_pii: bool = False  # mask phone numbers, e-mails and cards in text (app.redact)
+
+    # Traces, under OpenTelemetry's own names: on when an OTLP endpoint is set.
+    otel_exporter_otlp_endpoint: str | None = None  # the base URL; /v1/traces is added
+    otel_exporter_otlp_traces_endpoint: str | None = None  # the full URL, if not the above
+    otel_exporter_otlp_headers: SecretStr | None = None  # key=value,key=value
+    otel_exporter_otlp_protocol: Literal["http/protobuf"] | None = None
+    otel_service_name: str = "phone-agent"
+    otel_sdk_disabled: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -240,6 +249,11 @@ class Settings(BaseSettings):
         if not value.startswith(("https://", "http://")):
             raise ValueError("must be an http(s) origin such as https://agent.example.com")
         return value.rstrip("/")
+
+    @field_validator("otel_exporter_otlp_endpoint", "otel_exporter_otlp_traces_endpoint")
+    @classmethod
+    def _otlp_url(cls, value: str | None) -> str | None:
+        return None if value is None else _url(value, ("http", "https"))
 
     @property
     def dev_mode(self) -> bool:

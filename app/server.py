@@ -24,6 +24,7 @@ from app.engines.factory import Engines, EngineState
 from app.metrics import METRICS, Metrics, metrics_endpoint
 from app.modes import UnknownMode, parse_mode
 from app.personas import Persona, load_personas
+from app.records.tracing import TRACING, Tracing
 from app.telephony import messages, signature, streamtoken
 from app.telephony.base import Edge, Webhook
 from app.telephony.carrier import AnsweredBy
@@ -379,6 +380,10 @@ def create_app(settings: Settings) -> web.Application:
         metrics.observer,
     ]
     app[OBSERVERS] = observers
+    if (tracing := Tracing.from_settings(settings)) is not None:  # an OTLP endpoint is set
+        app[TRACING] = tracing
+        observers.append(tracing.observer)
+        app.on_cleanup.append(lambda _: tracing.shutdown())  # runs after the calls' cleanup
     app.router.add_post("/twiml", _webhook(TWILIO, "/media-stream"))
     app.router.add_get("/media-stream", _media_stream(TWILIO))
     for carrier in EDGES.values():

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import structlog
 
 from app.audio.frame import MulawFrame
-from app.engines.base import Turn
+from app.engines.base import Turn, Usage
 from app.tools.results import ToolCallRecord
 
 __all__ = ["CallObserver", "Observers"]
@@ -64,6 +64,9 @@ class CallObserver:
 
     def tool_called(self, record: ToolCallRecord) -> None:
         """A tool call of the model settled (answered, failed, ended the call, cancelled)."""
+
+    def usage(self, engine: str, usage: Usage) -> None:
+        """A provider's usage (to price) on the engine of mode `engine`."""
 
     def ended(self, outcome: str) -> None:
         """The call is over; `outcome` is e.g. completed, no_engine, error."""
@@ -130,6 +133,9 @@ class Observers(CallObserver):
 
     def tool_called(self, record: ToolCallRecord) -> None:
         self._each("tool_called", record)
+
+    def usage(self, engine: str, usage: Usage) -> None:
+        self._each("usage", engine, usage)
 
     def ended(self, outcome: str) -> None:
         self._each("ended", outcome)

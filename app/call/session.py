@@ -49,6 +49,7 @@ from app.engines.base import (
     ToolCall,
     Transcript,
     Turn,
+    Usage,
 )
 from app.modes import Mode, UnknownMode, parse_mode
 from app.personas import Persona
@@ -261,6 +262,7 @@ class CallSession:
                 old_pump.cancel()
             await _close_engine(old, self.log)
             self._bill(old)
+            await self._last_usage(old)
             self.observers.engine_switched(previous_mode, mode, reason)
             self.log.info("call.engine_switched", old=previous_mode, new=mode, reason=reason)
         return True
@@ -446,6 +448,8 @@ class CallSession:
                 self.log.debug("response.done", status=event.status)
             elif isinstance(event, ToolCall):
                 self.tools.dispatch(engine, event)  # a task of its own: it may wait for playback
+            elif isinstance(event, Usage):
+                self.observers.usage(engine.name, event)
             elif isinstance(event, EngineError):
                 self.observers.provider_error(engine.name, event.code)
                 self.log.warning(
@@ -509,6 +513,7 @@ class CallSession:
         if self.engine is not None:
             await self._step("engine", self.engine.close())
             self._bill(self.engine)
+            await self._last_usage(self.engine)
         self.observers.ended(self._outcome)  # the archive closes its files here
         await self._step("twilio_socket", self._hang_up_stream())
         self.log.info(
@@ -525,6 +530,16 @@ class CallSession:
             billed = self.info.billed_seconds
             name = str(engine.name)  # a plain str: the record's JSON takes no enum keys
             billed[name] = round(billed.get(name, 0.0) + engine.billed_seconds, 3)
+
+    async def _last_usage(self, engine: Engine) -> None:
+        """The `Usage` a closed engine queued after its pump stopped (GPT-Live's final
+        seconds come with `session.closed`): what is queued is read without waiting
+        (the zero timeout fires only if the queue runs dry before its end)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0):
+                async for event in engine.events():
+                    if isinstance(event, Usage):
+                        self.observers.usage(engine.name, event)
 
     async def _step(self, part: str, cleanup: Awaitable[Any]) -> None:
         """One step of the cleanup; its failure or hang is logged and the next step runs."""

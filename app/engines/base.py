@@ -7,8 +7,9 @@ everything an engine needs to pick up a conversation travels as `Turn`s.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from app.modes import Mode
@@ -23,6 +24,7 @@ __all__ = [
     "EngineEvent",
     "EngineSource",
     "EngineUnavailable",
+    "Meter",
     "ResponseDone",
     "ResponseStarted",
     "Role",
@@ -32,6 +34,7 @@ __all__ = [
     "ToolSpec",
     "Transcript",
     "Turn",
+    "Usage",
     "Warmable",
 ]
 
@@ -137,6 +140,34 @@ class EngineError:
     fatal: bool = False
 
 
+class Meter(StrEnum):
+    """What a provider bills a model for. The meters of one report never overlap (the
+    cached tokens are not also counted as input tokens), so a cost is a sum of amount
+    times price."""
+
+    TEXT_INPUT_TOKENS = "text_input_tokens"
+    CACHED_TEXT_INPUT_TOKENS = "cached_text_input_tokens"
+    AUDIO_INPUT_TOKENS = "audio_input_tokens"
+    CACHED_AUDIO_INPUT_TOKENS = "cached_audio_input_tokens"
+    TEXT_OUTPUT_TOKENS = "text_output_tokens"
+    AUDIO_OUTPUT_TOKENS = "audio_output_tokens"
+    INPUT_TOKENS = "input_tokens"  # a chat model's prompt
+    CACHED_INPUT_TOKENS = "cached_input_tokens"
+    OUTPUT_TOKENS = "output_tokens"
+    SESSION_SECONDS = "session_seconds"  # a session billed by its length (GPT-Live)
+    AUDIO_SECONDS = "audio_seconds"  # audio sent to a transcription model
+    CHARACTERS = "characters"  # text sent to a speech model
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a provider reported (or we sent it, where it reports nothing) since the
+    engine's last `Usage` for `model`: amounts to add, never running totals."""
+
+    model: str
+    amounts: Mapping[Meter, float]
+
+
 EngineEvent = (
     AudioOut
     | ResponseStarted
@@ -146,6 +177,7 @@ EngineEvent = (
     | Transcript
     | ToolCall
     | EngineError
+    | Usage
 )
 
 
@@ -158,7 +190,8 @@ class Engine(Protocol):
 
     `events()` ends (the iterator stops) when the engine's connection is gone; a final
     fatal `EngineError` says why. `close()` is idempotent and releases every socket and
-    task the engine opened.
+    task the engine opened; a `Usage` the provider reports while closing (GPT-Live's
+    final one) is queued before `close()` returns, for the call to collect.
     """
 
     name: Mode

@@ -44,6 +44,7 @@ from app.engines.base import (
     EngineError,
     EngineEvent,
     EngineUnavailable,
+    Meter,
     ResponseDone,
     ResponseStarted,
     Role,
@@ -52,6 +53,7 @@ from app.engines.base import (
     ToolCall,
     Transcript,
     Turn,
+    Usage,
 )
 from app.engines.sockets import open_socket
 from app.modes import Mode
@@ -631,11 +633,34 @@ class LiveEngine:
                 )
             )
         elif kind in _BACKEND_DONE:
+            self._backend_usage(inner.get("response"))
             self._backend_done = True
             if self._answered and not self._calls_open:  # the outputs came first
                 self._tasks.spawn(self._continue_backend(), "live-continue", self._crashed)
 
     def _on_usage(self, event: dict[str, Any]) -> None:
+        """The session's cumulative billed seconds; what is new since the last report
+        goes to the call as `Usage`."""
         usage = event.get("usage")
         if isinstance(usage, dict) and isinstance(seconds := usage.get("seconds"), int | float):
-            self.billed_seconds = float(seconds)
+            if (added := float(seconds) - self.billed_seconds) > 0:
+                self._emit(Usage(self._settings.live_model, {Meter.SESSION_SECONDS: added}))
+            self.billed_seconds = max(self.billed_seconds, float(seconds))
+
+    def _backend_usage(self, response: Any) -> None:
+        """The delegated Responses model's tokens (`ResponseUsage`: cached tokens are a
+        part of the input tokens), billed apart from the voice session."""
+        usage = response.get("usage") if isinstance(response, dict) else None
+        if not isinstance(usage, dict):
+            return
+        details = usage.get("input_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        counts = [usage.get("input_tokens"), cached, usage.get("output_tokens")]
+        inputs, cached, outputs = (n if isinstance(n, int) and n > 0 else 0 for n in counts)
+        amounts = {
+            Meter.INPUT_TOKENS: float(max(0, inputs - cached)),
+            Meter.CACHED_INPUT_TOKENS: float(cached),
+            Meter.OUTPUT_TOKENS: float(outputs),
+        }
+        if amounts := {meter: n for meter, n in amounts.items() if n}:
+            self._emit(Usage(self._settings.live_backend_model, amounts))

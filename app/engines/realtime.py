@@ -41,6 +41,7 @@ from app.engines.base import (
     EngineError,
     EngineEvent,
     EngineUnavailable,
+    Meter,
     ResponseDone,
     ResponseStarted,
     Role,
@@ -49,16 +50,26 @@ from app.engines.base import (
     ToolCall,
     Transcript,
     Turn,
+    Usage,
 )
 from app.engines.sockets import open_socket
 from app.modes import Mode
 from app.tasks import Supervisor
 
-__all__ = ["Dialect", "RealtimeEngine", "session_config"]
+__all__ = [
+    "Dialect",
+    "RealtimeEngine",
+    "response_usage",
+    "session_config",
+    "transcription_usage",
+]
 
 log = structlog.get_logger(__name__)
 
 Dialect = Literal["ga", "beta"]
+
+# The model that transcribes the caller, per dialect (billed apart from the session).
+_TRANSCRIBER: dict[Dialect, str] = {"ga": "gpt-4o-mini-transcribe", "beta": "whisper-1"}
 
 # `error` codes after which the provider closes the session; every other error leaves
 # it open (OpenAI: "most errors are recoverable"), so it is reported and survived.
@@ -122,7 +133,7 @@ def session_config(dialect: Dialect, setup: AgentSetup, voice: bool = True) -> d
                 "input": {
                     "format": {"type": "audio/pcmu"},
                     "turn_detection": turn_detection,
-                    "transcription": {"model": "gpt-4o-mini-transcribe"},
+                    "transcription": {"model": _TRANSCRIBER["ga"]},
                 },
                 "output": output,
             },
@@ -134,7 +145,7 @@ def session_config(dialect: Dialect, setup: AgentSetup, voice: bool = True) -> d
         "input_audio_format": "g711_ulaw",
         "output_audio_format": "g711_ulaw",
         "turn_detection": turn_detection,
-        "input_audio_transcription": {"model": "whisper-1"},
+        "input_audio_transcription": {"model": _TRANSCRIBER["beta"]},
         "tools": tools,
     }
     if voice:
@@ -639,6 +650,8 @@ class RealtimeEngine:
         self._reply, self._response_id = _Reply.IDLE, None
         self._disarm()
         self._emit(ResponseDone(str(response.get("id", "")), status))
+        if amounts := response_usage(response.get("usage")):
+            self._emit(Usage(self._settings.realtime_model, amounts))
         output = [o.get("id") for o in response.get("output") or () if isinstance(o, dict)]
         for transcript in self._transcripts.resolved([i for i in output if isinstance(i, str)]):
             self._emit(transcript)
@@ -682,6 +695,8 @@ class RealtimeEngine:
             self._emit(ready)
 
     def _on_caller_transcript(self, event: dict[str, Any]) -> None:
+        if amounts := transcription_usage(event.get("usage")):
+            self._emit(Usage(_TRANSCRIBER[self._dialect], amounts))
         text = str(event.get("transcript", "")).strip()
         self._transcript(Transcript("caller", text, str(event.get("item_id", ""))))
 
@@ -723,3 +738,51 @@ class RealtimeEngine:
             self._end(EngineError(code, message, fatal=True))
         else:
             self._emit(EngineError(code, message, fatal=False))
+
+
+def _count(details: Any, key: str) -> int:
+    value = details.get(key) if isinstance(details, dict) else None
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def response_usage(usage: Any) -> dict[Meter, float]:
+    """A `response.done`'s `usage` by meter. Cached tokens are a subset of the input
+    tokens of their modality (`RealtimeResponseUsageInputTokenDetails`), so they are
+    taken out of them; a missing or malformed field counts nothing."""
+    if not isinstance(usage, dict):
+        return {}
+    inputs, outputs = usage.get("input_token_details"), usage.get("output_token_details")
+    cached = inputs.get("cached_tokens_details") if isinstance(inputs, dict) else None
+    cached_text, cached_audio = _count(cached, "text_tokens"), _count(cached, "audio_tokens")
+    amounts = {
+        Meter.TEXT_INPUT_TOKENS: max(0, _count(inputs, "text_tokens") - cached_text),
+        Meter.CACHED_TEXT_INPUT_TOKENS: cached_text,
+        Meter.AUDIO_INPUT_TOKENS: max(0, _count(inputs, "audio_tokens") - cached_audio),
+        Meter.CACHED_AUDIO_INPUT_TOKENS: cached_audio,
+        Meter.TEXT_OUTPUT_TOKENS: _count(outputs, "text_tokens"),
+        Meter.AUDIO_OUTPUT_TOKENS: _count(outputs, "audio_tokens"),
+    }
+    return {meter: float(n) for meter, n in amounts.items() if n}
+
+
+def transcription_usage(usage: Any) -> dict[Meter, float]:
+    """The caller transcription's `usage` by meter: tokens (`gpt-4o-mini-transcribe`)
+    or seconds of audio (`whisper-1`)."""
+    if not isinstance(usage, dict):
+        return {}
+    if usage.get("type") == "duration":
+        seconds = usage.get("seconds")
+        if isinstance(seconds, int | float) and seconds > 0:
+            return {Meter.AUDIO_SECONDS: float(seconds)}
+        return {}
+    details = usage.get("input_token_details")
+    if isinstance(details, dict):
+        audio, text = _count(details, "audio_tokens"), _count(details, "text_tokens")
+    else:  # no breakdown: the input was the caller's audio
+        audio, text = _count(usage, "input_tokens"), 0
+    amounts = {
+        Meter.AUDIO_INPUT_TOKENS: audio,
+        Meter.TEXT_INPUT_TOKENS: text,
+        Meter.TEXT_OUTPUT_TOKENS: _count(usage, "output_tokens"),
+    }
+    return {meter: float(n) for meter, n in amounts.items() if n}

@@ -33,17 +33,19 @@ from app.engines.base import (
     EngineError,
     EngineEvent,
     EngineUnavailable,
+    Meter,
     ResponseDone,
     ResponseStarted,
     ToolCall,
     ToolSpec,
     Transcript,
     Turn,
+    Usage,
 )
 from app.engines.chained.errors import ProviderError
 from app.engines.chained.history import Conversation, ToolCallRequest, heard_text
 from app.engines.chained.http import SharedSession
-from app.engines.chained.llm import ChatClient
+from app.engines.chained.llm import ChatClient, TokenCount
 from app.engines.chained.sentences import SentenceSplitter
 from app.engines.chained.stt import TogetherSTT
 from app.engines.chained.tts import SpeechChunk, TogetherTTS
@@ -171,6 +173,7 @@ class ChainedEngine:
         self._replies: OrderedDict[str, _Reply] = OrderedDict()
         self._closed = False
         self._busy = False  # the worker is handling a job
+        self._stt_bytes = 0  # caller audio sent to STT since the last `Usage` (mu-law bytes)
 
     async def start(self, setup: AgentSetup, history: Sequence[Turn], greet: bool) -> None:
         """Open STT and TTS together, seed the conversation, and greet when asked."""
@@ -193,7 +196,11 @@ class ChainedEngine:
             on_fatal=self._fatal,
         )
         self._llm = ChatClient(
-            settings, self._http.get(), max_retries=self._llm_retries, backoff_s=self._llm_backoff_s
+            settings,
+            self._http.get(),
+            max_retries=self._llm_retries,
+            backoff_s=self._llm_backoff_s,
+            on_usage=self._llm_usage,
         )
         opening = [
             asyncio.create_task(self._stt.connect()),
@@ -222,11 +229,13 @@ class ChainedEngine:
 
     async def send_audio(self, payload: str) -> None:
         if self._stt is not None and not self._closed:
+            self._stt_bytes += _decoded_size(payload)
             await self._stt.send_audio(payload)
 
     async def end_of_turn(self) -> None:
         """Cut the caller's turn here; it is transcribed and answered in the background."""
         if self._stt is not None and not self._closed:
+            self._stt_usage()
             self._jobs.put_nowait(_CallerAudio(await self._stt.commit()))
 
     async def respond(self) -> None:
@@ -293,6 +302,7 @@ class ChainedEngine:
                 await part.close()
         if self._owns_http:
             await self._http.close()
+        self._stt_usage()  # the caller's last words, never committed
         self._events.put_nowait(None)
         log.info("chained_closed")
 
@@ -398,6 +408,10 @@ class ChainedEngine:
         for call in calls:
             self._emit(ToolCall(call.call_id, call.name, _arguments(call)))
         self._emit(ResponseDone(reply.response_id, status))
+        if characters := sum(len(sentence) for sentence in reply.sentences):
+            # What went to TTS (Together bills its input characters; it reports none).
+            tts = {Meter.CHARACTERS: float(characters)}
+            self._emit(Usage(self._settings.tts_model, tts))
         log.info(
             "chained_response_done",
             response_id=reply.response_id,
@@ -405,6 +419,20 @@ class ChainedEngine:
             sentences=len(reply.sentences),
             audio_ms=round(sum(reply.audio_ms)),
         )
+
+    def _stt_usage(self) -> None:
+        """The audio sent to STT since the last report: Together reports no usage on
+        its realtime transcription, so we count what it was sent (8 kHz, a byte a
+        sample, before resampling)."""
+        if self._stt_bytes:
+            seconds = self._stt_bytes / 8000.0
+            self._stt_bytes = 0
+            self._emit(Usage(self._settings.stt_model, {Meter.AUDIO_SECONDS: seconds}))
+
+    def _llm_usage(self, count: TokenCount) -> None:
+        prompt, completion = count
+        amounts = {Meter.INPUT_TOKENS: float(prompt), Meter.OUTPUT_TOKENS: float(completion)}
+        self._emit(Usage(self._settings.llm_model, amounts))
 
     def _remember(self, reply: _Reply) -> None:
         self._replies[reply.item_id] = reply
@@ -436,6 +464,11 @@ async def _sentences(reply: _Reply, text: AsyncIterator[str]) -> AsyncIterator[s
     if rest := splitter.flush():
         reply.sentences.append(rest)
         yield rest
+
+
+def _decoded_size(payload: str) -> int:
+    """Bytes in a base64 payload, without decoding it."""
+    return len(payload) * 3 // 4 - payload.count("=", max(0, len(payload) - 2))
 
 
 async def _once(text: str) -> AsyncIterator[str]:

@@ -8,7 +8,10 @@ lines ending with `data: [DONE]`. A chunk carries `choices[0].delta.content` (te
 `choices[0].delta.tool_calls` (`[{index, id, function: {name, arguments}}]`, the arguments
 arriving in pieces keyed by `index`). Errors: HTTP 4xx/5xx with
 `{"error": {"message", "type", "code"}}` (429 rate limit, 503 overloaded, 504 timeout), or a
-`data: {"error": ...}` line mid-stream.
+`data: {"error": ...}` line mid-stream. Every chunk has a nullable `usage` (`UsageData`:
+`prompt_tokens`, `completion_tokens`, `total_tokens`); Together fills it on the last one,
+unasked (its request schema has no `stream_options`). The last `usage` seen is reported
+once the stream ends, also when it was cut short (docs/together.md).
 
 Retries happen only before the first token: once words have gone to TTS, a retry would
 repeat them to the caller.
@@ -17,7 +20,7 @@ repeat them to the caller.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -28,11 +31,14 @@ from app.config import Settings
 from app.engines.chained.errors import ProviderError
 from app.engines.chained.history import ToolCallRequest
 
-__all__ = ["ChatClient"]
+__all__ = ["ChatClient", "TokenCount"]
 
 log = structlog.get_logger(__name__)
 
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+
+# (prompt tokens, completion tokens) of one request, as Together bills them.
+TokenCount = tuple[int, int]
 
 
 class ChatClient:
@@ -47,6 +53,7 @@ class ChatClient:
         backoff_s: float = 0.5,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 15.0,
+        on_usage: Callable[[TokenCount], None] | None = None,
     ) -> None:
         if settings.together_api_key is None:
             raise ProviderError("no_api_key", "TOGETHER_API_KEY is not set")
@@ -61,6 +68,7 @@ class ChatClient:
             "Content-Type": "application/json",
         }
         self._max_retries = max_retries
+        self._on_usage = on_usage
         self._backoff_s = backoff_s
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
@@ -93,6 +101,7 @@ class ChatClient:
 
     async def _once(self, body: dict[str, Any]) -> AsyncIterator[str | ToolCallRequest]:
         calls: dict[int, dict[str, str]] = {}
+        usage: list[TokenCount] = []  # the last `usage` a chunk carried
         try:
             async with self._http.post(
                 self._url, data=orjson.dumps(body), headers=self._headers, timeout=self._timeout
@@ -109,7 +118,7 @@ class ChatClient:
                         if data == "[DONE]":
                             finished = True
                             break
-                        for text in _parse_chunk(orjson.loads(data), calls):
+                        for text in _parse_chunk(orjson.loads(data), calls, usage):
                             yield text
                     finished = True
                 finally:
@@ -117,6 +126,8 @@ class ChatClient:
                         # Stopped early (cancelled, error): drop the connection so the
                         # provider stops generating instead of us draining the body.
                         resp.close()
+                    if usage and self._on_usage is not None:
+                        self._on_usage(usage[-1])
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("llm_connection_error", error=repr(exc))
             raise ProviderError("connection_error", repr(exc), retryable=True) from exc
@@ -127,10 +138,17 @@ class ChatClient:
             yield ToolCallRequest(call["id"] or f"call_{index}", call["name"], call["arguments"])
 
 
-def _parse_chunk(chunk: Any, calls: dict[int, dict[str, str]]) -> list[str]:
-    """The text of one chunk; tool-call pieces are merged into `calls`."""
+def _parse_chunk(
+    chunk: Any, calls: dict[int, dict[str, str]], usage: list[TokenCount]
+) -> list[str]:
+    """The text of one chunk; tool-call pieces are merged into `calls`, a `usage` is
+    appended to `usage`."""
     if not isinstance(chunk, dict):
         return []
+    if isinstance(counts := chunk.get("usage"), dict):
+        prompt, completion = counts.get("prompt_tokens"), counts.get("completion_tokens")
+        if isinstance(prompt, int) and isinstance(completion, int):
+            usage.append((prompt, completion))
     if chunk.get("error"):
         code, message = _error_fields(chunk)
         log.warning("llm_stream_error", code=code, error=message)

@@ -13,7 +13,10 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from app import console, edge
 from app.admin import api
 from app.admin import session as session_auth
+from app.archive.finished import FinishedListener
 from app.archive.recorder import CallRecorder
+from app.archive.spool import Spool
+from app.archive.store import make_store
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.call.session import CallSession
@@ -36,8 +39,10 @@ from app.vad.batcher import VadBatcher
 from app.vad.silero import get_vad
 
 __all__ = [
+    "ARCHIVE",
     "CALLS",
     "ENGINES",
+    "FINISHED_LISTENERS",
     "OBSERVERS",
     "PERSONAS",
     "SETTINGS",
@@ -57,6 +62,10 @@ ENGINES: web.AppKey[Engines] = web.AppKey("engines", Engines)
 VAD: web.AppKey[VadBatcher] = web.AppKey("vad", VadBatcher)
 # Each factory makes one observer per call (recorder, metrics): see app.call.observer.
 OBSERVERS: web.AppKey[list[Callable[[CallInfo], CallObserver]]] = web.AppKey("observers", list)
+# Told once per call when its files are final and stored (app.archive.spool): append here.
+FINISHED_LISTENERS: web.AppKey[list[FinishedListener]] = web.AppKey("finished_listeners", list)
+# The spool: uploads to ARCHIVE_URL's store, retention sweeps.
+ARCHIVE: web.AppKey[Spool] = web.AppKey("archive", Spool)
 # Issues the token a stream's `start` must present; tests that open a stream without the
 # webhook get one here: `app[STREAM_TOKENS].issue(call_sid)`.
 STREAM_TOKENS: web.AppKey[streamtoken.StreamTokens] = web.AppKey(
@@ -352,9 +361,11 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     # A 5 ms linger lets the calls' frames of one moment share an inference: batches of
     # about 9 instead of 2.5 at 100 calls, a third less VAD CPU (bench.vad).
     app[VAD] = VadBatcher(get_vad(app[SETTINGS].vad_model_path), linger_ms=5.0)
+    await app[ARCHIVE].start()  # resumes uploads an earlier run left pending
     yield
     sessions = list(app[CALLS].values())
     await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+    await app[ARCHIVE].close()  # uploads in flight get a few seconds; the rest wait for a start
     await app[VAD].close()
     await app[ENGINES].close()
     await shared_runner().close()  # the tools' HTTP session and MCP clients
@@ -375,8 +386,18 @@ def create_app(settings: Settings) -> web.Application:
     app[DRAIN] = drain = Drain(calls)
     metrics = Metrics(lambda: len(calls), lambda: drain.active)
     app[METRICS] = metrics
+    listeners: list[FinishedListener] = []
+    app[FINISHED_LISTENERS] = listeners
+    app[ARCHIVE] = spool = Spool(
+        settings.archive_dir,
+        make_store(settings),
+        listeners,
+        link_ttl_s=settings.call_webhook_url_ttl,
+        retention_days=settings.archive_retention_days,
+        live=calls.keys,
+    )
     observers: list[Callable[[CallInfo], CallObserver]] = [
-        lambda info: CallRecorder(info, settings.archive_dir),
+        lambda info: CallRecorder(info, settings.archive_dir, finished=spool.finished),
         metrics.observer,
     ]
     app[OBSERVERS] = observers

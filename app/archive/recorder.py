@@ -66,7 +66,7 @@ from app.engines.base import Turn
 from app.timefmt import iso_utc
 from app.tools.results import ToolCallRecord
 
-__all__ = ["BYTES_PER_MS", "MAX_ENTRIES", "MAX_GAP_MS", "CallRecorder"]
+__all__ = ["BYTES_PER_MS", "MAX_ENTRIES", "MAX_GAP_MS", "CallRecorder", "directory_name"]
 
 log = structlog.get_logger(__name__)
 
@@ -94,6 +94,12 @@ _SNAP_BYTES = 2 * BYTES_PER_MS
 _MAX_GAP_BYTES = MAX_GAP_MS * BYTES_PER_MS
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def directory_name(call_sid: str) -> str:
+    """The directory a call's files go in (a second stream's adds `-<stream_sid>`)."""
+    return _UNSAFE.sub("_", call_sid) or "unknown"
+
 
 # What a flush hands the writer: interleaved stereo bytes, or a count of silent frames.
 _Segment = bytes | int
@@ -135,6 +141,7 @@ class CallRecorder(CallObserver):
         flush_interval: float = FLUSH_INTERVAL_S,
         writer: ArchiveWriter | None = None,
         max_backlog_s: float = MAX_BACKLOG_S,
+        finished: Callable[[Path], None] | None = None,
     ) -> None:
         self.info = info
         self._clock = clock
@@ -142,6 +149,7 @@ class CallRecorder(CallObserver):
         self._flush_interval = flush_interval
         self._writer = writer or shared_writer()
         self._max_backlog = round(max_backlog_s * 1000 * BYTES_PER_MS * 2)
+        self._finished = finished  # told the directory, on the writer's thread, once final
         self.log = log.bind(call_sid=info.call_sid, stream_sid=info.stream_sid)
         self.enabled = True  # False once the call ended, or when the disk failed us
         # Our clock -> Twilio's media clock. Until the first media frame, the start of the
@@ -192,7 +200,7 @@ class CallRecorder(CallObserver):
         replaced, so an id cannot point outside ARCHIVE_DIR. Run on the writer thread,
         after the jobs of every earlier recorder, so a first stream's files are there.
         """
-        call = _UNSAFE.sub("_", info.call_sid) or "unknown"
+        call = directory_name(info.call_sid)
         directory = archive_dir / call
         if (directory / "call.json").exists():
             directory = archive_dir / f"{call}-{_UNSAFE.sub('_', info.stream_sid)}"
@@ -506,6 +514,8 @@ class CallRecorder(CallObserver):
         self._replace("transcript.json", transcript)
         self._replace("call.json", record)
         self.log.info("archive.written", directory=str(self.directory), seconds=seconds)
+        if self._finished is not None and self.directory is not None:
+            self._finished(self.directory)
 
     def _replace(self, name: str, data: bytes) -> None:
         """Write a whole file next to its final name, then swap it in: never half a file."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["CARD", "EMAIL", "PHONE", "keep_last_four", "luhn_valid", "redact", "scrub"]
 
@@ -107,7 +108,7 @@ def redact(text: str) -> str:
     return _PHONE.sub(_phone_digits_ok, text)
 
 
-def scrub(value: object) -> object:
+def scrub(value: Any) -> Any:
     """`redact` applied to every string inside JSON-like data (dicts, lists, tuples);
     keys and other values are kept. Returns new containers; the input is not changed."""
     if isinstance(value, str):

@@ -397,7 +397,9 @@ def create_app(settings: Settings) -> web.Application:
         live=calls.keys,
     )
     observers: list[Callable[[CallInfo], CallObserver]] = [
-        lambda info: CallRecorder(info, settings.archive_dir, finished=spool.finished),
+        lambda info: CallRecorder(
+            info, settings.archive_dir, finished=spool.finished, redact_pii=settings.redact_pii
+        ),
         metrics.observer,
     ]
     app[OBSERVERS] = observers

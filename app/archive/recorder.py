@@ -63,6 +63,7 @@ from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.clock import Clock, loop_time
 from app.engines.base import Turn
+from app.redact import keep_last_four, redact, scrub
 from app.timefmt import iso_utc
 from app.tools.results import ToolCallRecord
 
@@ -142,6 +143,7 @@ class CallRecorder(CallObserver):
         writer: ArchiveWriter | None = None,
         max_backlog_s: float = MAX_BACKLOG_S,
         finished: Callable[[Path], None] | None = None,
+        redact_pii: bool = False,
     ) -> None:
         self.info = info
         self._clock = clock
@@ -150,6 +152,9 @@ class CallRecorder(CallObserver):
         self._writer = writer or shared_writer()
         self._max_backlog = round(max_backlog_s * 1000 * BYTES_PER_MS * 2)
         self._finished = finished  # told the directory, on the writer's thread, once final
+        # REDACT_PII: text (turns, tool arguments, steers) is masked and the phone numbers
+        # keep their last four digits (app.redact); the recording is not touched.
+        self._redact_pii = redact_pii
         self.log = log.bind(call_sid=info.call_sid, stream_sid=info.stream_sid)
         self.enabled = True  # False once the call ended, or when the disk failed us
         # Our clock -> Twilio's media clock. Until the first media frame, the start of the
@@ -299,7 +304,7 @@ class CallRecorder(CallObserver):
         entry = {
             "at_ms": self._at_ms(at),
             "speaker": turn.role,
-            "text": turn.text,
+            "text": redact(turn.text) if self._redact_pii else turn.text,
             "interrupted": turn.interrupted,
         }
         if self._append(self._turns, entry):
@@ -310,7 +315,7 @@ class CallRecorder(CallObserver):
             "at_ms": self._at_ms(self._clock()),
             "call_id": record.call_id,
             "tool": record.name,
-            "arguments": record.arguments,
+            "arguments": scrub(record.arguments) if self._redact_pii else record.arguments,
             "outcome": str(record.outcome),
             "latency_ms": record.latency_ms,
             "filler": record.filler,
@@ -334,6 +339,7 @@ class CallRecorder(CallObserver):
         self._event(self._errors, engine=engine, code=code)
 
     def steered(self, kind: str, detail: str, state: str) -> None:
+        detail = redact(detail) if self._redact_pii else detail
         self._event(self._steering, kind=kind, detail=detail, state=state)
 
     def latency(self, span: str, ms: float) -> None:
@@ -562,8 +568,8 @@ class CallRecorder(CallObserver):
             "stream_sid": info.stream_sid,
             "carrier": info.carrier,
             "answered_by": info.answered_by,
-            "from": info.from_number,
-            "to": info.to_number,
+            "from": keep_last_four(info.from_number) if self._redact_pii else info.from_number,
+            "to": keep_last_four(info.to_number) if self._redact_pii else info.to_number,
             "persona": info.persona,
             "voice": info.voice,
             "started_at": iso_utc(info.started_at),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
@@ -27,10 +28,12 @@ from app.engines.factory import Engines, EngineState
 from app.metrics import METRICS, Metrics, metrics_endpoint
 from app.modes import UnknownMode, parse_mode
 from app.personas import Persona, load_personas
+from app.phone import is_e164
 from app.records.tracing import TRACING, Tracing
 from app.telephony import messages, signature, streamtoken
 from app.telephony.base import Edge, Webhook
 from app.telephony.carrier import AnsweredBy
+from app.telephony.carriers.plivo import PLIVO, dial_markup
 from app.telephony.carriers.twilio import TWILIO
 from app.telephony.edges import EDGES
 from app.tools.toolset import shared_runner
@@ -142,6 +145,18 @@ def _webhook(carrier: Edge, stream_path: str) -> Handler:
     return answer
 
 
+async def _plivo_transfer(request: web.Request) -> web.Response:
+    """The dial a Plivo transfer fetches (its `aleg_url`): Plivo moves a call by URL only."""
+    settings = request.app[SETTINGS]
+    form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+    hook = Webhook(signature.public_origin(request, settings) + request.path_qs, b"", form)
+    _refused(request, PLIVO.webhook_refusal(request, settings, hook), "plivo_transfer")
+    to = request.query.get("to", "")
+    if not is_e164(to):
+        raise web.HTTPBadRequest(text="'to' is not an E.164 number")
+    return web.Response(text=dial_markup(to), content_type="text/xml")
+
+
 Received = tuple[messages.StreamMessage, float]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -224,6 +239,9 @@ def _media_stream(carrier: Edge) -> Handler:
         await ws.prepare(request)
         async with contextlib.aclosing(_messages(ws, carrier)) as frames:
             start = await _start(frames, settings.stream_start_timeout, carrier)
+            on_url = carrier.stream_parameters(request.query)
+            if start is not None and on_url:  # the carrier's values came on the URL
+                start = dataclasses.replace(start, parameters={**on_url, **start.parameters})
             refusal = "no start" if start is None else _refusal(request, start)
             if start is not None and refusal is not None:
                 log.warning(
@@ -409,6 +427,7 @@ def create_app(settings: Settings) -> web.Application:
         app.on_cleanup.append(lambda _: tracing.shutdown())  # runs after the calls' cleanup
     app.router.add_post("/twiml", _webhook(TWILIO, "/media-stream"))
     app.router.add_get("/media-stream", _media_stream(TWILIO))
+    app.router.add_post("/plivo/transfer", _plivo_transfer)
     for carrier in EDGES.values():
         if carrier is not TWILIO:  # Twilio's paths predate the others'
             name = carrier.carrier.value

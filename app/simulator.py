@@ -35,7 +35,7 @@ import numpy.typing as npt
 from app.audio.g711 import ulaw_decode, ulaw_encode
 from app.clock import loop_time
 from app.modes import Mode
-from app.simwire import CarrierSide, Ids, SimulatorError, side, stream_of
+from app.simwire import CarrierSide, Ids, Outbound, SimulatorError, side, stream_of
 from app.telephony.carrier import Carrier
 
 __all__ = [
@@ -292,7 +292,9 @@ class _Call:
         try:
             if await self.clock() and not self.ws.closed:
                 await before_stop()
-                await self.send(self.carrier.stop(self.ids))
+                stop = self.carrier.stop(self.ids)
+                if stop is not None:
+                    await self.send(stop)
             else:
                 r.ended_by = "server"
         except ConnectionError:
@@ -353,25 +355,28 @@ class _Call:
         if rejected is not None:
             errors.append(f"{rejected}: {raw[:80]!r}")
             return
-        body = message.get(event)
-        if event == "media":
-            payload = body.get("payload") if isinstance(body, dict) else None
-            audio = _b64(payload) if isinstance(payload, str) else None
-            if not isinstance(payload, str) or not audio:
-                errors.append(f"media without a base64 payload: {raw[:80]!r}")
+        kind, value = self.carrier.outbound(message)
+        if kind is Outbound.MEDIA:
+            audio = _b64(value) if isinstance(value, str) else None
+            if not isinstance(value, str) or not audio:
+                errors.append(f"{event} without a base64 payload: {raw[:80]!r}")
                 return
-            self.result.received_payloads.append(payload)
+            self.result.received_payloads.append(value)
             self.result.received_at_ms.append(self.now_ms())
             self.playback.add_audio(audio)
-        elif event == "mark":
-            name = body.get("name") if isinstance(body, dict) else None
-            if not isinstance(name, str) or not name:
-                errors.append(f"mark without a name: {raw[:80]!r}")
+        elif kind is Outbound.MARK:
+            if not isinstance(value, str) or not value:
+                errors.append(f"{event} without a name: {raw[:80]!r}")
                 return
-            self.playback.add_mark(name)
+            self.playback.add_mark(value)
         else:
             self.result.clear_times_ms.append(self.now_ms())
-            await self.echo_marks(self.playback.clear())
+            cleared = self.playback.clear()
+            if self.carrier.echoes_cleared_marks:
+                await self.echo_marks(cleared)
+            ack = self.carrier.cleared(self.ids)
+            if ack is not None:
+                await self.send(ack)
 
 
 def _b64(payload: str) -> bytes | None:

@@ -8,23 +8,34 @@ message we send that the carrier would reject is returned as a protocol error.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import secrets
 import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
-from urllib.parse import urlencode
+from enum import StrEnum
+from typing import Any, ClassVar, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twilio.request_validator import RequestValidator
 
 from app.telephony.carrier import Carrier
 
-__all__ = ["CarrierSide", "Ids", "SimulatorError", "side", "stream_of"]
+__all__ = ["CarrierSide", "Ids", "Outbound", "SimulatorError", "side", "stream_of"]
 
 SAMPLE_RATE = 8000
+
+
+class Outbound(StrEnum):
+    """What a message of ours asks of the carrier, whatever the carrier calls it."""
+
+    MEDIA = "media"
+    MARK = "mark"
+    CLEAR = "clear"
 
 
 class SimulatorError(Exception):
@@ -63,6 +74,7 @@ class CarrierSide(Protocol):
 
     carrier: Carrier
     webhook_path: str
+    echoes_cleared_marks: bool  # the marks of the audio a clear dropped come back
 
     def ids(self, account: str | None) -> Ids: ...
 
@@ -87,10 +99,25 @@ class CarrierSide(Protocol):
 
     def mark(self, ids: Ids, name: str) -> dict[str, Any]: ...
 
-    def stop(self, ids: Ids) -> dict[str, Any]: ...
+    def stop(self, ids: Ids) -> dict[str, Any] | None:
+        """The carrier's last message, or None when it just closes the socket."""
+
+    def cleared(self, ids: Ids) -> dict[str, Any] | None:
+        """The carrier's acknowledgement of our clear, if it sends one."""
 
     def inbound(self, ids: Ids, message: dict[str, Any]) -> str | None:
         """Why the carrier would reject this message of ours, or None."""
+
+    def outbound(self, message: dict[str, Any]) -> tuple[Outbound, Any]:
+        """What an accepted message of ours asks: play a payload, echo a mark, or clear."""
+
+
+def _named_outbound(message: dict[str, Any]) -> tuple[Outbound, Any]:
+    """Twilio's and Telnyx's shapes: the event names it, its object holds the value."""
+    kind = Outbound(message["event"])
+    body = message.get(kind.value)
+    key = {Outbound.MEDIA: "payload", Outbound.MARK: "name"}.get(kind)
+    return kind, body.get(key) if isinstance(body, dict) and key else None
 
 
 def _form(body: Mapping[str, str]) -> tuple[bytes, dict[str, str]]:
@@ -106,6 +133,7 @@ class TwilioSide:
 
     carrier = Carrier.TWILIO
     webhook_path = "/twiml"
+    echoes_cleared_marks = True
     _header = "X-Twilio-Signature"
     user_agent = "TwilioProxy/1.1"
 
@@ -181,9 +209,15 @@ class TwilioSide:
     def mark(self, ids: Ids, name: str) -> dict[str, Any]:
         return self._numbered({"event": "mark", "streamSid": ids.stream, "mark": {"name": name}})
 
-    def stop(self, ids: Ids) -> dict[str, Any]:
+    def stop(self, ids: Ids) -> dict[str, Any] | None:
         stop = {"accountSid": ids.account, "callSid": ids.call}
         return self._numbered({"event": "stop", "streamSid": ids.stream, "stop": stop})
+
+    def cleared(self, ids: Ids) -> dict[str, Any] | None:
+        return None
+
+    def outbound(self, message: dict[str, Any]) -> tuple[Outbound, Any]:
+        return _named_outbound(message)
 
     def inbound(self, ids: Ids, message: dict[str, Any]) -> str | None:
         if message.get("event") not in ("media", "mark", "clear"):
@@ -200,6 +234,7 @@ class TelnyxSide:
 
     carrier = Carrier.TELNYX
     webhook_path = "/telnyx/answer"
+    echoes_cleared_marks = True
 
     def __init__(self, key: str | None = None) -> None:
         seed = base64.b64decode(key) if key else None
@@ -276,9 +311,15 @@ class TelnyxSide:
     def mark(self, ids: Ids, name: str) -> dict[str, Any]:
         return self._numbered({"event": "mark", "mark": {"name": name}, "stream_id": ids.stream})
 
-    def stop(self, ids: Ids) -> dict[str, Any]:
+    def stop(self, ids: Ids) -> dict[str, Any] | None:
         stop = {"user_id": ids.account, "call_control_id": ids.call}
         return self._numbered({"event": "stop", "stop": stop, "stream_id": ids.stream})
+
+    def cleared(self, ids: Ids) -> dict[str, Any] | None:
+        return None
+
+    def outbound(self, message: dict[str, Any]) -> tuple[Outbound, Any]:
+        return _named_outbound(message)
 
     def inbound(self, ids: Ids, message: dict[str, Any]) -> str | None:
         event = message.get("event")
@@ -306,13 +347,173 @@ class SignalWireSide(TwilioSide):
         return Ids(str(uuid.uuid4()), str(uuid.uuid4()), account or str(uuid.uuid4()))
 
 
+def plivo_signature(auth_token: str, url: str, nonce: str, form: Mapping[str, str] | None) -> str:
+    """Plivo's signature V3 (plivo-python `utils/signature_v3.py`): base64 HMAC-SHA256 over
+    the URL with its query sorted, for a POST `?<query>.` and the sorted fields as
+    name+value, then `.nonce`."""
+    parts = urlsplit(url)
+    query = "&".join(f"{k}={v}" for k, v in sorted(parse_qsl(parts.query, True)))
+    base = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    if form:
+        base += (
+            f"?{query}" + ("." if query else "") + "".join(f"{k}{form[k]}" for k in sorted(form))
+        )
+    elif query:
+        base += f"?{query}"
+    mac = hmac.new(auth_token.encode(), f"{base}.{nonce}".encode(), hashlib.sha256)
+    return base64.b64encode(mac.digest()).decode()
+
+
+class PlivoSide:
+    """Plivo: an answer URL and a stream upgrade signed with signature V3 (the auth token),
+    Plivo XML `<Stream>` whose text is the URL (values on its query), camelCase frames;
+    no `connected` and no `stop` (the socket closes), `playedStream` for our checkpoints
+    and `clearedAudio` for our clears (the cleared checkpoints are not echoed)."""
+
+    carrier = Carrier.PLIVO
+    webhook_path = "/plivo/answer"
+    echoes_cleared_marks = False
+    _wanted: ClassVar = {
+        "bidirectional": "true",
+        "keepCallAlive": "true",
+        "contentType": "audio/x-mulaw;rate=8000",
+    }
+
+    def __init__(self, key: str | None = None) -> None:
+        self._key = key
+        self._sequence = 0
+
+    def ids(self, account: str | None) -> Ids:
+        return Ids(str(uuid.uuid4()), str(uuid.uuid4()), account or "MA" + secrets.token_hex(9))
+
+    def _signed(self, url: str, form: Mapping[str, str] | None) -> dict[str, str]:
+        if self._key is None:
+            return {}
+        nonce = str(secrets.randbelow(10**20))
+        signed = plivo_signature(self._key, url, nonce, form)
+        return {"X-Plivo-Signature-V3": signed, "X-Plivo-Signature-V3-Nonce": nonce}
+
+    def webhook(
+        self, url: str, ids: Ids, caller: str, callee: str, extra: Mapping[str, str]
+    ) -> tuple[bytes, dict[str, str]]:
+        form = {
+            **extra,
+            "CallUUID": ids.call,
+            "CallStatus": "ringing",
+            "Direction": "inbound",
+            "Event": "StartApp",
+            "From": caller,
+            "To": callee,
+            "RequestUUID": ids.call,
+        }
+        body, headers = _form(form)
+        headers.update(self._signed(url, form))
+        return body, headers
+
+    def stream(self, markup: str) -> tuple[str, dict[str, str]]:
+        try:
+            root = ET.fromstring(markup)
+        except ET.ParseError as exc:
+            raise SimulatorError(f"webhook answer is not XML: {exc}: {markup[:200]!r}") from exc
+        stream = root.find("./Stream") if root.tag == "Response" else None
+        if stream is None:
+            said = " ".join(s.text or "" for s in root.iter("Speak")).strip()
+            detail = f" (it says: {said!r})" if said else ""
+            raise SimulatorError(f"the markup connects no media stream{detail}: {markup[:300]!r}")
+        for name, value in self._wanted.items():
+            if stream.get(name) != value:
+                raise SimulatorError(f"<Stream {name}> is {stream.get(name)!r}, not {value!r}")
+        url = (stream.text or "").strip()
+        if not url.startswith(("ws://", "wss://")):
+            raise SimulatorError(f"Stream URL must be ws:// or wss://, got {url!r}")
+        return url, dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+
+    def upgrade_headers(self, stream_url: str) -> dict[str, str]:
+        # Plivo's stream SDK checks the signature over the URL's http(s) form.
+        return self._signed("http" + stream_url.removeprefix("ws"), None)
+
+    def connected(self) -> dict[str, Any] | None:
+        return None
+
+    def _numbered(self, message: dict[str, Any]) -> dict[str, Any]:
+        self._sequence += 1
+        return {"sequenceNumber": self._sequence, **message}
+
+    def start(self, ids: Ids, parameters: Mapping[str, str]) -> dict[str, Any]:
+        start = {
+            "callId": ids.call,
+            "streamId": ids.stream,
+            "accountId": ids.account,
+            "tracks": ["inbound"],
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": SAMPLE_RATE},
+        }
+        return self._numbered({"event": "start", "start": start, "extra_headers": ""})
+
+    def media(self, ids: Ids, chunk: int, timestamp_ms: int, payload: str) -> dict[str, Any]:
+        media = {
+            "track": "inbound",
+            "timestamp": str(int(time.time() * 1000)),  # Plivo's is wall-clock, Unix ms
+            "chunk": chunk,
+            "payload": payload,
+        }
+        message = {"event": "media", "streamId": ids.stream, "media": media}
+        return self._numbered({**message, "extra_headers": ""})
+
+    def dtmf(self, ids: Ids, digit: str) -> dict[str, Any]:
+        dtmf = {"track": "inbound", "digit": digit, "timestamp": str(int(time.time() * 1000))}
+        message = {"event": "dtmf", "streamId": ids.stream, "dtmf": dtmf}
+        return self._numbered({**message, "extra_headers": ""})
+
+    def mark(self, ids: Ids, name: str) -> dict[str, Any]:
+        return self._numbered({"event": "playedStream", "streamId": ids.stream, "name": name})
+
+    def stop(self, ids: Ids) -> dict[str, Any] | None:
+        return None
+
+    def cleared(self, ids: Ids) -> dict[str, Any] | None:
+        return self._numbered({"event": "clearedAudio", "streamId": ids.stream})
+
+    def inbound(self, ids: Ids, message: dict[str, Any]) -> str | None:
+        event = message.get("event")
+        fields = {
+            "playAudio": ({"event", "media"}, {"streamId"}),
+            "checkpoint": ({"event", "streamId", "name"}, set()),
+            "clearAudio": ({"event", "streamId"}, set()),
+        }
+        if event not in fields:
+            return f"unknown event {event!r}"
+        required, optional = fields[event]
+        if not required <= set(message) <= required | optional:
+            return f"{event} with fields {sorted(message)}, Plivo takes {sorted(required)}"
+        if "streamId" in message and message["streamId"] != ids.stream:
+            return f"{event} for streamId {message['streamId']!r}"
+        if event == "playAudio":
+            media = message["media"]
+            if not isinstance(media, dict) or (
+                media.get("contentType"),
+                media.get("sampleRate"),
+            ) != (
+                "audio/x-mulaw",
+                SAMPLE_RATE,
+            ):
+                return "playAudio not audio/x-mulaw at 8000 Hz"
+        return None
+
+    def outbound(self, message: dict[str, Any]) -> tuple[Outbound, Any]:
+        event = message["event"]
+        if event == "playAudio":
+            return Outbound.MEDIA, message["media"].get("payload")
+        if event == "checkpoint":
+            return Outbound.MARK, message.get("name")
+        return Outbound.CLEAR, None
+
+
 def side(carrier: Carrier, key: str | None = None) -> CarrierSide:
     """The simulator's side of `carrier`, signing with `key` when given."""
-    sides: dict[Carrier, type[TwilioSide] | type[TelnyxSide]] = {
+    sides: dict[Carrier, type[TwilioSide] | type[TelnyxSide] | type[PlivoSide]] = {
         Carrier.TWILIO: TwilioSide,
         Carrier.TELNYX: TelnyxSide,
+        Carrier.PLIVO: PlivoSide,
         Carrier.SIGNALWIRE: SignalWireSide,
     }
-    if carrier not in sides:
-        raise SimulatorError(f"the simulator does not play {carrier} yet")
     return sides[carrier](key)

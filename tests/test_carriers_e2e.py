@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -27,8 +28,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from app.config import Settings
 from app.server import CALLS, VAD, create_app
 from app.simulator import CallResult, Clip, Dtmf, SimulatorError, simulate_call
+from app.simwire import plivo_signature
 from app.telephony.carrier import Carrier
 from tests.conftest import FIXTURES
+from tests.fakes.plivo_rest import AUTH_ID as PLIVO_ID
+from tests.fakes.plivo_rest import AUTH_TOKEN as PLIVO_TOKEN
+from tests.fakes.plivo_rest import fake_plivo_rest
 from tests.fakes.realtime import FakeRealtime
 from tests.fakes.telnyx_rest import API_KEY, fake_telnyx_rest
 from tests.fakes.twilio_rest import fake_twilio_rest
@@ -68,10 +73,12 @@ def kit(carrier: Carrier) -> Kit:
     if carrier is Carrier.SIGNALWIRE:
         key = "PSK_signalwire_signing_key_0123"
         return Kit(carrier, key, key + "-wrong", {"signalwire_signing_key": key})
+    if carrier is Carrier.PLIVO:
+        return Kit(carrier, PLIVO_TOKEN, PLIVO_TOKEN + "-wrong", {"plivo_auth_token": PLIVO_TOKEN})
     raise AssertionError(f"no kit for {carrier}")
 
 
-CARRIERS = [Carrier.TELNYX, Carrier.SIGNALWIRE]
+CARRIERS = [Carrier.TELNYX, Carrier.PLIVO, Carrier.SIGNALWIRE]
 SW_PROJECT = "3b1d6b1e-5a2b-4c3d-8e9f-0a1b2c3d4e5f"
 SW_TOKEN = "PT0123456789abcdef_signalwire"
 
@@ -112,25 +119,36 @@ async def rig(
     fakes: list[FakeRealtime] = []
     servers: list[TestServer] = []
 
-    async def serve(settings: Settings) -> TestServer:
+    async def serve(settings: Settings, port: int | None = None) -> TestServer:
         app = create_app(settings)
         app.cleanup_ctx.append(_inline_vad)
-        server = TestServer(app, host="127.0.0.1")
+        server = TestServer(app, host="127.0.0.1", port=port)
         await server.start_server()
         servers.append(server)
         return server
 
     async def start(
-        carrier: Carrier, reply: bytes = SHORT, deaf: bool = False, **settings: Any
+        carrier: Carrier,
+        reply: bytes = SHORT,
+        deaf: bool = False,
+        public: bool = False,
+        **settings: Any,
     ) -> Rig:
-        """`deaf`: the model's own VAD never hears the caller (no second reply)."""
+        """`deaf`: the model's own VAD never hears the caller (no second reply); `public`:
+        PUBLIC_URL is the service's own address (the carrier signs what it reaches)."""
+        port = None
+        if public:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            settings["public_url"] = f"http://127.0.0.1:{port}"
         tools = kit(carrier)
         model: dict[str, Any] = {"vad_threshold_dbfs": 10.0} if deaf else {}
         fake = FakeRealtime(reply_audio=reply, pace=1.0, **model)
         await fake.start()
         fakes.append(fake)
         values = {"realtime_url": fake.url, **tools.settings, **settings}
-        return Rig(tools, fake, await serve(settings_factory(**values)))
+        return Rig(tools, fake, await serve(settings_factory(**values), port))
 
     yield start
     for server in servers:  # first: its calls close their model sockets
@@ -242,7 +260,7 @@ async def test_a_replayed_telnyx_webhook_is_refused(
             assert 'bidirectionalMode="rtp"' in await resp.text()
 
 
-@pytest.mark.parametrize("carrier", CARRIERS)
+@pytest.mark.parametrize("carrier", [Carrier.TELNYX, Carrier.SIGNALWIRE])
 async def test_a_stream_without_the_calls_token_is_refused(
     rig: Callable[..., Awaitable[Rig]], carrier: Carrier
 ) -> None:
@@ -356,3 +374,96 @@ async def test_hang_up_and_transfer_go_through_signalwires_compatibility_api(
         assert update.form == {"Status": "completed"}
     else:
         assert "<Dial>+15551234567</Dial>" in update.form["Twiml"]
+
+
+def _plivo_signed(url: str, key: str, form: dict[str, str] | None = None) -> dict[str, str]:
+    nonce = "05429567804466091622"
+    return {
+        "X-Plivo-Signature-V3": plivo_signature(key, url, nonce, form),
+        "X-Plivo-Signature-V3-Nonce": nonce,
+    }
+
+
+async def test_plivo_stream_upgrades_must_be_signed_and_carry_the_calls_token(
+    rig: Callable[..., Awaitable[Rig]],
+) -> None:
+    """Plivo signs the upgrade over the stream URL, whose query carries the call's values:
+    an unsigned or wrongly signed upgrade is refused, and a signed one still needs the
+    token the webhook issued for the call it names."""
+    r = await rig(Carrier.PLIVO)
+    url = f"{r.url}/plivo/stream?persona=receptionist&stream_token=1.forged.token"
+    ws_url = "ws" + url.removeprefix("http")
+    start = {
+        "event": "start",
+        "sequenceNumber": 1,
+        "start": {
+            "callId": "0bd2b5f0-2ae1-4c1f-9e5f-7f9d0a2b3c4d",
+            "streamId": "32de0dea-53cb-4b21-89a4-9e1819c043bc",
+            "accountId": PLIVO_ID,
+            "tracks": ["inbound"],
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000},
+        },
+        "extra_headers": "",
+    }
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, _plivo_signed(url, PLIVO_TOKEN + "-wrong")):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(ws_url, headers=headers)
+            assert refused.value.status == 403
+        ws = await http.ws_connect(ws_url, headers=_plivo_signed(url, PLIVO_TOKEN))
+        await ws.send_str(orjson.dumps(start).decode())
+        message = await ws.receive(timeout=5)
+        assert message.type == aiohttp.WSMsgType.CLOSE
+        assert message.data == WSCloseCode.POLICY_VIOLATION
+    assert r.fake.connections == []
+
+
+@pytest.mark.parametrize("op", ["hangup", "transfer"])
+async def test_hang_up_and_transfer_go_through_plivos_call_api(
+    rig: Callable[..., Awaitable[Rig]], op: str
+) -> None:
+    async with fake_plivo_rest() as plivo:
+        r = await rig(
+            Carrier.PLIVO,
+            admin_token=ADMIN,
+            plivo_auth_id=PLIVO_ID,
+            plivo_api_base=plivo.url,
+            public=True,
+        )
+        call = asyncio.create_task(r.call(quiet(1500), tail_s=0.2))
+        for _ in range(200):
+            if r.server.app[CALLS]:
+                break
+            await asyncio.sleep(0.01)
+        (call_id,) = r.server.app[CALLS]
+        body = {"to": "+15551234567"} if op == "transfer" else {}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{r.url}/admin/calls/{call_id}/{op}",
+                json=body,
+                headers={"Authorization": f"Bearer {ADMIN}"},
+            ) as resp:
+                answer = await resp.json()
+                assert resp.status == 200, answer
+            assert r.server.app[CALLS][call_id].info.carrier is Carrier.PLIVO
+        await call
+        await r.settled()
+    (request,) = plivo.requests
+    assert request.call_uuid == call_id
+    if op == "hangup":
+        assert (request.method, request.body) == ("DELETE", {})
+        return
+    assert request.method == "POST"
+    assert request.body["legs"] == "aleg" and request.body["aleg_method"] == "POST"
+    aleg_url = request.body["aleg_url"]
+    local = f"{r.url}/plivo/transfer?to=%2B15551234567"
+    assert aleg_url == local  # PUBLIC_URL is the service's own address here
+    # Plivo then fetches the dial at aleg_url, signed.
+    form = {"CallUUID": call_id, "From": "+15005550006", "To": "+15005550001"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(local, data=form) as resp:
+            assert resp.status == 403  # unsigned
+        signed = _plivo_signed(aleg_url, PLIVO_TOKEN, form)
+        async with http.post(local, data=form, headers=signed) as resp:
+            assert resp.status == 200
+            assert "<Dial><Number>+15551234567</Number></Dial>" in await resp.text()

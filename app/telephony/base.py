@@ -55,6 +55,10 @@ class Edge(Framer, Protocol):
         """The webhook's answer (XML): connect the call to `stream_url`, bidirectional
         mu-law 8 kHz, carrying `parameters` to the stream's start message."""
 
+    def stream_parameters(self, query: Mapping[str, str]) -> Mapping[str, str]:
+        """The values `answer` put on the stream URL's query rather than into the start
+        message (Plivo's way), given the upgrade's query; empty for the others."""
+
     def call_id(self, form: Mapping[str, str]) -> str | None:
         """The webhook's call id, or None when it is missing or not this carrier's."""
 

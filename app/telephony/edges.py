@@ -8,13 +8,16 @@ from typing import Final
 
 from app.telephony.base import Edge
 from app.telephony.carrier import Carrier
+from app.telephony.carriers.plivo import PLIVO
 from app.telephony.carriers.signalwire import SIGNALWIRE
 from app.telephony.carriers.telnyx import TELNYX
 from app.telephony.carriers.twilio import TWILIO
 
 __all__ = ["EDGES", "edge"]
 
-EDGES: Final = MappingProxyType({edge.carrier: edge for edge in (TWILIO, TELNYX, SIGNALWIRE)})
+EDGES: Final = MappingProxyType(
+    {edge.carrier: edge for edge in (TWILIO, TELNYX, PLIVO, SIGNALWIRE)}
+)
 
 
 def edge(carrier: Carrier) -> Edge:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from app.telephony.carrier import RestError
 
-__all__ = ["TIMEOUT_S", "post"]
+__all__ = ["TIMEOUT_S", "post", "request"]
 
 TIMEOUT_S = 15.0
 
@@ -22,9 +22,21 @@ def post(
 ) -> tuple[int, bytes]:
     """POST `body` to `url`: the status and body of any HTTP answer; `RestError` when
     `who`'s API could not be reached."""
-    request = urllib.request.Request(url, data=body, headers=dict(headers), method="POST")
+    return request("POST", url, body, headers, who, timeout_s)
+
+
+def request(
+    method: str,
+    url: str,
+    body: bytes | None,
+    headers: Mapping[str, str],
+    who: str,
+    timeout_s: float = TIMEOUT_S,
+) -> tuple[int, bytes]:
+    """`method` `url` (with `body`, if any), as `post` does."""
+    req = urllib.request.Request(url, data=body, headers=dict(headers), method=method)
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with urllib.request.urlopen(req, timeout=timeout_s) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         with exc:

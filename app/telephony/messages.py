@@ -20,6 +20,7 @@ from app.telephony.carrier import Carrier, is_call_id
 __all__ = [
     "MAX_FRAME_BYTES",
     "BadMessage",
+    "Cleared",
     "Connected",
     "Dtmf",
     "Mark",
@@ -106,7 +107,12 @@ class Stop:
     """The stream ended: the caller hung up or the call was redirected."""
 
 
-StreamMessage = Connected | Start | Media | Dtmf | Mark | Stop
+@dataclass(frozen=True, slots=True)
+class Cleared:
+    """The carrier acknowledges our clear (Plivo's `clearedAudio`); nothing follows from it."""
+
+
+StreamMessage = Connected | Start | Media | Dtmf | Mark | Stop | Cleared
 
 
 def object_field(data: dict[str, Any], key: str) -> dict[str, Any]:

@@ -130,6 +130,7 @@ def exposure(settings: Settings) -> str:
     keys = {
         "Twilio": ("TWILIO_AUTH_TOKEN", settings.twilio_auth_token),
         "Telnyx": ("TELNYX_PUBLIC_KEY", settings.telnyx_public_key),
+        "Plivo": ("PLIVO_AUTH_TOKEN", settings.plivo_auth_token),
         "SignalWire": ("SIGNALWIRE_SIGNING_KEY", settings.signalwire_signing_key),
     }
     signed = [f"{name}'s ({key})" for name, (key, value) in keys.items() if value is not None]

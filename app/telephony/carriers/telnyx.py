@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from app.config import Settings
-from app.telephony import http, messages, signature
+from app.telephony import http, messages, signature, twiml
 from app.telephony.base import Webhook
 from app.telephony.carrier import AnsweredBy, Carrier, RestError, RestSetupError, is_call_id
 from app.telephony.messages import (
@@ -150,12 +150,15 @@ class Telnyx:
         ET.SubElement(response, "Hangup")
         return ET.tostring(response, encoding="unicode", xml_declaration=True)
 
+    def stream_parameters(self, query: Mapping[str, str]) -> Mapping[str, str]:
+        return {}  # in the start message's custom_parameters
+
     def call_id(self, form: Mapping[str, str]) -> str | None:
         call_sid = form.get("CallSid")
         return call_sid if call_sid is not None and is_call_id(call_sid) else None
 
     def answered_by(self, form: Mapping[str, str]) -> AnsweredBy | None:
-        return None  # outbound calls are placed through Twilio only
+        return twiml.answered_by(form)  # TeXML's AnsweredBy takes Twilio's values
 
     def voicemail(self, message: str) -> str:
         response = ET.Element("Response")

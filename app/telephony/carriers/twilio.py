@@ -22,6 +22,9 @@ class TwilioCompatible:
     def answer(self, stream_url: str, parameters: Mapping[str, str]) -> str:
         return twiml.connect_stream(stream_url, parameters)
 
+    def stream_parameters(self, query: Mapping[str, str]) -> Mapping[str, str]:
+        return {}  # in the start message's customParameters
+
     def answered_by(self, form: Mapping[str, str]) -> AnsweredBy | None:
         return twiml.answered_by(form)
 

@@ -584,6 +584,7 @@ class CallRecorder(CallObserver):
             "latency": self._latency,
             "provider_errors": self._errors,
             "outcome": self._outcome,
+            **info.record_sections,
             "recording": {
                 "file": "recording.wav",
                 "format": "mulaw",

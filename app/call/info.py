@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.modes import Mode
 from app.telephony.carrier import Carrier
@@ -31,3 +32,5 @@ class CallInfo:
     # Outbound: who answered, by the carrier's machine detection (a machine gets the
     # voicemail message and no call); None for inbound calls.
     answered_by: str | None = None
+    # Sections of call.json that observers above the archive keep current (`cost`).
+    record_sections: dict[str, Any] = field(default_factory=dict)

@@ -30,6 +30,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 from openai.types.beta.realtime import RealtimeClientEvent as BetaClientEvent
 from openai.types.realtime import RealtimeClientEvent as GAClientEvent
+from openai.types.realtime import RealtimeResponseUsage
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from app.clock import loop_time
@@ -288,6 +289,7 @@ class _Session:
         self.vad_item_id: str | None = None
         self.dropped = False
         self.tasks: set[asyncio.Task[None]] = set()
+        self.prior_input = (0, 0)  # text and audio input tokens of the last response
 
     # --- sending -----------------------------------------------------------------------
 
@@ -719,9 +721,22 @@ class _Session:
                     "type": "conversation.item.input_audio_transcription.completed",
                     **ids,
                     "transcript": self.fake.caller_text,
-                    "usage": {"type": "duration", "seconds": round(seconds, 3)},
+                    "usage": self._transcription_usage(seconds),
                 }
             )
+
+    def _transcription_usage(self, seconds: float) -> dict[str, Any]:
+        """`gpt-4o-mini-transcribe` (GA) bills tokens, `whisper-1` (beta) seconds."""
+        if not self._ga:
+            return {"type": "duration", "seconds": round(seconds, 3)}
+        audio, text = math.ceil(seconds * 10), math.ceil(len(self.fake.caller_text) / 4)
+        return {
+            "type": "tokens",
+            "input_tokens": audio,
+            "output_tokens": text,
+            "total_tokens": audio + text,
+            "input_token_details": {"audio_tokens": audio, "text_tokens": 0},
+        }
 
     async def vad_feed(self, audio: bytes) -> None:
         """Energy-based stand-in for OpenAI's server VAD, on 20 ms frames."""
@@ -807,7 +822,41 @@ class _Session:
             body["modalities"] = ["text", "audio"]
             body["output_audio_format"] = "g711_ulaw"
             body["voice"] = self.voice_of(self.rec.session, False)
+        if status in ("completed", "cancelled", "incomplete"):
+            body["usage"] = self._usage(response)
         return body
+
+    def _usage(self, response: _Response) -> dict[str, Any]:
+        """The response's `usage`, counted as OpenAI documents (docs/guides/realtime-costs):
+        the caller's audio 1 token per 100 ms, the model's 1 per 50 ms, text about four
+        characters a token; the input of a response after the first is cached as far as
+        the previous one's went (the conversation is its prefix)."""
+        text_in = max(1, len(str(self.rec.session.get("instructions") or "")) // 4)
+        audio_in = len(self.rec.caller_audio) // (100 * BYTES_PER_MS)
+        cached_text, cached_audio = self.prior_input
+        self.prior_input = (text_in, audio_in)
+        text_out = math.ceil(len(response.transcript) / 4)
+        audio_out = self.rec.audio_sent.get(response.item_id, 0) // (50 * BYTES_PER_MS)
+        usage = {
+            "total_tokens": text_in + audio_in + text_out + audio_out,
+            "input_tokens": text_in + audio_in,
+            "output_tokens": text_out + audio_out,
+            "input_token_details": {
+                "text_tokens": text_in,
+                "audio_tokens": audio_in,
+                "image_tokens": 0,
+                "cached_tokens": cached_text + cached_audio,
+                "cached_tokens_details": {
+                    "text_tokens": cached_text,
+                    "audio_tokens": cached_audio,
+                    "image_tokens": 0,
+                },
+            },
+            "output_token_details": {"text_tokens": text_out, "audio_tokens": audio_out},
+        }
+        model = RealtimeResponseUsage.model_validate(usage)
+        assert not _unknown_fields(model), _unknown_fields(model)  # a bug of the fake's
+        return usage
 
     def _assistant_item(self, response: _Response, status: str) -> dict[str, Any]:
         item = self.rec.items[response.item_id]

@@ -101,6 +101,17 @@ class TtsItem:
     done: bool = False
 
 
+def _usage(messages: list[dict[str, Any]], written: str) -> dict[str, int]:
+    """`UsageData` for a reply, about four characters a token (at least one each)."""
+    prompt = sum(len(str(m.get("content") or "")) for m in messages) // 4 + 1
+    completion = len(written) // 4 + 1
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
 def tone(samples: int, start: int = 0, rate: int = TTS_RATE) -> np.ndarray[Any, Any]:
     """A 440 Hz tone at -12 dBFS, continuing from sample `start`."""
     t = (np.arange(samples) + start) / rate
@@ -156,6 +167,7 @@ class FakeTogether(LoopbackServer):
         self.chat_headers: list[dict[str, str]] = []
         self.chat_peers: list[Any] = []  # the client address of each chat request
         self.chat_finished_at: list[float] = []  # loop time each chat stream ended
+        self.chat_usage: list[dict[str, int]] = []  # the `usage` each finished stream sent
         self.open_sockets = 0
 
     @property
@@ -302,29 +314,42 @@ class FakeTogether(LoopbackServer):
             piece = word if index == 0 else " " + word
             await self._sse(resp, {"role": "assistant", "content": piece}, None)
             await asyncio.sleep(self.llm_token_delay_s)
+        written = text
         if isinstance(reply, ToolReply):
             arguments = json.dumps(reply.arguments)
+            written += reply.name + arguments
             half = len(arguments) // 2
             first = {"index": 0, "id": reply.call_id, "type": "function"}
             first["function"] = {"name": reply.name, "arguments": arguments[:half]}
             await self._sse(resp, {"role": "assistant", "tool_calls": [first]}, None)
             rest = {"index": 0, "function": {"arguments": arguments[half:]}}
-            await self._sse(resp, {"role": "assistant", "tool_calls": [rest]}, "tool_calls")
+            usage = _usage(body["messages"], written)
+            await self._sse(resp, {"role": "assistant", "tool_calls": [rest]}, "tool_calls", usage)
         else:
-            await self._sse(resp, {"role": "assistant"}, "stop")
+            usage = _usage(body["messages"], written)
+            await self._sse(resp, {"role": "assistant"}, "stop", usage)
+        self.chat_usage.append(usage)
         await resp.write(b"data: [DONE]\n\n")
         self.chat_finished_at.append(loop_time())
         await resp.write_eof()
         return resp
 
     @staticmethod
-    async def _sse(resp: web.StreamResponse, delta: dict[str, Any], finish: str | None) -> None:
+    async def _sse(
+        resp: web.StreamResponse,
+        delta: dict[str, Any],
+        finish: str | None,
+        usage: dict[str, int] | None = None,
+    ) -> None:
+        """One `ChatCompletionChunk`; `usage` (`UsageData`) is null but on the last one,
+        as Together sends it (docs/together.md)."""
         chunk = {
             "id": "chatcmpl-fake",
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": "fake-model",
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "usage": usage,
         }
         await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
 

@@ -32,6 +32,7 @@ def _serve(_: argparse.Namespace) -> int:
             settings.log_format,
             settings.log_level,
             secrets=[*settings.secret_values(), *tool_secrets],
+            redact_pii=settings.redact_pii,
         )
         if not settings.vad_model_path.is_file():
             raise ConfigError(f"VAD_MODEL_PATH: no file at {settings.vad_model_path}")
@@ -64,7 +65,10 @@ def _dial(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(serving=False)
         logging_setup.configure(
-            settings.log_format, settings.log_level, secrets=settings.secret_values()
+            settings.log_format,
+            settings.log_level,
+            secrets=settings.secret_values(),
+            redact_pii=settings.redact_pii,
         )
         # Check the persona here when this machine has the prompts; the server checks again.
         personas = load_personas(settings.prompts_dir) if settings.prompts_dir.is_dir() else None

@@ -29,7 +29,9 @@ from app.metrics import METRICS, Metrics, metrics_endpoint
 from app.modes import UnknownMode, parse_mode
 from app.personas import Persona, load_personas
 from app.phone import is_e164
+from app.records.cost import CallCost, Prices, cost_counter
 from app.records.tracing import TRACING, Tracing
+from app.records.webhook import CallWebhook
 from app.telephony import messages, signature, streamtoken
 from app.telephony.base import Edge, Webhook
 from app.telephony.carrier import AnsweredBy
@@ -425,6 +427,11 @@ def create_app(settings: Settings) -> web.Application:
         app[TRACING] = tracing
         observers.append(tracing.observer)
         app.on_cleanup.append(lambda _: tracing.shutdown())  # runs after the calls' cleanup
+    prices, spent = Prices.load(settings.prices_file), cost_counter(metrics.registry)
+    observers.append(lambda info: CallCost(info, prices, spent))
+    if (webhook := CallWebhook.from_settings(settings, metrics.registry)) is not None:
+        listeners.append(webhook)
+        app.on_cleanup.append(lambda _: webhook.close())  # after the archive's deliveries
     app.router.add_post("/twiml", _webhook(TWILIO, "/media-stream"))
     app.router.add_get("/media-stream", _media_stream(TWILIO))
     app.router.add_post("/plivo/transfer", _plivo_transfer)

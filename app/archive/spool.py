@@ -99,19 +99,23 @@ class Spool:
         self._tasks = Supervisor(log)
         self._active: set[Path] = set()  # call directories being delivered
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Open the store and run the sweeps: the first one resumes pending uploads."""
         self._loop = asyncio.get_running_loop()
         await self.store.start()
         log.info("archive.store", store=self.store.describe(), spool=str(self.directory))
-        self._tasks.spawn(self._sweeps(), "archive.sweeps")
+        self._sweeper = self._tasks.spawn(self._sweeps(), "archive.sweeps")
 
     async def close(self) -> None:
         """Let uploads in flight finish for `drain_s`, then stop; a marker keeps the rest."""
         # Calls closed just now have their final writes queued on the writer's thread.
         await asyncio.to_thread(shared_writer().drain, self._drain_s)
         self._loop = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.wait([self._sweeper])
         pending = sorted(str(d) for d in self._active)
         if not await self._tasks.settle(self._drain_s) and pending:
             log.warning("archive.upload_interrupted", directories=pending, next="the next start")
@@ -165,12 +169,15 @@ class Spool:
         """Upload every file, retried with backoff; True once the store confirmed all."""
         delays = self.backoff.delays()
         attempt = 0
+        confirmed: set[str] = set()  # a retry skips what the store already confirmed
         while True:
             attempt += 1
             try:
                 async with self._slots:
                     for name in files:
-                        await self.store.put(f"{directory.name}/{name}", directory / name)
+                        if name not in confirmed:
+                            await self.store.put(f"{directory.name}/{name}", directory / name)
+                            confirmed.add(name)
             except (StoreError, OSError) as exc:
                 permanent = isinstance(exc, StoreError) and exc.permanent
                 delay = None if permanent else next(delays, None)

@@ -115,7 +115,13 @@ def routes(
         req = DialRequest.of(await _body(request, dial_body))
         try:
             sid = await asyncio.to_thread(
-                place_call, settings, req.to, req.persona, req.mode, caller_id=req.caller_id
+                place_call,
+                settings,
+                req.to,
+                req.persona,
+                req.mode,
+                caller_id=req.caller_id,
+                carrier=req.carrier,
             )
         except DialRequestError as exc:
             return _json(error(422, str(exc)))
@@ -124,7 +130,9 @@ def routes(
         except DialError as exc:
             log.warning("dial.failed", to=req.to, error=str(exc))
             return _json(error(502, str(exc)))
-        result = schemas.DialResult(call_sid=sid, to=req.to, persona=req.persona, mode=req.mode)
+        result = schemas.DialResult(
+            call_sid=sid, to=req.to, persona=req.persona, mode=req.mode, carrier=req.carrier
+        )
         return _json(Reply(201, result.model_dump(mode="json")))
 
     async def openapi(_: web.Request) -> web.StreamResponse:
@@ -224,8 +232,8 @@ def routes(
             body=dial_body,
             responses={
                 201: ("Placed", schemas.DialResult),
-                502: ("Twilio refused or is unreachable", schemas.ErrorBody),
-                503: ("PUBLIC_URL or Twilio settings missing", schemas.ErrorBody),
+                502: ("The carrier refused or is unreachable", schemas.ErrorBody),
+                503: ("PUBLIC_URL or the carrier's settings missing", schemas.ErrorBody),
             },
         ),
     ]
@@ -355,7 +363,7 @@ def add_routes(
 ) -> None:
     """Register /admin and the bus that carries its commands (Redis or in process)."""
     bus = make_bus(settings.redis_url, calls, settings.call_registry_ttl)
-    app[EVENTS] = hub = EventHub(bus.instance)
+    app[EVENTS] = hub = EventHub(bus.instance, redact_pii=settings.redact_pii)
     listeners = Listeners()
     observers += [hub.observer, listeners.observer]
     if isinstance(bus, RedisBus):

@@ -19,6 +19,7 @@ from app.call import control
 from app.call.session import CallSession
 from app.call.steering import Steer
 from app.call.tools import ToolRun
+from app.redact import keep_last_four, redact, scrub
 from app.telephony.carrier import RestError, RestSetupError
 from app.timefmt import iso_utc
 
@@ -68,12 +69,13 @@ def summary(session: CallSession, instance: str) -> schemas.CallSummary:
     info = session.info
     started = _iso(info.started_at)
     assert started is not None
+    masked = session.settings.redact_pii  # the numbers keep their last four digits
     return schemas.CallSummary.model_validate(
         {
             "call_sid": info.call_sid,
             "carrier": info.carrier,
-            "from": info.from_number,
-            "to": info.to_number,
+            "from": keep_last_four(info.from_number) if masked else info.from_number,
+            "to": keep_last_four(info.to_number) if masked else info.to_number,
             "persona": info.persona,
             "mode": info.mode,
             "engine_state": engine_state(session),
@@ -104,7 +106,7 @@ def _steer_view(steer: Steer) -> schemas.SteerView:
 
 def detail(session: CallSession, instance: str) -> schemas.CallDetail:
     """`GET /admin/calls/{call_sid}`: the summary, the live transcript, the steering log."""
-    return schemas.CallDetail.model_validate(
+    view = schemas.CallDetail.model_validate(
         {
             **summary(session, instance).model_dump(),
             "transcript": [
@@ -115,6 +117,15 @@ def detail(session: CallSession, instance: str) -> schemas.CallDetail:
             "tools": [_tool_view(run) for run in session.tools.runs],
         }
     )
+    return _masked(view) if session.settings.redact_pii else view
+
+
+def _masked(view: schemas.CallDetail) -> schemas.CallDetail:
+    """REDACT_PII: the transcript and the tools' arguments as the call's record has them."""
+    data = view.model_dump(by_alias=True)
+    data["transcript"] = [t | {"text": redact(t["text"])} for t in data["transcript"]]
+    data["tools"] = [t | {"arguments": scrub(t["arguments"])} for t in data["tools"]]
+    return schemas.CallDetail.model_validate(data)
 
 
 def _tool_view(run: ToolRun) -> schemas.ToolCallView:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.engines.base import Turn
+from app.redact import keep_last_four, scrub
 from app.timefmt import iso_utc
 from app.tools.results import ToolCallRecord
 
@@ -109,8 +110,16 @@ class EventHub:
     """Numbers, keeps and fans out the events of this process (and, through the bus, of
     the other instances)."""
 
-    def __init__(self, instance: str, keep: int = KEEP, queue_size: int = QUEUE_SIZE) -> None:
+    def __init__(
+        self,
+        instance: str,
+        keep: int = KEEP,
+        queue_size: int = QUEUE_SIZE,
+        *,
+        redact_pii: bool = False,
+    ) -> None:
         self.instance = instance
+        self.redact_pii = redact_pii  # mask this instance's calls' text and numbers
         self.forward: Callable[[dict[str, Any]], None] | None = None  # to the other instances
         self._kept: deque[Event] = deque(maxlen=keep)
         self._last_id = 0
@@ -202,17 +211,20 @@ class EventsObserver(CallObserver):
     def __init__(self, hub: EventHub, info: CallInfo) -> None:
         self._hub = hub
         self._sid = info.call_sid
+        numbers = {"from": info.from_number, "to": info.to_number}
+        if hub.redact_pii:  # as the call's record: the last four digits
+            numbers = {k: keep_last_four(v) for k, v in numbers.items()}
         self._emit(
             EventType.CALL_STARTED,
             persona=info.persona,
             mode=info.mode.value,
             voice=info.voice,
             started_at=iso_utc(info.started_at),
-            **{"from": info.from_number, "to": info.to_number},
+            **numbers,
         )
 
     def _emit(self, type_: EventType, **data: Any) -> None:
-        self._hub.emit(type_, self._sid, data)
+        self._hub.emit(type_, self._sid, scrub(data) if self._hub.redact_pii else data)
 
     def turn(self, turn: Turn, at: float) -> None:
         self._emit(EventType.TURN, role=turn.role, text=turn.text, interrupted=turn.interrupted)

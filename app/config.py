@@ -16,11 +16,13 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.capacity import OverloadAction
 from app.modes import Mode
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
@@ -50,6 +52,9 @@ class Settings(BaseSettings):
     stream_start_timeout: float = Field(5.0, gt=0)
     http_timeout: float = Field(15.0, gt=0)
     max_connections_per_client: int = Field(64, ge=0)
+    max_calls: int = Field(150, ge=0)
+    overload_action: OverloadAction = OverloadAction.REJECT
+    max_loop_lag_ms: float = Field(100.0, ge=0)
 
     twilio_account_sid: str | None = None
     twilio_auth_token: SecretStr | None = None
@@ -179,6 +184,14 @@ class Settings(BaseSettings):
         if self.archive_url and urlsplit(self.archive_url).scheme == "file":
             self.archive_dir = Path(unquote(urlsplit(self.archive_url).path))
         return self
+
+    @field_validator("max_calls", "overload_action", "max_loop_lag_ms", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """`NAME=` leaves these at their default, as it leaves optional settings unset."""
+        if isinstance(value, str) and not value.strip():
+            return cls.model_fields[str(info.field_name)].default
+        return value
 
     @field_validator("realtime_url", "live_url")
     @classmethod

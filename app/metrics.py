@@ -26,6 +26,8 @@ TURN_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 # A business tool call, from the model's call to the tool's answer: 50 ms to the 5 s timeout.
 TOOL_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 RELAY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
+# How late the loop runs a timer: a millisecond is healthy, MAX_LOOP_LAG_MS (100) is trouble.
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class Metrics:
@@ -94,6 +96,28 @@ class Metrics:
             buckets=RELAY_BUCKETS,
             registry=r,
         )
+        self.calls_refused = Counter(
+            "phone_agent_calls_refused",
+            "New calls turned away, by reason (max_calls, loop_lag, draining) and by what was "
+            "refused (webhook, stream, console, dial).",
+            ["reason", "kind"],
+            registry=r,
+        )
+        # A histogram, not a gauge: the loop is sampled ten times a second, and a gauge
+        # scraped every 15 s would show one sample in 150 and miss the stalls between.
+        self.event_loop_lag = Histogram(
+            "phone_agent_event_loop_lag_seconds",
+            "How late the event loop ran a timer (sampled every 100 ms): how long a frame "
+            "waits for the loop.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
+
+    def call_refused(self, kind: str, reason: str) -> None:
+        self.calls_refused.labels(reason, kind).inc()
+
+    def loop_lag(self, seconds: float) -> None:
+        self.event_loop_lag.observe(seconds)
 
     def observer(self, info: CallInfo) -> CallMetrics:
         """The per-call observer; a factory for the server's OBSERVERS list."""

@@ -21,6 +21,7 @@ from app.archive.store import make_store
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.call.session import CallSession
+from app.capacity import CAPACITY, Capacity, Kind, LagMonitor, OverloadAction, Reason
 from app.clock import loop_time
 from app.config import Settings
 from app.drain import DRAIN, Drain
@@ -90,10 +91,11 @@ def _webhook(carrier: Edge, stream_path: str) -> Handler:
     at `stream_path`, persona and mode from the query, a stream token for the call."""
 
     async def answer(request: web.Request) -> web.Response:
+        capacity = request.app[CAPACITY]
         if request.app[DRAIN].active:
             # The carrier moves to the number's fallback URL; the load balancer to another
             # instance.
-            log.info("twiml.refused_draining", carrier=carrier.carrier)
+            capacity.refused(Kind.WEBHOOK, Reason.DRAINING, carrier=carrier.carrier)
             raise web.HTTPServiceUnavailable(text="draining")
         settings = request.app[SETTINGS]
         body = await request.read()
@@ -123,7 +125,12 @@ def _webhook(carrier: Edge, stream_path: str) -> Handler:
             # The greeting's beep has passed: leave the persona's message and hang up.
             message = personas[persona].voicemail_message
             log.info("call.voicemail", carrier=carrier.carrier, call_sid=call_id, persona=persona)
+            capacity.release(call_id)  # no stream follows
             return web.Response(text=carrier.voicemail(message), content_type="text/xml")
+        if capacity.webhook(call_id, carrier.carrier, outbound=answered_by is not None):
+            if settings.overload_action is OverloadAction.FALLBACK:
+                raise web.HTTPServiceUnavailable(text="at capacity")
+            return web.Response(text=carrier.busy(), content_type="text/xml")
         markup = carrier.answer(
             websocket_url(origin) + stream_path,
             {
@@ -251,6 +258,12 @@ def _media_stream(carrier: Edge) -> Handler:
                 )
                 reason = refusal[:120].encode()
                 await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=reason)
+            elif start is not None and request.app[CAPACITY].stream(
+                start.call_sid, carrier.carrier
+            ):
+                # Past MAX_CALLS and its headroom; the carrier plays the markup's apology.
+                refusal = "at capacity"
+                await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=refusal.encode())
             await _run_call(request, ws, frames, start if refusal is None else None)
         return ws
 
@@ -274,6 +287,7 @@ async def _run_call(
             )
             edge.release(request)  # a call now, no longer a pending connection
             session = calls[start.call_sid] = _new_session(request, start, ws)
+            request.app[CAPACITY].seated(start.call_sid)
             if await session.start():
                 await _relay(frames, session)
     finally:
@@ -295,7 +309,9 @@ async def _console_call(request: web.Request) -> web.StreamResponse:
     from `console`. Its first message names the call: `{"event": "console.started", ...}`."""
     settings = request.app[SETTINGS]
     session_auth.authorize(request, settings)
+    capacity = request.app[CAPACITY]
     if request.app[DRAIN].active:
+        capacity.refused(Kind.CONSOLE, Reason.DRAINING)
         raise web.HTTPServiceUnavailable(text="draining")
     parameters = {"From": CONSOLE_CALLER, "To": CONSOLE_CALLER}
     for name in ("persona", "mode"):
@@ -312,6 +328,8 @@ async def _console_call(request: web.Request) -> web.StreamResponse:
         account_sid="",
         parameters=parameters,
     )
+    if capacity.console(start.call_sid):
+        raise web.HTTPServiceUnavailable(text="at capacity")
     ws = web.WebSocketResponse(max_msg_size=4 * messages.MAX_FRAME_BYTES, autoping=True)
     await ws.prepare(request)
     log.info("console.call", call_sid=start.call_sid, persona=parameters.get("persona"))
@@ -355,24 +373,31 @@ async def _health(_: web.Request) -> web.Response:
 
 
 async def _ready(request: web.Request) -> web.Response:
-    """Readiness: we can take calls (an engine is available and we are not draining).
+    """Readiness: we can take calls (an engine is available, we are not draining, the
+    calls here are fewer than MAX_CALLS and the loop keeps up).
 
-    `engines` says per mode whether new calls can use it; `engine_states` says why not
-    (`unconfigured`, `held_off` by the breaker), as the admin API names it.
+    `reasons` says why not (`no_engine`, `draining`, `max_calls`, `loop_lag`); `engines`
+    says per mode whether new calls can use it, `engine_states` why not (`unconfigured`,
+    `held_off` by the breaker), as the admin API names it.
     """
     states = request.app[ENGINES].states()
     engines = {mode: state is EngineState.AVAILABLE for mode, state in states.items()}
     draining = request.app[DRAIN].active
-    status = 200 if any(engines.values()) and not draining else 503
+    capacity = request.app[CAPACITY]
+    reasons: list[str] = [] if any(engines.values()) else ["no_engine"]
+    reasons += [Reason.DRAINING] if draining else []
+    reasons += capacity.not_ready()
     return web.json_response(
         {
-            "ready": status == 200,
+            "ready": not reasons,
+            "reasons": reasons,
             "draining": draining,
             "engines": engines,
             "engine_states": states,
             "calls": len(request.app[CALLS]),
+            **capacity.state(),
         },
-        status=status,
+        status=503 if reasons else 200,
     )
 
 
@@ -406,6 +431,8 @@ def create_app(settings: Settings) -> web.Application:
     app[DRAIN] = drain = Drain(calls)
     metrics = Metrics(lambda: len(calls), lambda: drain.active)
     app[METRICS] = metrics
+    monitor = LagMonitor(settings.max_loop_lag_ms / 1000, metrics.loop_lag)
+    app[CAPACITY] = Capacity(calls, settings.max_calls, monitor, metrics)
     listeners: list[FinishedListener] = []
     app[FINISHED_LISTENERS] = listeners
     app[ARCHIVE] = spool = Spool(
@@ -448,4 +475,5 @@ def create_app(settings: Settings) -> web.Application:
     api.add_routes(app, settings, calls, personas, observers)
     console.add_routes(app, settings, personas)
     app.cleanup_ctx.append(_lifetime)
+    app.cleanup_ctx.append(app[CAPACITY].lifetime)
     return app

@@ -69,6 +69,12 @@ class Edge(Framer, Protocol):
     def voicemail(self, message: str) -> str:
         """The webhook's answer for a machine: say `message` (if any) and hang up."""
 
+    def busy(self) -> str:
+        """The webhook's answer refusing a call we cannot carry now (MAX_CALLS, loop lag):
+        the carrier's reject, reason busy, as the first verb, so the call is never
+        answered (nor billed) and the caller hears a busy signal. docs/carriers.md
+        sources each carrier's."""
+
     def webhook_refusal(
         self, request: web.Request, settings: Settings, hook: Webhook
     ) -> str | None:

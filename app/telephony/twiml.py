@@ -8,7 +8,7 @@ from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from app.telephony.carrier import AnsweredBy
 
-__all__ = ["APOLOGY", "answered_by", "connect_stream", "voicemail"]
+__all__ = ["APOLOGY", "answered_by", "busy", "connect_stream", "voicemail"]
 
 APOLOGY = "Sorry, our assistant is not available right now. Please call again in a few minutes."
 
@@ -51,4 +51,11 @@ def voicemail(message: str) -> str:
     if message:
         response.say(message)
     response.hangup()
+    return str(response)
+
+
+def busy() -> str:
+    """Refuse the call unanswered: `<Reject reason="busy"/>`, the caller hears busy."""
+    response = VoiceResponse()
+    response.reject(reason="busy")
     return str(response)

@@ -167,6 +167,11 @@ class Telnyx:
         ET.SubElement(response, "Hangup")
         return ET.tostring(response, encoding="unicode", xml_declaration=True)
 
+    def busy(self) -> str:
+        response = ET.Element("Response")
+        ET.SubElement(response, "Reject", reason="busy")
+        return ET.tostring(response, encoding="unicode", xml_declaration=True)
+
     def webhook_refusal(
         self, request: web.Request, settings: Settings, hook: Webhook
     ) -> str | None:

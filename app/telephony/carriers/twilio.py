@@ -31,6 +31,9 @@ class TwilioCompatible:
     def voicemail(self, message: str) -> str:
         return twiml.voicemail(message)
 
+    def busy(self) -> str:
+        return twiml.busy()
+
     def media(self, stream_id: str, payload: str) -> str:
         return messages.media(stream_id, payload)
 

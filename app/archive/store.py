@@ -144,7 +144,7 @@ class S3Store:
             retries={"total_max_attempts": 1},  # the spool retries, with its backoff
             max_pool_connections=self._concurrency,
             # Checksums only where an operation requires them: many S3-compatible stores
-            # refuse botocore's default flexible checksums (see docs/records.md).
+            # refuse botocore's default flexible checksums (docs/object-storage.md).
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )

@@ -30,6 +30,7 @@ from app.admin.session import authorize
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.call.session import CallSession
+from app.capacity import CAPACITY
 from app.config import Settings
 
 __all__ = ["Route", "add_routes", "openapi_document", "routes"]
@@ -113,6 +114,9 @@ def routes(
 
     async def dial(request: web.Request) -> web.StreamResponse:
         req = DialRequest.of(await _body(request, dial_body))
+        capacity = request.app[CAPACITY]
+        if capacity.dial():  # the callee's answer would find no room here
+            return _json(error(503, "at capacity (MAX_CALLS) or lagging: try again later"))
         try:
             sid = await asyncio.to_thread(
                 place_call,
@@ -130,6 +134,8 @@ def routes(
         except DialError as exc:
             log.warning("dial.failed", to=req.to, error=str(exc))
             return _json(error(502, str(exc)))
+        if sid:  # its slot is held until the callee answers
+            capacity.dialled(sid)
         result = schemas.DialResult(
             call_sid=sid, to=req.to, persona=req.persona, mode=req.mode, carrier=req.carrier
         )
@@ -233,7 +239,11 @@ def routes(
             responses={
                 201: ("Placed", schemas.DialResult),
                 502: ("The carrier refused or is unreachable", schemas.ErrorBody),
-                503: ("PUBLIC_URL or the carrier's settings missing", schemas.ErrorBody),
+                503: (
+                    "PUBLIC_URL or the carrier's settings missing, or this instance is at "
+                    "MAX_CALLS or lagging",
+                    schemas.ErrorBody,
+                ),
             },
         ),
     ]

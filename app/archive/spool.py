@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import random
 import shutil
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -146,24 +148,34 @@ class Spool:
 
     async def _deliver(self, directory: Path) -> None:
         try:
-            notified, files, record, transcript = await asyncio.to_thread(_contents, directory)
-            stored = not self.store.remote or await self._upload(directory, files)
-            link = await self._link(directory, files, stored)
-            if stored:
-                await asyncio.to_thread(_remove if self.store.remote else _unmark, directory)
-            if not notified:
-                call = FinishedCall(
-                    call_sid=str(record.get("call_sid") or directory.name),
-                    record=record,
-                    transcript=transcript,
-                    recording_url=link.url if link else None,
-                    recording_url_expires_at=link.expires_at if link else None,
-                )
-                await self._notify(call)
-                if not stored:
-                    await asyncio.to_thread(_write_marker, directory, True)
+            lock = await asyncio.to_thread(_claim, directory)
+            try:
+                await self._deliver_claimed(directory)
+            finally:
+                if lock is not None:
+                    os.close(lock)
+        except _Taken:  # another process sharing the spool (`serve --workers`) has it
+            pass
         finally:
             self._active.discard(directory)
+
+    async def _deliver_claimed(self, directory: Path) -> None:
+        notified, files, record, transcript = await asyncio.to_thread(_contents, directory)
+        stored = not self.store.remote or await self._upload(directory, files)
+        link = await self._link(directory, files, stored)
+        if stored:
+            await asyncio.to_thread(_remove if self.store.remote else _unmark, directory)
+        if not notified:
+            call = FinishedCall(
+                call_sid=str(record.get("call_sid") or directory.name),
+                record=record,
+                transcript=transcript,
+                recording_url=link.url if link else None,
+                recording_url_expires_at=link.expires_at if link else None,
+            )
+            await self._notify(call)
+            if not stored:
+                await asyncio.to_thread(_write_marker, directory, True)
 
     async def _upload(self, directory: Path, files: list[str]) -> bool:
         """Upload every file, retried with backoff; True once the store confirmed all."""
@@ -244,6 +256,28 @@ class Spool:
                 pending=len(result.pending),
                 oldest_pending_days=result.oldest_pending_days,
             )
+
+
+class _Taken(Exception):
+    """Another process holds the call's marker, or delivered the call meanwhile."""
+
+
+def _claim(directory: Path) -> int | None:
+    """Lock the call's marker (flock: one holder among processes and open files), so one
+    process of several sharing the spool delivers it; the descriptor to close when done.
+    None without a marker: a local archive has nothing to deliver twice."""
+    try:
+        fd = os.open(directory / MARKER, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not (directory / MARKER).exists():  # stored by the holder we waited behind
+            raise _Taken
+    except (BlockingIOError, _Taken):
+        os.close(fd)
+        raise _Taken from None
+    return fd
 
 
 def _write_marker(directory: Path, notified: bool) -> None:

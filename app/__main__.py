@@ -14,6 +14,7 @@ from app import simulator
 from app.config import ConfigError, load_settings
 from app.modes import Mode
 from app.personas import PersonaError, load_personas
+from app.telephony.carrier import Carrier
 
 __all__ = ["main"]
 
@@ -72,8 +73,12 @@ def _dial(args: argparse.Namespace) -> int:
         )
         # Check the persona here when this machine has the prompts; the server checks again.
         personas = load_personas(settings.prompts_dir) if settings.prompts_dir.is_dir() else None
-        req = DialRequest.parse(args.to, args.persona, args.mode, args.caller_id, personas)
-        sid = place_call(settings, req.to, req.persona, req.mode, caller_id=req.caller_id)
+        req = DialRequest.parse(
+            args.to, args.persona, args.mode, args.caller_id, personas, args.carrier
+        )
+        sid = place_call(
+            settings, req.to, req.persona, req.mode, caller_id=req.caller_id, carrier=req.carrier
+        )
     except (ConfigError, PersonaError) as exc:
         print(f"phone-agent: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -93,13 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     simulator.configure_parser(call)
     call.set_defaults(run=simulator.run)
     dial = commands.add_parser(
-        "dial", help="call a number through Twilio; the answer runs the usual stream"
+        "dial", help="call a number through a carrier; the answer runs the usual stream"
     )
     dial.add_argument("to", help="the number to call, E.164 (+15551234567)")
     dial.add_argument("--persona", help="persona for the call (default: PERSONA)")
     dial.add_argument("--mode", choices=tuple(Mode), type=Mode, help="default: AGENT_MODE")
     dial.add_argument(
-        "--from", dest="caller_id", help="caller ID, E.164 (default: TWILIO_FROM_NUMBER)"
+        "--from", dest="caller_id", help="caller ID, E.164 (default: the carrier's FROM_NUMBER)"
+    )
+    dial.add_argument(
+        "--carrier",
+        choices=tuple(Carrier),
+        type=Carrier,
+        default=Carrier.TWILIO,
+        help="whose network places the call (default: twilio)",
     )
     dial.set_defaults(run=_dial)
     args = parser.parse_args(argv)

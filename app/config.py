@@ -64,13 +64,18 @@ class Settings(BaseSettings):
     telnyx_public_key: str | None = None  # base64 Ed25519 key that signs Telnyx webhooks
     telnyx_api_key: SecretStr | None = None
     telnyx_api_base: str = "https://api.telnyx.com"
+    telnyx_account_sid: str | None = None  # for outbound calls: the TeXML Calls API
+    telnyx_texml_app_id: str | None = None
+    telnyx_from_number: str | None = None
     plivo_auth_id: str | None = None
     plivo_auth_token: SecretStr | None = None
     plivo_api_base: str = "https://api.plivo.com"
+    plivo_from_number: str | None = None
     signalwire_signing_key: SecretStr | None = None
     signalwire_space_url: str | None = None  # https://<space>.signalwire.com
     signalwire_project_id: str | None = None
     signalwire_api_token: SecretStr | None = None
+    signalwire_from_number: str | None = None
 
     agent_mode: Mode = Mode.REALTIME
     realtime_url: str = "wss://api.openai.com/v1/realtime"

@@ -1,7 +1,9 @@
-"""Answering-machine detection on outbound calls (Twilio): the dial asks Twilio to detect
-the end of a voicemail greeting; the webhook then says who answered. A machine gets the
-persona's `voicemail_message` and a hang-up (no stream, no model); a person gets the agent
-as usual, and the call's record says `answered_by: human`. /metrics counts both."""
+"""Answering-machine detection on outbound calls (Twilio, and SignalWire and Telnyx, whose
+APIs take Twilio's `MachineDetection=DetectMessageEnd` and answer with its `AnsweredBy`):
+the dial asks the carrier to detect the end of a voicemail greeting; the webhook then says
+who answered. A machine gets the persona's `voicemail_message` and a hang-up (no stream, no
+model); a person gets the agent as usual, and the call's record says `answered_by: human`.
+/metrics counts both. (Plivo detects machines only alongside the call: docs/carriers.md.)"""
 
 from __future__ import annotations
 
@@ -15,12 +17,15 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
 from app.admin.dial import place_call
+from app.archive.recorder import directory_name
 from app.config import Settings
 from app.personas import load_personas
 from app.server import CALLS
 from app.simulator import Clip, SimulatorError, simulate_call
+from app.telephony.carrier import Carrier
 from tests.conftest import FIXTURES
 from tests.fakes.realtime import FakeRealtime
+from tests.test_carriers_e2e import Kit, kit
 from tests.test_dial import FakeTwilio, dial_settings, twilio  # noqa: F401 (fixture)
 
 GREETING = (FIXTURES / "yes.ulaw").read_bytes()[:8000]
@@ -38,15 +43,23 @@ async def test_outbound_calls_ask_twilio_to_wait_for_the_beep(
     assert form["MachineDetection"] == "DetectMessageEnd"
 
 
-@pytest.fixture
+AMD_CARRIERS = [Carrier.TWILIO, Carrier.TELNYX, Carrier.SIGNALWIRE]
+
+
+@pytest.fixture(params=AMD_CARRIERS, ids=str)
 async def service(
+    request: pytest.FixtureRequest,
     serve: Callable[[Settings], Awaitable[TestServer]],
     settings_factory: Callable[..., Settings],
-) -> AsyncIterator[tuple[FakeRealtime, TestServer, Settings]]:
+) -> AsyncIterator[tuple[FakeRealtime, TestServer, Settings, Kit]]:
+    carrier: Carrier = request.param
+    tools = Kit(carrier, TOKEN, "", {"twilio_auth_token": TOKEN})
+    if carrier is not Carrier.TWILIO:
+        tools = kit(carrier)
     model = FakeRealtime(reply_audio=GREETING, pace=1.0, vad_threshold_dbfs=10.0)
     await model.start()
-    settings = settings_factory(realtime_url=model.url, twilio_auth_token=TOKEN)
-    yield model, await serve(settings), settings
+    settings = settings_factory(realtime_url=model.url, **tools.settings)
+    yield model, await serve(settings), settings, tools
     await model.stop()
 
 
@@ -62,9 +75,9 @@ async def _answered(server: TestServer) -> dict[str, float]:
 
 
 async def test_a_machine_gets_the_voicemail_message_and_a_hang_up(
-    service: tuple[FakeRealtime, TestServer, Settings],
+    service: tuple[FakeRealtime, TestServer, Settings, Kit],
 ) -> None:
-    model, server, settings = service
+    model, server, settings, tools = service
     url = f"http://{server.host}:{server.port}"
     message = load_personas(settings.prompts_dir)[PERSONA].voicemail_message
     assert message
@@ -73,8 +86,9 @@ async def test_a_machine_gets_the_voicemail_message_and_a_hang_up(
             Clip(b"\xff" * 800, ()),
             url=url,
             persona=PERSONA,
-            auth_token=TOKEN,
+            auth_token=tools.signing_key,
             answered_by="machine_end_beep",
+            carrier=tools.carrier,
         )
     assert message in str(refused.value)  # the TwiML says it, then <Hangup/>
     assert "<Hangup />" in str(refused.value)
@@ -83,17 +97,18 @@ async def test_a_machine_gets_the_voicemail_message_and_a_hang_up(
 
 
 async def test_a_person_gets_the_agent_and_the_record_says_so(
-    service: tuple[FakeRealtime, TestServer, Settings],
+    service: tuple[FakeRealtime, TestServer, Settings, Kit],
 ) -> None:
-    model, server, settings = service
+    model, server, settings, tools = service
     url = f"http://{server.host}:{server.port}"
     result = await simulate_call(
         Clip(b"\xff" * 8 * 1500, ()),
         url=url,
         persona=PERSONA,
-        auth_token=TOKEN,
+        auth_token=tools.signing_key,
         answered_by="human",
         tail_s=0.2,
+        carrier=tools.carrier,
     )
     for _ in range(100):
         if not server.app[CALLS]:
@@ -102,6 +117,7 @@ async def test_a_person_gets_the_agent_and_the_record_says_so(
     assert b"".join(base64.b64decode(p) for p in result.received_payloads) == GREETING
     assert result.parameters["AnsweredBy"] == "human"
     assert len(model.connections) == 1  # the agent took the call
-    record = json.loads((settings.archive_dir / result.call_sid / "call.json").read_text())
-    assert record["answered_by"] == "human" and record["carrier"] == "twilio"
+    folder = settings.archive_dir / directory_name(result.call_sid)
+    record = json.loads((folder / "call.json").read_text())
+    assert record["answered_by"] == "human" and record["carrier"] == tools.carrier
     assert await _answered(server) == {"human": 1.0}

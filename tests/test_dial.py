@@ -7,6 +7,7 @@ import base64
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -17,28 +18,42 @@ from aiohttp import web
 
 from app.admin.dial import DialError, DialRequestError, DialSetupError, place_call
 from app.config import Settings
+from app.telephony.carrier import Carrier
+from tests.fakes.plivo_rest import AUTH_ID as PLIVO_ID
+from tests.fakes.plivo_rest import AUTH_TOKEN as PLIVO_TOKEN
+from tests.fakes.plivo_rest import REQUEST_UUID as PLIVO_REQUEST
+from tests.fakes.plivo_rest import FakePlivoRest, fake_plivo_rest
+from tests.fakes.telnyx_rest import ACCOUNT_SID as TELNYX_ACCOUNT
+from tests.fakes.telnyx_rest import API_KEY as TELNYX_KEY
+from tests.fakes.telnyx_rest import FakeTelnyxRest, fake_telnyx_rest
 
 ACCOUNT = "AC" + "1" * 32
 TOKEN = "twilio-auth-token-abcdef0123456789"
 ADMIN = "admin-token-0123456789"
 FROM = "+15550009999"
 CALL_SID = "CA" + "f" * 32
+SW_PROJECT = "3b1d6b1e-5a2b-4c3d-8e9f-0a1b2c3d4e5f"
+SW_TOKEN = "PT0123456789abcdef_signalwire"
+SW_CALL = "0bd2b5f0-2ae1-4c1f-9e5f-7f9d0a2b3c4d"
+PUBLIC = "https://agent.example.com"
 ROOT = Path(__file__).resolve().parent.parent
 
 
 class FakeTwilio:
-    """Twilio's Calls.json endpoint: checks basic auth, records each form, answers 201."""
+    """Twilio's Calls.json endpoint (or SignalWire's, under `/api/laml` with its project
+    and token): checks basic auth, records each form, answers 201."""
 
-    def __init__(self) -> None:
+    def __init__(self, account: str = ACCOUNT, token: str = TOKEN, sid: str = CALL_SID) -> None:
         self.requests: list[dict[str, str]] = []
         self.error: tuple[int, dict[str, Any]] | None = None
         self.url = ""
+        self.account, self.token, self.sid = account, token, sid
 
     async def calls(self, request: web.Request) -> web.Response:
-        expected = "Basic " + base64.b64encode(f"{ACCOUNT}:{TOKEN}".encode()).decode()
-        if request.headers.get("Authorization") != expected:
+        basic = base64.b64encode(f"{self.account}:{self.token}".encode()).decode()
+        if request.headers.get("Authorization") != f"Basic {basic}":
             return web.json_response({"code": 20003, "message": "Authenticate"}, status=401)
-        if request.match_info["account"] != ACCOUNT:
+        if request.match_info["account"] != self.account:
             return web.json_response({"code": 20404, "message": "not found"}, status=404)
         form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
         self.requests.append(form)
@@ -46,23 +61,36 @@ class FakeTwilio:
             status, body = self.error
             return web.json_response(body, status=status)
         return web.json_response(
-            {"sid": CALL_SID, "account_sid": ACCOUNT, "status": "queued", "to": form["To"]},
+            {"sid": self.sid, "account_sid": self.account, "status": "queued", "to": form["To"]},
             status=201,
         )
 
 
-@pytest.fixture
-async def twilio() -> AsyncIterator[FakeTwilio]:
-    fake = FakeTwilio()
+@asynccontextmanager
+async def fake_calls_api(fake: FakeTwilio, prefix: str = "") -> AsyncIterator[FakeTwilio]:
     app = web.Application()
-    app.router.add_post("/2010-04-01/Accounts/{account}/Calls.json", fake.calls)
+    app.router.add_post(prefix + "/2010-04-01/Accounts/{account}/Calls.json", fake.calls)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    yield fake
-    await runner.cleanup()
+    try:
+        yield fake
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def twilio() -> AsyncIterator[FakeTwilio]:
+    async with fake_calls_api(FakeTwilio()) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def signalwire() -> AsyncIterator[FakeTwilio]:
+    async with fake_calls_api(FakeTwilio(SW_PROJECT, SW_TOKEN, SW_CALL), "/api/laml") as fake:
+        yield fake
 
 
 def dial_settings(factory: Callable[..., Settings], fake: FakeTwilio, **overrides: Any) -> Settings:
@@ -207,21 +235,23 @@ async def test_cli_dial(twilio: FakeTwilio, tmp_path: Path) -> None:
         PROMPTS_DIR=str(ROOT / "prompts"),
     )
     no_public_url = {k: v for k, v in env.items() if k != "PUBLIC_URL"}
-    # The three child processes run side by side: each spends its time starting Python.
-    (code, out, err), unknown, unset = await asyncio.gather(
-        run_cli(
-            "dial",
-            "+15551234567",
-            "--persona",
-            "marcus",
-            "--mode",
-            "realtime",
-            env=env,
-            cwd=tmp_path,
-        ),
-        run_cli("dial", "+15551234567", "--persona", "nobody", env=env, cwd=tmp_path),
-        run_cli("dial", "+15551234567", env=no_public_url, cwd=tmp_path),
-    )
+    async with fake_plivo_rest() as plivo:
+        plivo_env = {
+            **env,
+            "PLIVO_AUTH_ID": PLIVO_ID,
+            "PLIVO_AUTH_TOKEN": PLIVO_TOKEN,
+            "PLIVO_API_BASE": plivo.url,
+            "PLIVO_FROM_NUMBER": FROM,
+        }
+        # The child processes run side by side: each spends its time starting Python.
+        results = await asyncio.gather(
+            run_cli("dial", "+15551234567", "--carrier", "plivo", env=plivo_env, cwd=tmp_path),
+            _twilio_cli_runs(env, no_public_url, tmp_path),
+        )
+    (code, out, err), ((code_t, out_t, err_t), unknown, unset) = results
+    assert (code, out.strip()) == (0, PLIVO_REQUEST), err
+    assert plivo.requests[0].body["answer_url"] == "https://agent.example.com/plivo/answer"
+    code, out, err = code_t, out_t, err_t
     assert (code, out.strip()) == (0, CALL_SID), err
     assert TOKEN not in out + err
     assert parse_qs(urlsplit(twilio.requests[0]["Url"]).query) == {
@@ -236,6 +266,25 @@ async def test_cli_dial(twilio: FakeTwilio, tmp_path: Path) -> None:
     assert code == 1
     assert "PUBLIC_URL" in err
     assert len(twilio.requests) == 1
+
+
+async def _twilio_cli_runs(
+    env: dict[str, str], no_public_url: dict[str, str], tmp_path: Path
+) -> tuple[tuple[int, str, str], ...]:
+    return await asyncio.gather(
+        run_cli(
+            "dial",
+            "+15551234567",
+            "--persona",
+            "marcus",
+            "--mode",
+            "realtime",
+            env=env,
+            cwd=tmp_path,
+        ),
+        run_cli("dial", "+15551234567", "--persona", "nobody", env=env, cwd=tmp_path),
+        run_cli("dial", "+15551234567", env=no_public_url, cwd=tmp_path),
+    )
 
 
 async def test_admin_dial(
@@ -265,7 +314,7 @@ async def test_admin_dial(
         body = {"to": "+15551234567", "persona": "receptionist", "mode": "chained"}
         resp = await http.post(url, json=body, headers=auth)
         assert resp.status == 201
-        assert await resp.json() == {"call_sid": CALL_SID, **body}
+        assert await resp.json() == {"call_sid": CALL_SID, "carrier": "twilio", **body}
         [form] = twilio.requests
         assert form["Url"] == "https://agent.example.com/twiml?persona=receptionist&mode=chained"
 
@@ -305,3 +354,150 @@ async def test_admin_dial_without_public_url(
         )
         assert resp.status == 503
         assert "PUBLIC_URL" in (await resp.json())["error"]
+
+
+def carrier_settings(factory: Callable[..., Settings], **values: Any) -> Settings:
+    return factory(public_url=PUBLIC, admin_token=ADMIN, **values)
+
+
+def _sw(fake: FakeTwilio) -> dict[str, Any]:
+    return {
+        "signalwire_space_url": fake.url,
+        "signalwire_project_id": SW_PROJECT,
+        "signalwire_api_token": SW_TOKEN,
+        "signalwire_from_number": FROM,
+    }
+
+
+def _telnyx(fake: FakeTelnyxRest) -> dict[str, Any]:
+    return {
+        "telnyx_api_key": TELNYX_KEY,
+        "telnyx_api_base": fake.url,
+        "telnyx_account_sid": TELNYX_ACCOUNT,
+        "telnyx_texml_app_id": "1773070540731319841",
+        "telnyx_from_number": FROM,
+    }
+
+
+def _plivo(fake: FakePlivoRest) -> dict[str, Any]:
+    return {
+        "plivo_auth_id": PLIVO_ID,
+        "plivo_auth_token": PLIVO_TOKEN,
+        "plivo_api_base": fake.url,
+        "plivo_from_number": FROM,
+    }
+
+
+async def test_dial_through_signalwire_uses_its_compatibility_api(
+    signalwire: FakeTwilio, settings_factory: Callable[..., Settings]
+) -> None:
+    settings = carrier_settings(settings_factory, **_sw(signalwire))
+    sid = await asyncio.to_thread(
+        place_call, settings, "+15551234567", "receptionist", carrier=Carrier.SIGNALWIRE
+    )
+    assert sid == SW_CALL
+    (form,) = signalwire.requests
+    assert (form["To"], form["From"], form["Method"]) == ("+15551234567", FROM, "POST")
+    assert form["Url"] == f"{PUBLIC}/signalwire/answer?persona=receptionist"
+    assert form["MachineDetection"] == "DetectMessageEnd"
+
+
+async def test_dial_through_telnyx_places_a_texml_call(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    async with fake_telnyx_rest() as telnyx:
+        settings = carrier_settings(settings_factory, **_telnyx(telnyx))
+        sid = await asyncio.to_thread(
+            place_call, settings, "+15551234567", None, "chained", carrier=Carrier.TELNYX
+        )
+    assert sid == ""  # Telnyx's answer names no call; its webhook will
+    (body,) = telnyx.texml_calls
+    assert body == {
+        "ApplicationSid": "1773070540731319841",
+        "To": "+15551234567",
+        "From": FROM,
+        "Url": f"{PUBLIC}/telnyx/answer?mode=chained",
+        "UrlMethod": "POST",
+        "MachineDetection": "DetectMessageEnd",
+    }
+
+
+async def test_dial_through_plivo_makes_a_call(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    async with fake_plivo_rest() as plivo:
+        settings = carrier_settings(settings_factory, **_plivo(plivo))
+        sid = await asyncio.to_thread(
+            place_call, settings, "+15551234567", caller_id="+15550001234", carrier=Carrier.PLIVO
+        )
+    assert sid == PLIVO_REQUEST
+    (request,) = plivo.requests
+    assert (request.method, request.call_uuid) == ("POST", None)
+    assert request.body == {
+        "from": "15550001234",
+        "to": "15551234567",
+        "answer_url": f"{PUBLIC}/plivo/answer",
+        "answer_method": "POST",
+    }
+
+
+@pytest.mark.parametrize(
+    ("carrier", "named"),
+    [
+        (Carrier.TELNYX, "TELNYX_ACCOUNT_SID, TELNYX_TEXML_APP_ID, TELNYX_FROM_NUMBER"),
+        (Carrier.PLIVO, "PLIVO_FROM_NUMBER"),
+        (Carrier.SIGNALWIRE, "SIGNALWIRE_FROM_NUMBER"),
+    ],
+)
+def test_missing_carrier_setup_is_named(
+    settings_factory: Callable[..., Settings], carrier: Carrier, named: str
+) -> None:
+    settings = carrier_settings(
+        settings_factory,
+        telnyx_api_key=TELNYX_KEY,
+        plivo_auth_id=PLIVO_ID,
+        plivo_auth_token=PLIVO_TOKEN,
+        signalwire_space_url="https://example.signalwire.com",
+        signalwire_project_id=SW_PROJECT,
+        signalwire_api_token=SW_TOKEN,
+    )
+    with pytest.raises(DialSetupError, match=named):
+        place_call(settings, "+15551234567", carrier=carrier)
+
+
+async def test_admin_dial_takes_the_carrier(
+    serve: Callable[[Settings], Any], settings_factory: Callable[..., Settings]
+) -> None:
+    async with fake_plivo_rest() as plivo, fake_telnyx_rest() as telnyx:
+        server = await serve(carrier_settings(settings_factory, **_plivo(plivo), **_telnyx(telnyx)))
+        url = server.make_url("/admin/dial")
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        async with aiohttp.ClientSession() as http:
+            body = {"to": "+15551234567", "carrier": "plivo", "persona": "receptionist"}
+            resp = await http.post(url, json=body, headers=auth)
+            assert resp.status == 201, await resp.text()
+            assert await resp.json() == {"call_sid": PLIVO_REQUEST, "mode": None, **body}
+            resp = await http.post(
+                url, json={"to": "+15551234567", "carrier": "telnyx"}, headers=auth
+            )
+            assert resp.status == 201, await resp.text()
+            resp = await http.post(
+                url, json={"to": "+15551234567", "carrier": "nope"}, headers=auth
+            )
+            assert resp.status == 422
+    (request,) = plivo.requests
+    assert request.body["answer_url"] == f"{PUBLIC}/plivo/answer?persona=receptionist"
+    (texml,) = telnyx.texml_calls
+    assert texml["Url"] == f"{PUBLIC}/telnyx/answer"
+
+
+async def test_a_carriers_refusal_is_one_clear_line(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    async with fake_plivo_rest() as plivo:
+        settings = carrier_settings(
+            settings_factory, **{**_plivo(plivo), "plivo_auth_token": "wrong"}
+        )
+        with pytest.raises(DialError, match="Plivo refused the call \\(HTTP 401\\)") as caught:
+            await asyncio.to_thread(place_call, settings, "+15551234567", carrier=Carrier.PLIVO)
+    assert "wrong" not in str(caught.value)

@@ -1,8 +1,10 @@
-"""Outbound calls: ask Twilio to call a number and run the usual stream when it answers.
+"""Outbound calls: ask a carrier to call a number and run the usual stream when it answers.
 
-Twilio fetches `<PUBLIC_URL>/twiml?persona=...&mode=...` once the callee picks up, so an
-outbound call is the same webhook, stream and session as an inbound one. The `twilio`
-client is synchronous: the admin API (`POST /admin/dial`) runs it in a thread.
+The carrier (Twilio unless told) fetches its webhook, `<PUBLIC_URL>/twiml` or
+`/<carrier>/answer` with `?persona=...&mode=...`, once the callee picks up (a machine:
+after its greeting, where the carrier detects machines synchronously), so an outbound call
+is the same webhook, stream and session as an inbound one. The carriers' REST calls are
+synchronous: the admin API (`POST /admin/dial`) runs them in a thread.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from urllib.parse import urlencode
 
 import structlog
 from pydantic import ValidationError
-from twilio.base.exceptions import TwilioException, TwilioRestException
 
 from app.admin import schemas
 from app.config import Settings
 from app.phone import E164_PATTERN
-from app.telephony import rest
+from app.telephony.carrier import Carrier, RestError, RestSetupError
+from app.telephony.edges import edge
 
 __all__ = [
     "DialError",
@@ -38,17 +40,20 @@ class DialError(Exception):
 
 
 class DialSetupError(DialError):
-    """This deployment cannot place calls: PUBLIC_URL or Twilio credentials missing."""
+    """This deployment cannot place calls: PUBLIC_URL or the carrier's settings missing."""
 
 
 class DialRequestError(DialError):
     """The request itself is wrong: a bad number, mode or persona."""
 
 
-def answer_url(public_url: str, persona: str | None, mode: str | None) -> str:
-    """The webhook Twilio fetches when the callee answers."""
+def answer_url(
+    public_url: str, persona: str | None, mode: str | None, carrier: Carrier = Carrier.TWILIO
+) -> str:
+    """The webhook the carrier fetches when the callee answers."""
     query = {k: v for k, v in (("persona", persona), ("mode", mode)) if v}
-    return f"{public_url}/twiml" + (f"?{urlencode(query)}" if query else "")
+    path = "/twiml" if carrier is Carrier.TWILIO else f"/{carrier}/answer"
+    return f"{public_url}{path}" + (f"?{urlencode(query)}" if query else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +64,12 @@ class DialRequest:
     persona: str | None = None
     mode: str | None = None
     caller_id: str | None = None
+    carrier: Carrier = Carrier.TWILIO
 
     @classmethod
     def of(cls, body: schemas.DialBody) -> DialRequest:
         """The request of a validated admin API body."""
-        return cls(body.to, body.persona, body.mode, body.from_)
+        return cls(body.to, body.persona, body.mode, body.from_, body.carrier)
 
     @classmethod
     def parse(
@@ -73,11 +79,12 @@ class DialRequest:
         mode: object = None,
         caller_id: object = None,
         personas: Collection[str] | None = None,
+        carrier: object = Carrier.TWILIO,
     ) -> DialRequest:
         """Check untrusted values (argv) by the admin API's rules (`schemas.DialBody`);
         DialRequestError names the first bad one."""
         model = schemas.DialBody if personas is None else schemas.dial_body(personas)
-        given = {"to": to, "persona": persona, "mode": mode, "from": caller_id}
+        given = {"to": to, "persona": persona, "mode": mode, "from": caller_id, "carrier": carrier}
         try:
             return cls.of(model.model_validate(given))
         except ValidationError as exc:
@@ -102,44 +109,22 @@ def place_call(
     mode: str | None = None,
     *,
     caller_id: str | None = None,
+    carrier: Carrier = Carrier.TWILIO,
 ) -> str:
-    """Place an outbound call through Twilio's REST API; returns its call SID.
+    """Place an outbound call through `carrier`'s REST API; returns its id for the call
+    (Twilio's and SignalWire's call SID, Plivo's request UUID; Telnyx names none: empty).
 
-    Blocking (HTTP to Twilio): call it from a thread on the event loop.
+    Blocking (HTTP to the carrier): call it from a thread on the event loop.
     """
-    DialRequest.parse(to, persona, mode, caller_id)
-    public_url, account, token = (
-        settings.public_url,
-        settings.twilio_account_sid,
-        settings.twilio_auth_token,
-    )
-    from_number = caller_id or settings.twilio_from_number
-    if not (public_url and account and token and from_number):
-        needed = {
-            "PUBLIC_URL": public_url,
-            "TWILIO_ACCOUNT_SID": account,
-            "TWILIO_AUTH_TOKEN": token,
-            "TWILIO_FROM_NUMBER": from_number,
-        }
-        missing = ", ".join(name for name, value in needed.items() if not value)
-        raise DialSetupError(f"outbound calls need {missing}")
-    url = answer_url(public_url, persona, mode)
+    DialRequest.parse(to, persona, mode, caller_id, carrier=carrier)
+    if not settings.public_url:
+        raise DialSetupError("outbound calls need PUBLIC_URL")
+    url = answer_url(settings.public_url, persona, mode, carrier)
     try:
-        # Twilio fetches the TwiML once it knows who answered (a machine: after its beep),
-        # with AnsweredBy in the webhook (app.telephony.twiml.answered_by).
-        call = rest.client(settings).calls.create(
-            to=to,
-            from_=from_number,
-            url=url,
-            method="POST",
-            machine_detection="DetectMessageEnd",
-        )
-    except TwilioRestException as exc:
-        raise DialError(
-            f"Twilio refused the call (HTTP {exc.status}, code {exc.code}): {exc.msg}"
-        ) from None
-    except (TwilioException, OSError) as exc:
-        raise DialError(f"Twilio's API could not be reached: {exc}") from None
-    sid: str = call.sid
-    log.info("dial.placed", call_sid=sid, to=to, persona=persona, mode=mode)
-    return sid
+        call_id = edge(carrier).dial(settings, to, caller_id, url)
+    except RestSetupError as exc:
+        raise DialSetupError(str(exc)) from None
+    except RestError as exc:
+        raise DialError(str(exc)) from None
+    log.info("dial.placed", carrier=carrier, call_sid=call_id, to=to, persona=persona, mode=mode)
+    return call_id

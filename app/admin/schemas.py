@@ -117,8 +117,9 @@ class DialBody(_Body):
     persona: str | None = Field(None, min_length=1, description="Default: PERSONA.")
     mode: Mode | None = Field(None, description="Default: AGENT_MODE.")
     from_: E164 | None = Field(
-        None, alias="from", description="Caller ID. Default: TWILIO_FROM_NUMBER."
+        None, alias="from", description="Caller ID. Default: the carrier's FROM_NUMBER setting."
     )
+    carrier: Carrier = Field(Carrier.TWILIO, description="Whose network places the call.")
 
 
 def dial_body(personas: Collection[str]) -> type[DialBody]:
@@ -236,10 +237,11 @@ class TransferResult(BaseModel):
 
 
 class DialResult(BaseModel):
-    call_sid: str
+    call_sid: str  # the carrier's id of the call or request (empty when Telnyx names none)
     to: str
     persona: str | None
     mode: Mode | None
+    carrier: Carrier
 
 
 class ErrorBody(BaseModel):

@@ -96,3 +96,9 @@ class Edge(Framer, Protocol):
     def transfer(self, settings: Settings, call_id: str, to: str) -> bool:
         """Dial `to` for the caller, leaving our stream; False when the call had ended.
         Blocking."""
+
+    def dial(self, settings: Settings, to: str, caller_id: str | None, answer_url: str) -> str:
+        """Call `to` from `caller_id` (default: the carrier's FROM_NUMBER setting); once
+        answered (a machine: after its greeting, where the carrier detects it
+        synchronously) the carrier POSTs `answer_url`, our webhook. Returns the carrier's
+        id for the request. Blocking; `RestSetupError` names missing settings."""

@@ -28,6 +28,7 @@ __all__ = [
     "RestSetupError",
     "client",
     "configured",
+    "dial",
     "hang_up",
     "signalwire",
     "transfer",
@@ -132,3 +133,23 @@ def transfer(account: Account, call_sid: str, to: str) -> bool:
     twiml = VoiceResponse()
     twiml.dial(to)
     return _update(account, call_sid, "transfer", twiml=str(twiml))
+
+
+def dial(account: Account, to: str, from_number: str | None, url: str, from_setting: str) -> str:
+    """Call `to`; the carrier POSTs `url` once it knows who answered (a machine: after the
+    end of its greeting, `MachineDetection=DetectMessageEnd`, synchronous). Returns the
+    call's SID. Blocking."""
+    if not from_number:
+        raise RestSetupError(f"outbound calls need {from_setting}")
+    try:
+        call = _client(account).calls.create(
+            to=to, from_=from_number, url=url, method="POST", machine_detection="DetectMessageEnd"
+        )
+    except TwilioRestException as exc:
+        raise RestError(
+            f"{account.name} refused the call (HTTP {exc.status}, code {exc.code}): {exc.msg}"
+        ) from None
+    except (TwilioException, OSError) as exc:
+        raise RestError(f"{account.name}'s API could not be reached: {exc}") from None
+    sid: str = call.sid
+    return sid

@@ -265,6 +265,34 @@ class Plivo:
         body = {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
         return _call_request(settings, "POST", call_id, body, "transfer")
 
+    def dial(self, settings: Settings, to: str, caller_id: str | None, answer_url: str) -> str:
+        """Make a call (`POST .../Call/`): Plivo fetches `answer_url` once answered. No
+        machine detection: Plivo's runs only alongside the call (docs/carriers.md)."""
+        return _dial(settings, to, caller_id, answer_url)
+
+
+def _dial(settings: Settings, to: str, caller_id: str | None, answer_url: str) -> str:
+    from_number = caller_id or settings.plivo_from_number
+    if not from_number:
+        raise RestSetupError("outbound Plivo calls need PLIVO_FROM_NUMBER")
+    base, headers = account_url(settings)
+    body = {
+        # Plivo's numbers are digits with the country code, no `+`.
+        "from": from_number.removeprefix("+"),
+        "to": to.removeprefix("+"),
+        "answer_url": answer_url,
+        "answer_method": "POST",
+    }
+    status, answer = http.post(f"{base}/Call/", orjson.dumps(body), headers, "Plivo")
+    if not 200 <= status < 300:
+        raise RestError(f"Plivo refused the call (HTTP {status}): {error_of(answer)}")
+    try:
+        request_uuid = orjson.loads(answer).get("request_uuid")
+    except (orjson.JSONDecodeError, AttributeError):
+        request_uuid = None
+    # The call's CallUUID comes with its answer webhook; this names the request.
+    return request_uuid if isinstance(request_uuid, str) and is_call_id(request_uuid) else ""
+
 
 def account_url(settings: Settings) -> tuple[str, dict[str, str]]:
     """`<PLIVO_API_BASE>/v1/Account/<auth_id>` and the basic-auth headers of Plivo's REST API."""

@@ -73,5 +73,10 @@ class SignalWire(TwilioCompatible):
     def transfer(self, settings: Settings, call_id: str, to: str) -> bool:
         return rest.transfer(rest.signalwire(settings), call_id, to)
 
+    def dial(self, settings: Settings, to: str, caller_id: str | None, answer_url: str) -> str:
+        account = rest.signalwire(settings)
+        from_number = caller_id or settings.signalwire_from_number
+        return rest.dial(account, to, from_number, answer_url, "SIGNALWIRE_FROM_NUMBER")
+
 
 SIGNALWIRE: Final = SignalWire()

@@ -23,6 +23,7 @@ import structlog
 from aiohttp import web
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import SecretStr
 
 from app.config import Settings
 from app.telephony import http, messages, signature, twiml
@@ -235,6 +236,37 @@ class Telnyx:
     def transfer(self, settings: Settings, call_id: str, to: str) -> bool:
         return _action(settings, call_id, "transfer", {"to": to})
 
+    def dial(self, settings: Settings, to: str, caller_id: str | None, answer_url: str) -> str:
+        """A TeXML call (`POST /v2/texml/Accounts/{account_sid}/Calls`): Telnyx fetches
+        `answer_url` as for an inbound call, after synchronous machine detection."""
+        from_number = caller_id or settings.telnyx_from_number
+        needed = {
+            "TELNYX_API_KEY": settings.telnyx_api_key,
+            "TELNYX_ACCOUNT_SID": settings.telnyx_account_sid,
+            "TELNYX_TEXML_APP_ID": settings.telnyx_texml_app_id,
+            "TELNYX_FROM_NUMBER": from_number,
+        }
+        missing = [name for name, value in needed.items() if not value]
+        if missing or settings.telnyx_api_key is None:
+            raise RestSetupError(f"outbound Telnyx calls need {', '.join(missing)}")
+        body = {
+            "ApplicationSid": settings.telnyx_texml_app_id,
+            "To": to,
+            "From": from_number,
+            "Url": answer_url,
+            "UrlMethod": "POST",
+            "MachineDetection": "DetectMessageEnd",
+        }
+        account = quote(str(settings.telnyx_account_sid), safe="")
+        url = f"{settings.telnyx_api_base.rstrip('/')}/v2/texml/Accounts/{account}/Calls"
+        status, answer = http.post(
+            url, orjson.dumps(body), _headers(settings.telnyx_api_key), "Telnyx"
+        )
+        if not 200 <= status < 300:
+            _, detail = _errors(answer)
+            raise RestError(f"Telnyx refused the call (HTTP {status}): {detail}")
+        return _call_sid(answer)
+
 
 def _action(settings: Settings, call_id: str, action: str, body: dict[str, str]) -> bool:
     """A Call Control command on a live call; False when Telnyx says it already ended."""
@@ -243,14 +275,7 @@ def _action(settings: Settings, call_id: str, action: str, body: dict[str, str])
         raise RestSetupError("Telnyx's REST API needs TELNYX_API_KEY")
     url = f"{settings.telnyx_api_base.rstrip('/')}/v2/calls/{quote(call_id, safe=':')}"
     status, answer = http.post(
-        f"{url}/actions/{action}",
-        orjson.dumps(body),
-        {
-            "Authorization": f"Bearer {key.get_secret_value()}",
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-        },
-        "Telnyx",
+        f"{url}/actions/{action}", orjson.dumps(body), _headers(key), "Telnyx"
     )
     if 200 <= status < 300:
         log.info("telnyx.call_updated", call_sid=call_id, action=action)
@@ -260,6 +285,26 @@ def _action(settings: Settings, call_id: str, action: str, body: dict[str, str])
         log.info("telnyx.call_already_ended", call_sid=call_id, action=action)
         return False
     raise RestError(f"Telnyx refused to {action} the call (HTTP {status}): {detail}")
+
+
+def _headers(key: SecretStr) -> dict[str, str]:
+    return {
+        "Authorization": f"Bearer {key.get_secret_value()}",
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+    }
+
+
+def _call_sid(answer: bytes) -> str:
+    """The new call's id if Telnyx's answer names one; its documented answer (`from`, `to`,
+    `status`) does not, so the id is first seen in the call's webhook."""
+    try:
+        data = orjson.loads(answer)
+    except orjson.JSONDecodeError:
+        return ""
+    data = data.get("data", data) if isinstance(data, dict) else {}
+    sid = data.get("sid") or data.get("call_sid") if isinstance(data, dict) else None
+    return str(sid) if is_call_id(sid) else ""
 
 
 def _errors(answer: bytes) -> tuple[set[str], str]:

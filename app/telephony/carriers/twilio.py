@@ -73,5 +73,9 @@ class Twilio(TwilioCompatible):
     def transfer(self, settings: Settings, call_id: str, to: str) -> bool:
         return rest.transfer(rest.twilio(settings), call_id, to)
 
+    def dial(self, settings: Settings, to: str, caller_id: str | None, answer_url: str) -> str:
+        from_number = caller_id or settings.twilio_from_number
+        return rest.dial(rest.twilio(settings), to, from_number, answer_url, "TWILIO_FROM_NUMBER")
+
 
 TWILIO: Final = Twilio()

@@ -274,8 +274,11 @@ class FakeStore:
 
     remote = True
 
-    def __init__(self, *, failures: int = 0, permanent: bool = False, put_s: float = 0.0) -> None:
+    def __init__(
+        self, *, failures: int = 0, permanent: bool = False, put_s: float = 0.0, failing: str = ""
+    ) -> None:
         self.failures = failures
+        self.failing = failing  # the failures hit keys ending so (all by default)
         self.permanent = permanent
         self.put_s = put_s
         self.objects: dict[str, bytes] = {}
@@ -297,7 +300,7 @@ class FakeStore:
             if key.endswith("recording.wav"):
                 self.attempts.append(asyncio.get_running_loop().time())
             await asyncio.sleep(self.put_s)
-            if self.failures:
+            if self.failures and key.endswith(self.failing):
                 self.failures -= 1
                 raise StoreError("SlowDown (HTTP 503): please", permanent=self.permanent)
             self.objects[key] = await asyncio.to_thread(path.read_bytes)
@@ -334,6 +337,18 @@ async def test_retries_back_off_then_upload(tmp_path: Path) -> None:
     (call,) = told.calls
     assert call.recording_url == "fake://CAretry/recording.wav?ttl=60"
     assert store.closed
+
+
+@pytest.mark.looptime
+async def test_a_retry_sends_only_what_the_store_has_not_confirmed(tmp_path: Path) -> None:
+    store, told = FakeStore(failures=2, failing="call.json"), Told()
+    spool = make_spool(tmp_path, store, told)
+    await spool.start()
+    spool.finished(write_call(tmp_path, "CAlast"))
+    await told.wait(timeout_s=60)
+    await spool.close()
+    assert len(store.attempts) == 1, "the recording went once"
+    assert set(store.objects) == {f"CAlast/{n}" for n in FILES}
 
 
 @pytest.mark.looptime

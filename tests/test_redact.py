@@ -1,6 +1,6 @@
 """REDACT_PII: what is masked and what is not (app.redact), and a call whose caller gives
 a phone number, an e-mail address and a card number leaves none of them in the record,
-the transcript, the trace or the log lines."""
+the transcript, the webhook's body, the trace, the log lines or the admin API."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 import pytest
 import structlog
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hypothesis import given
 from hypothesis import strategies as st
@@ -28,6 +29,7 @@ from app.records.tracing import TRACING
 from app.redact import CARD, EMAIL, PHONE, keep_last_four, luhn_valid, redact, scrub
 from app.server import create_app
 from tests.admin_rig import ADMIN, GREETING, Instance, admin_settings, speech_after, wait_until
+from tests.fakes.loopback import LoopbackServer
 from tests.fakes.otlp import OtlpReceiver
 from tests.fakes.realtime import FakeRealtime, FakeToolCall
 from tests.fakes.together import FakeTogether
@@ -164,6 +166,25 @@ LEAKS = (
 )
 
 
+class WebhookReceiver(LoopbackServer):
+    """CALL_WEBHOOK_URL on 127.0.0.1: keeps each body it is sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[bytes] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/calls"
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/calls", self.receive)
+
+    async def receive(self, request: web.Request) -> web.Response:
+        self.bodies.append(await request.read())
+        return web.Response(status=204)
+
+
 @pytest.fixture
 def json_logs() -> Iterator[io.StringIO]:
     """The service's own logging (REDACT_PII on) into a buffer; restored after."""
@@ -182,10 +203,11 @@ def json_logs() -> Iterator[io.StringIO]:
 @pytest.fixture
 async def service(
     settings_factory: Callable[..., Settings], tmp_path: Path
-) -> AsyncIterator[tuple[Instance, InMemorySpanExporter]]:
+) -> AsyncIterator[tuple[Instance, InMemorySpanExporter, WebhookReceiver]]:
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
         receiver = await stack.enter_async_context(OtlpReceiver())
+        webhook = await stack.enter_async_context(WebhookReceiver())
         model = await stack.enter_async_context(
             FakeRealtime(
                 reply_audio=GREETING[:8000],
@@ -200,13 +222,14 @@ async def service(
             redact_pii=True,
             archive_dir=tmp_path / "calls",
             otel_exporter_otlp_endpoint=receiver.url,
+            call_webhook_url=webhook.url,
         )
         app = create_app(settings_factory(**values))
         spans = InMemorySpanExporter()
         app[TRACING].provider.add_span_processor(SimpleSpanProcessor(spans))
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
-        yield Instance(server, http, None), spans
+        yield Instance(server, http, None), spans, webhook
         await server.close()
 
 
@@ -221,11 +244,11 @@ def _spans_text(spans: InMemorySpanExporter) -> str:
 
 @pytest.mark.looptime
 async def test_a_callers_personal_data_stays_out_of_records_traces_and_logs(
-    service: tuple[Instance, InMemorySpanExporter],
+    service: tuple[Instance, InMemorySpanExporter, WebhookReceiver],
     json_logs: io.StringIO,
     tmp_path: Path,
 ) -> None:
-    instance, spans = service
+    instance, spans, webhook = service
     live = await instance.call(speech_after(1500), tail_s=30.0)
     await wait_until(
         lambda: any(s.name == "tool_call" for s in spans.get_finished_spans()),
@@ -245,6 +268,7 @@ async def test_a_callers_personal_data_stays_out_of_records_traces_and_logs(
         what="the final record",
     )
     await wait_until(lambda: any(s.name == "call" for s in spans.get_finished_spans()))
+    await wait_until(lambda: bool(webhook.bodies), within_s=30, what="the end-of-call webhook")
     record = (directory / "call.json").read_text()
     transcript = (directory / "transcript.json").read_text()
     places = {
@@ -253,6 +277,7 @@ async def test_a_callers_personal_data_stays_out_of_records_traces_and_logs(
         "trace": _spans_text(spans),
         "logs": json_logs.getvalue(),
         "admin": json.dumps(detail),
+        "webhook": webhook.bodies[0].decode(),
     }
     for place, text in places.items():
         for leak in LEAKS:
@@ -269,5 +294,8 @@ async def test_a_callers_personal_data_stays_out_of_records_traces_and_logs(
     logged = [e["text"] for e in lines if e["event"] == "transcript" and e["role"] == "caller"]
     assert logged == [said]
     assert detail["from"] == "+*******0006"
+    sent = orjson.loads(webhook.bodies[0])
+    assert sent["record"]["from"] == "+*******0006"
+    assert [t["text"] for t in sent["transcript"] if t["speaker"] == "caller"] == [said]
     # The audio is untouched: the recording is there, as long as the call.
     assert (directory / "recording.wav").stat().st_size > 44

@@ -12,8 +12,8 @@ amounts or ids):
   (4-4-4-4, 4-4-4-4-3, 4-6-5, 4-6-4; spaces or dashes), that pass the Luhn check; a run
   failing Luhn (an order number) is left alone, and so are other groupings (two phone
   numbers in a row are not one card).
-- Phone number: E.164 (`+` and 8 to 15 digits, groups separated by a space, dot or dash,
-  an area code in parentheses allowed); a North American number (ten digits as 3-3-4 or
+- Phone number: E.164 (`+`, or `%2B` in a URL, and 8 to 15 digits, groups separated by a
+  space, dot or dash, an area code in parentheses allowed); a North American number (ten digits as 3-3-4 or
   `(3) 3-4`, separators optional, with or without a leading `1`/`+1`); a local 3-4 number
   with its separator (`555-0123`); a national number with trunk 0 (`020 7946 0958`,
   `07700 900123`: 10 or 11 digits in 2 to 4 groups).
@@ -54,8 +54,9 @@ _CARD = re.compile(
 _PHONE = re.compile(
     "|".join(
         (
-            # E.164: + country code, then groups (one may be a parenthesised area code).
-            r"(?<![\w+])\+\d{1,3}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,5})){1,6}" + _END,
+            # E.164: + country code (or %2B, URL-encoded), then groups (one may be a
+            # parenthesised area code).
+            r"(?<![\w+])(?:\+|%2[Bb])\d{1,3}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,5})){1,6}" + _END,
             # North America: (415) 555-0123, 415-555-0123, 4155550123, 1 415 555 0123.
             _START + rf"(?:1{_SEP}?)?(?:\(\d{{3}}\) ?|\d{{3}}{_SEP}?)\d{{3}}{_SEP}?\d{{4}}" + _END,
             # National with trunk 0: 020 7946 0958, 07700 900123, 0612-345678.
@@ -86,8 +87,8 @@ def luhn_valid(digits: str) -> bool:
 def _phone_digits_ok(match: re.Match[str]) -> str:
     """Mask a phone candidate if its digit count is a phone's (E.164: 8 to 15)."""
     text = match.group()
-    count = len(_DIGIT.sub("", text))
-    if text.startswith("+"):
+    count = len(_DIGIT.sub("", text.removeprefix("%2B").removeprefix("%2b")))
+    if text.startswith(("+", "%2")):
         return PHONE if 8 <= count <= 15 else text
     if text.startswith("0") and count in (10, 11):
         return PHONE

@@ -24,7 +24,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from app import log
+from app.admin.events import EventHub
+from app.call.info import CallInfo
 from app.config import Settings
+from app.engines.base import Turn
+from app.modes import Mode
 from app.records.tracing import TRACING
 from app.redact import CARD, EMAIL, PHONE, keep_last_four, luhn_valid, redact, scrub
 from app.server import create_app
@@ -141,6 +145,60 @@ def test_scrub_masks_strings_inside_json_like_data() -> None:
     data = {"phone": "+14155550134", "n": 4155550134, "list": ["a@b.io", 1.5, None, True]}
     assert scrub(data) == {"phone": PHONE, "n": 4155550134, "list": [EMAIL, 1.5, None, True]}
     assert data["phone"] == "+14155550134"  # the input is not changed
+
+
+def test_url_encoded_numbers_are_masked() -> None:
+    line = "POST /twiml?From=%2B14155550134&To=%2b15005550001&Digits=12"
+    assert redact(line) == f"POST /twiml?From={PHONE}&To={PHONE}&Digits=12"
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_log_lines_are_masked_only_with_redact_pii(fmt: str) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        for on in (True, False):
+            out = io.StringIO()
+            log.configure(fmt, "INFO", stream=out, redact_pii=on)
+            logger = structlog.get_logger("test")
+            logger.info("call.started", from_number="+14155550134", to="+15005550001")
+            logger.info("said jane.doe@example.com", detail={"card": ["4242424242424242"]})
+            try:
+                raise ValueError("bad phone 415-555-0134")
+            except ValueError:
+                logger.exception("failed")
+            logging.getLogger("aiohttp.server").warning("GET /?From=%s", "%2B14155550134")
+            text = out.getvalue()
+            leaks = ("4155550134", "5005550001", "jane.doe", "4242424242", "555-0134")
+            assert (
+                not any(leak in text for leak in leaks)
+                if on
+                else all(leak in text for leak in leaks)
+            ), text
+            if fmt == "json":  # still one JSON object a line
+                assert len([json.loads(line) for line in text.splitlines()]) >= 4
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def test_admin_events_are_masked() -> None:
+    hub = EventHub("i1", redact_pii=True)
+    info = CallInfo("CA1", "MZ1", "+14155550134", "+15005550001", "kira", Mode.REALTIME, "marin")
+    observer = hub.observer(info)
+    observer.turn(Turn("caller", f"reach me at {EMAIL_SAID} or {PHONE_SAID}"), 0.0)
+    observer.steered("instructions", "Call her back on 415-555-0134", "pending")
+    events = hub.since(0)
+    assert events is not None
+    started, turn, steer = (e.data for e in events)
+    assert (started["from"], started["to"]) == ("+*******0134", "+*******0001")
+    assert turn["text"] == f"reach me at {EMAIL} or {PHONE}"
+    assert steer["detail"] == f"Call her back on {PHONE}"
+    plain = EventHub("i2")  # without REDACT_PII: as said
+    plain.observer(info)
+    (started,) = (e.data for e in plain.since(0) or [])
+    assert started["from"] == "+14155550134"
 
 
 # -- end to end: a call with a caller's personal data -------------------------------------

@@ -13,10 +13,10 @@ amounts or ids):
   failing Luhn (an order number) is left alone, and so are other groupings (two phone
   numbers in a row are not one card).
 - Phone number: E.164 (`+`, or `%2B` in a URL, and 8 to 15 digits, groups separated by a
-  space, dot or dash, an area code in parentheses allowed); a North American number (ten digits as 3-3-4 or
-  `(3) 3-4`, separators optional, with or without a leading `1`/`+1`); a local 3-4 number
-  with its separator (`555-0123`); a national number with trunk 0 (`020 7946 0958`,
-  `07700 900123`: 10 or 11 digits in 2 to 4 groups).
+  space, dot or dash, an area code in parentheses allowed); a North American number (ten
+  digits as 3-3-4 or `(3) 3-4`, separators optional, with or without a leading `1`/`+1`);
+  a local 3-4 number with its separator (`555-0123`); a national number with trunk 0
+  (`020 7946 0958`, `07700 900123`: 10 or 11 digits in 2 to 4 groups).
   Not: a digit run glued to letters (ids such as call SIDs), dates (`2024-11-29`), times
   (`10:30`), prices (`$1,299.99`), or a bare run of digits other than ten.
 

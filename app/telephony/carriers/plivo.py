@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from typing import Any, Final
@@ -26,7 +27,7 @@ from aiohttp import web
 from app.config import Settings
 from app.telephony import http, messages, signature
 from app.telephony.base import Webhook
-from app.telephony.carrier import AnsweredBy, Carrier, RestError, RestSetupError, is_call_id
+from app.telephony.carrier import AnsweredBy, Carrier, RestError, RestSetupError
 from app.telephony.messages import (
     BadMessage,
     Cleared,
@@ -55,7 +56,13 @@ SIGNATURE_HEADER = "X-Plivo-Signature-V3"
 NONCE_HEADER = "X-Plivo-Signature-V3-Nonce"
 CONTENT_TYPE = "audio/x-mulaw;rate=8000"  # the <Stream> contentType: our mu-law, untouched
 _KEY = "PLIVO_AUTH_TOKEN"
+_UUID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _PLAY_MEDIA = {"contentType": messages.ENCODING, "sampleRate": messages.SAMPLE_RATE}
+
+
+def _is_uuid(value: Any) -> bool:
+    """Plivo's ids (CallUUID, streamId, request_uuid) are UUIDs."""
+    return isinstance(value, str) and _UUID.fullmatch(value) is not None
 
 
 def _sorted_query(query: Mapping[str, list[str]]) -> str:
@@ -97,7 +104,7 @@ def _text(value: Any, name: str) -> str:
 def _start(data: dict[str, Any]) -> Start:
     start = messages.object_field(data, "start")
     call_id, stream_id = start.get("callId"), start.get("streamId")
-    if not (is_call_id(call_id) and is_call_id(stream_id)):
+    if not (_is_uuid(call_id) and _is_uuid(stream_id)):
         raise BadMessage("'callId' or 'streamId' is not a Plivo UUID")
     fmt = start.get("mediaFormat") or {}
     if not isinstance(fmt, dict) or not isinstance(fmt.get("encoding", messages.ENCODING), str):
@@ -190,7 +197,7 @@ class Plivo:
 
     def call_id(self, form: Mapping[str, str]) -> str | None:
         call_uuid = form.get("CallUUID")
-        return call_uuid if call_uuid is not None and is_call_id(call_uuid) else None
+        return call_uuid if _is_uuid(call_uuid) else None
 
     def answered_by(self, form: Mapping[str, str]) -> AnsweredBy | None:
         return None  # Plivo's detection is asynchronous only (docs/carriers.md)
@@ -291,7 +298,7 @@ def _dial(settings: Settings, to: str, caller_id: str | None, answer_url: str) -
     except (orjson.JSONDecodeError, AttributeError):
         request_uuid = None
     # The call's CallUUID comes with its answer webhook; this names the request.
-    return request_uuid if isinstance(request_uuid, str) and is_call_id(request_uuid) else ""
+    return request_uuid if _is_uuid(request_uuid) else ""
 
 
 def account_url(settings: Settings) -> tuple[str, dict[str, str]]:

@@ -222,7 +222,7 @@ class Capacity:
     def webhook(self, call_id: str, carrier: str, *, outbound: bool = False) -> Reason | None:
         """Admit a carrier's call webhook (reserving its slot) or say why not.
         `outbound`: the webhook says who answered a call we placed."""
-        if call_id in self._reserved or (outbound and self._within_ceiling()):
+        if self._held(call_id) or (outbound and self._within_ceiling()):
             self._reserve(call_id, RESERVE_S)
             return None
         return self._admit(Kind.WEBHOOK, call_id, carrier=carrier)
@@ -233,7 +233,7 @@ class Capacity:
 
     def stream(self, call_id: str, carrier: str) -> Reason | None:
         """Admit a stream's call or say why not: one with a reservation always."""
-        if call_id in self._reserved or self._within_ceiling():
+        if self._held(call_id) or self._within_ceiling():
             return None
         return self.refused(Kind.STREAM, Reason.MAX_CALLS, call_sid=call_id, carrier=carrier)
 
@@ -246,12 +246,9 @@ class Capacity:
         """An outbound call was placed: its slot is held until it is answered."""
         self._reserve(call_id, DIAL_RESERVE_S)
 
-    def seated(self, call_id: str) -> None:
-        """The call is live (in the registry): its reservation has served."""
-        self._reserved.pop(call_id, None)
-
     def release(self, call_id: str) -> None:
-        """The call will not become live here (a machine got the voicemail)."""
+        """The call's reservation has served: it is live (in the registry) now, or will
+        not be here (a machine got the voicemail)."""
         self._reserved.pop(call_id, None)
 
     def refused(self, kind: Kind, reason: Reason, **fields: Any) -> Reason:
@@ -286,6 +283,9 @@ class Capacity:
         tasks.spawn(self.monitor.run(), "loop-lag-monitor")
         yield
         await tasks.close()
+
+    def _held(self, call_id: str) -> bool:
+        return self._reserved.get(call_id, -math.inf) > self._clock()
 
     def _within_ceiling(self) -> bool:
         return not self.max_calls or self.occupied < self.max_calls + self.headroom

@@ -287,7 +287,7 @@ async def _run_call(
             )
             edge.release(request)  # a call now, no longer a pending connection
             session = calls[start.call_sid] = _new_session(request, start, ws)
-            request.app[CAPACITY].seated(start.call_sid)
+            request.app[CAPACITY].release(start.call_sid)  # counted as live from now on
             if await session.start():
                 await _relay(frames, session)
     finally:

@@ -272,7 +272,7 @@ async def test_openapi_document_describes_every_route(rig: RigFactory) -> None:
     }
     assert set(schemas["SteerBody"]["properties"]) == {"instructions", "voice"}
     assert "from" in schemas["CallSummary"]["properties"]
-    assert set(schemas["DialBody"]["properties"]) == {"to", "persona", "mode", "from"}
+    assert set(schemas["DialBody"]["properties"]) == {"to", "persona", "mode", "from", "carrier"}
 
 
 # -- the live call: list, detail, instructions ----------------------------------------------

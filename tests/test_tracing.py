@@ -224,7 +224,10 @@ async def test_the_trace_reaches_an_otlp_http_receiver(rig: Callable[..., Awaita
 @pytest.mark.looptime(False)  # a real thread and a real bound
 async def test_shutdown_is_bounded_when_the_collector_does_not_answer(
     rig: Callable[..., Awaitable[Rig]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The exporter's own give-up (the SDK reads it): its thread stops soon after the test.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
     r = await rig(receiver=OtlpReceiver(hang=True), realtime={"reply_audio": GREETING[:2000]})
     live = await r.service.call(silence(200), tail_s=0.1)
     await live.result()

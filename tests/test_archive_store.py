@@ -522,8 +522,8 @@ class LyingClient:
         self.sent: dict[str, Any] = {}
 
     async def put_object(self, **kwargs: Any) -> dict[str, Any]:
-        self.sent = kwargs
-        return {"ETag": '"' + hashlib.md5(kwargs["Body"]).hexdigest() + '"'}
+        self.sent = kwargs | {"Body": kwargs["Body"].read()}
+        return {"ETag": '"' + hashlib.md5(self.sent["Body"]).hexdigest() + '"'}
 
     async def head_object(self, **kwargs: Any) -> dict[str, Any]:
         return {"ContentLength": len(self.sent["Body"]) - 1, "ETag": '"other"'}

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from urllib.parse import urlencode
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -35,8 +36,10 @@ from app.records.tracing import TRACING, Tracing
 from app.records.webhook import CallWebhook
 from app.telephony import messages, signature, streamtoken
 from app.telephony.base import Edge, Webhook
-from app.telephony.carrier import AnsweredBy
-from app.telephony.carriers.plivo import PLIVO, dial_markup
+from app.telephony.carrier import AnsweredBy, RestError
+from app.telephony.carriers.plivo import PLIVO, dial_markup, voicemail_after_beep
+from app.telephony.carriers.plivo import answered_by as plivo_answered_by
+from app.telephony.carriers.plivo import move as plivo_move
 from app.telephony.carriers.twilio import TWILIO
 from app.telephony.edges import EDGES
 from app.tools.toolset import shared_runner
@@ -154,16 +157,59 @@ def _webhook(carrier: Edge, stream_path: str) -> Handler:
     return answer
 
 
-async def _plivo_transfer(request: web.Request) -> web.Response:
-    """The dial a Plivo transfer fetches (its `aleg_url`): Plivo moves a call by URL only."""
+async def _plivo_signed(request: web.Request, what: str) -> dict[str, str]:
+    """The form of a request Plivo signed (403 otherwise)."""
     settings = request.app[SETTINGS]
     form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
     hook = Webhook(signature.public_origin(request, settings) + request.path_qs, b"", form)
-    _refused(request, PLIVO.webhook_refusal(request, settings, hook), "plivo_transfer")
+    _refused(request, PLIVO.webhook_refusal(request, settings, hook), what)
+    return form
+
+
+def _persona(request: web.Request) -> Persona:
+    personas, settings = request.app[PERSONAS], request.app[SETTINGS]
+    return personas.get(request.query.get("persona", ""), personas[settings.persona])
+
+
+async def _plivo_transfer(request: web.Request) -> web.Response:
+    """The dial a Plivo transfer fetches (its `aleg_url`): Plivo moves a call by URL only."""
+    await _plivo_signed(request, "plivo_transfer")
     to = request.query.get("to", "")
     if not is_e164(to):
         raise web.HTTPBadRequest(text="'to' is not an E.164 number")
     return web.Response(text=dial_markup(to), content_type="text/xml")
+
+
+async def _plivo_machine(request: web.Request) -> web.Response:
+    """Plivo's machine detection, which reports while the call already runs: a machine's
+    call is moved off our stream to the voicemail (after the beep); the record and
+    /metrics say who answered."""
+    form = await _plivo_signed(request, "plivo_machine")
+    call_id = PLIVO.call_id(form)
+    if call_id is None:
+        raise web.HTTPBadRequest(text="no Plivo CallUUID")
+    answered_by = plivo_answered_by(form)
+    request.app[METRICS].answered_by.labels(answered_by).inc()
+    session = request.app[CALLS].get(call_id)
+    if session is not None:  # on this instance
+        session.info.answered_by = answered_by
+    log.info("plivo.machine_detection", call_sid=call_id, answered_by=answered_by)
+    settings = request.app[SETTINGS]
+    if answered_by is AnsweredBy.MACHINE and settings.public_url:
+        query = urlencode({"persona": _persona(request).name})
+        url = f"{settings.public_url}/plivo/voicemail?{query}"
+        try:
+            await asyncio.to_thread(plivo_move, settings, call_id, url, "leave a voicemail")
+        except RestError as exc:
+            log.warning("plivo.voicemail_failed", call_sid=call_id, error=str(exc))
+    return web.Response(text="")
+
+
+async def _plivo_voicemail(request: web.Request) -> web.Response:
+    """What a machine's call runs instead of the stream: the beep, the message, hang up."""
+    await _plivo_signed(request, "plivo_voicemail")
+    message = _persona(request).voicemail_message
+    return web.Response(text=voicemail_after_beep(message), content_type="text/xml")
 
 
 Received = tuple[messages.StreamMessage, float]
@@ -462,6 +508,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/twiml", _webhook(TWILIO, "/media-stream"))
     app.router.add_get("/media-stream", _media_stream(TWILIO))
     app.router.add_post("/plivo/transfer", _plivo_transfer)
+    app.router.add_post("/plivo/machine", _plivo_machine)
+    app.router.add_post("/plivo/voicemail", _plivo_voicemail)
     for carrier in EDGES.values():
         if carrier is not TWILIO:  # Twilio's paths predate the others'
             name = carrier.carrier.value

@@ -3,13 +3,15 @@ APIs take Twilio's `MachineDetection=DetectMessageEnd` and answer with its `Answ
 the dial asks the carrier to detect the end of a voicemail greeting; the webhook then says
 who answered. A machine gets the persona's `voicemail_message` and a hang-up (no stream, no
 model); a person gets the agent as usual, and the call's record says `answered_by: human`.
-/metrics counts both. (Plivo detects machines only alongside the call: docs/carriers.md.)"""
+/metrics counts both. Plivo detects machines only while the call runs: its callback moves a
+machine's call to the voicemail (after the beep) and says who answered (docs/carriers.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -20,12 +22,16 @@ from app.admin.dial import place_call
 from app.archive.recorder import directory_name
 from app.config import Settings
 from app.personas import load_personas
-from app.server import CALLS
+from app.server import CALLS, SETTINGS
 from app.simulator import Clip, SimulatorError, simulate_call
+from app.simwire import plivo_signature
 from app.telephony.carrier import Carrier
 from tests.conftest import FIXTURES
+from tests.fakes.plivo_rest import AUTH_ID as PLIVO_ID
+from tests.fakes.plivo_rest import AUTH_TOKEN as PLIVO_TOKEN
+from tests.fakes.plivo_rest import fake_plivo_rest
 from tests.fakes.realtime import FakeRealtime
-from tests.test_carriers_e2e import Kit, kit
+from tests.test_carriers_e2e import Kit, Rig, kit, quiet, rig  # noqa: F401 (fixture)
 from tests.test_dial import FakeTwilio, dial_settings, twilio  # noqa: F401 (fixture)
 
 GREETING = (FIXTURES / "yes.ulaw").read_bytes()[:8000]
@@ -121,3 +127,70 @@ async def test_a_person_gets_the_agent_and_the_record_says_so(
     record = json.loads((folder / "call.json").read_text())
     assert record["answered_by"] == "human" and record["carrier"] == tools.carrier
     assert await _answered(server) == {"human": 1.0}
+
+
+async def _plivo_post(
+    url: str, form: dict[str, str], signed_as: str | None = None
+) -> tuple[int, str]:
+    headers = {}
+    if signed_as is not None:
+        nonce = "31625294938477164020"
+        headers = {
+            "X-Plivo-Signature-V3": plivo_signature(PLIVO_TOKEN, signed_as, nonce, form),
+            "X-Plivo-Signature-V3-Nonce": nonce,
+        }
+    async with ClientSession() as http, http.post(url, data=form, headers=headers) as resp:
+        return resp.status, await resp.text()
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("machine", [True, False], ids=["machine", "human"])
+async def test_plivo_moves_a_machines_call_to_the_voicemail(
+    rig: Callable[..., Awaitable[Rig]],  # noqa: F811 (the fixture)
+    machine: bool,
+) -> None:
+    async with fake_plivo_rest() as plivo:
+        r = await rig(Carrier.PLIVO, public=True, plivo_auth_id=PLIVO_ID, plivo_api_base=plivo.url)
+        call = asyncio.create_task(r.call(quiet(1500), persona=PERSONA, tail_s=0.2))
+        for _ in range(200):
+            if r.server.app[CALLS]:
+                break
+            await asyncio.sleep(0.01)
+        (call_id,) = r.server.app[CALLS]
+        form = {
+            "CallUUID": call_id,
+            "Machine": "true" if machine else "false",
+            "Event": "MachineDetection",
+            "Direction": "outbound",
+            "CallStatus": "in-progress",
+        }
+        url = f"{r.url}/plivo/machine?persona={PERSONA}"
+        assert (await _plivo_post(url, form))[0] == 403  # unsigned
+        assert (await _plivo_post(url, form, signed_as=url))[0] == 200
+        result = await call
+        await r.settled()
+        assert await _answered(r.server) == {"machine" if machine else "human": 1.0}
+    settings = r.server.app[SETTINGS]
+    folder = settings.archive_dir / directory_name(result.call_sid)
+    record = json.loads((folder / "call.json").read_text())
+    assert record["answered_by"] == ("machine" if machine else "human")
+    assert record["carrier"] == "plivo"
+    if not machine:
+        assert plivo.requests == []  # a person keeps the agent
+        return
+    (moved,) = plivo.requests
+    voicemail = f"{r.url}/plivo/voicemail?persona={PERSONA}"
+    assert (moved.call_uuid, moved.body["legs"], moved.body["aleg_url"]) == (
+        call_id,
+        "aleg",
+        voicemail,
+    )
+    status, markup = await _plivo_post(voicemail, {"CallUUID": call_id}, signed_as=voicemail)
+    message = load_personas(settings.prompts_dir)[PERSONA].voicemail_message
+    assert status == 200
+    root = ET.fromstring(markup)
+    assert [(c.tag, c.attrib, c.text) for c in root] == [
+        ("Wait", {"length": "30", "beep": "true"}, None),
+        ("Speak", {}, message),
+        ("Hangup", {}, None),
+    ]

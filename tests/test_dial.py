@@ -438,6 +438,9 @@ async def test_dial_through_plivo_makes_a_call(
         "to": "15551234567",
         "answer_url": f"{PUBLIC}/plivo/answer",
         "answer_method": "POST",
+        "machine_detection": "true",
+        "machine_detection_url": f"{PUBLIC}/plivo/machine",
+        "machine_detection_method": "POST",
     }
 
 

@@ -45,9 +45,13 @@ __all__ = [
     "NONCE_HEADER",
     "PLIVO",
     "SIGNATURE_HEADER",
+    "VOICEMAIL_WAIT_S",
     "Plivo",
+    "answered_by",
     "dial_markup",
+    "move",
     "signature_v3",
+    "voicemail_after_beep",
 ]
 
 log = structlog.get_logger(__name__)
@@ -56,6 +60,7 @@ SIGNATURE_HEADER = "X-Plivo-Signature-V3"
 NONCE_HEADER = "X-Plivo-Signature-V3-Nonce"
 CONTENT_TYPE = "audio/x-mulaw;rate=8000"  # the <Stream> contentType: our mu-law, untouched
 _KEY = "PLIVO_AUTH_TOKEN"
+VOICEMAIL_WAIT_S = 30  # the longest we wait for a voicemail's beep before speaking anyway
 _UUID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 _PLAY_MEDIA = {"contentType": messages.ENCODING, "sampleRate": messages.SAMPLE_RATE}
 
@@ -172,6 +177,19 @@ def dial_markup(to: str) -> str:
     return _markup(dial)
 
 
+def answered_by(form: Mapping[str, str]) -> AnsweredBy:
+    """Who answered, by the `Machine` field of Plivo's machine-detection callback."""
+    return AnsweredBy.MACHINE if form.get("Machine", "").lower() == "true" else AnsweredBy.HUMAN
+
+
+def voicemail_after_beep(message: str) -> str:
+    """Plivo XML for a machine found while the call ran: wait for the voicemail's beep
+    (`<Wait beep="true">`, at most `VOICEMAIL_WAIT_S`), leave `message`, hang up."""
+    wait = _element("Wait", length=str(VOICEMAIL_WAIT_S), beep="true")
+    speak = [_element("Speak", message)] if message else []
+    return _markup(wait, *speak, _element("Hangup"))
+
+
 class Plivo:
     """The Plivo edge (`POST /plivo/answer`, `GET /plivo/stream`)."""
 
@@ -200,7 +218,7 @@ class Plivo:
         return call_uuid if _is_uuid(call_uuid) else None
 
     def answered_by(self, form: Mapping[str, str]) -> AnsweredBy | None:
-        return None  # Plivo's detection is asynchronous only (docs/carriers.md)
+        return None  # Plivo's detection calls back alongside the call (`answered_by`)
 
     def voicemail(self, message: str) -> str:
         speak = [_element("Speak", message)] if message else []
@@ -269,12 +287,12 @@ class Plivo:
         if not settings.public_url:
             raise RestSetupError("a Plivo transfer needs PUBLIC_URL (Plivo fetches the dial there)")
         aleg_url = f"{settings.public_url}/plivo/transfer?{urlencode({'to': to})}"
-        body = {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
-        return _call_request(settings, "POST", call_id, body, "transfer")
+        return move(settings, call_id, aleg_url, "transfer")
 
     def dial(self, settings: Settings, to: str, caller_id: str | None, answer_url: str) -> str:
-        """Make a call (`POST .../Call/`): Plivo fetches `answer_url` once answered. No
-        machine detection: Plivo's runs only alongside the call (docs/carriers.md)."""
+        """Make a call (`POST .../Call/`): Plivo fetches `answer_url` once answered, and
+        posts its machine detection to `/plivo/machine` (with the answer URL's query)
+        while the call runs."""
         return _dial(settings, to, caller_id, answer_url)
 
 
@@ -289,6 +307,9 @@ def _dial(settings: Settings, to: str, caller_id: str | None, answer_url: str) -
         "to": to.removeprefix("+"),
         "answer_url": answer_url,
         "answer_method": "POST",
+        "machine_detection": "true",
+        "machine_detection_url": answer_url.replace("/plivo/answer", "/plivo/machine", 1),
+        "machine_detection_method": "POST",
     }
     status, answer = http.post(f"{base}/Call/", orjson.dumps(body), headers, "Plivo")
     if not 200 <= status < 300:
@@ -299,6 +320,13 @@ def _dial(settings: Settings, to: str, caller_id: str | None, answer_url: str) -
         request_uuid = None
     # The call's CallUUID comes with its answer webhook; this names the request.
     return request_uuid if _is_uuid(request_uuid) else ""
+
+
+def move(settings: Settings, call_id: str, aleg_url: str, action: str) -> bool:
+    """Run the Plivo XML at `aleg_url` on the call instead (Plivo's Transfer API);
+    False when the call had ended. Blocking."""
+    body = {"legs": "aleg", "aleg_url": aleg_url, "aleg_method": "POST"}
+    return _call_request(settings, "POST", call_id, body, action)
 
 
 def account_url(settings: Settings) -> tuple[str, dict[str, str]]:

@@ -36,18 +36,13 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 from aiohttp import web
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, set_span_in_context
-from opentelemetry.util.re import parse_env_headers
 
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
@@ -55,6 +50,9 @@ from app.config import Settings
 from app.engines.base import Turn
 from app.redact import redact
 from app.tools.results import ToolCallRecord
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 __all__ = ["SHUTDOWN_S", "TRACING", "CallTrace", "Tracing"]
 
@@ -95,6 +93,14 @@ class Tracing:
         endpoint = _endpoint(settings)
         if endpoint is None or settings.otel_sdk_disabled:
             return None
+        # The SDK and the exporter (requests, protobuf: about 3 MB and 0.1 s) load only
+        # when tracing is on.
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.util.re import parse_env_headers
+
         secret = settings.otel_exporter_otlp_headers
         headers = parse_env_headers(secret.get_secret_value(), liberal=True) if secret else None
         # OTEL_RESOURCE_ATTRIBUTES still applies; the service name comes from Settings.

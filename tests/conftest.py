@@ -71,6 +71,7 @@ def make_settings(**overrides: Any) -> Settings:
         # Calls a test drives are recorded out of the working tree, apart per xdist worker
         # (listings of past calls see only their own worker's).
         "archive_dir": Path(tempfile.gettempdir()) / "phone-agent-tests" / _WORKER / "calls",
+        "archive_url": None,  # never a developer's bucket from the environment
         # A loaded test box must not shed calls; tests/test_capacity.py sets it where it tests it.
         "max_loop_lag_ms": 0,
     }

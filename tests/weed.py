@@ -128,3 +128,7 @@ class Weed:
         if process is not None:  # a store that goes away: no goodbye needed
             process.kill()
             process.wait()
+        # A killed weed leaves its gRPC servers' Unix sockets in /tmp.
+        for server in ("master", "volume", "filer", "s3"):
+            port = self.ports[f"{server}.grpc"]
+            Path(f"/tmp/seaweedfs-{server}-grpc-{port}.sock").unlink(missing_ok=True)

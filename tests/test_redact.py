@@ -313,9 +313,14 @@ async def test_a_callers_personal_data_stays_out_of_records_traces_and_logs(
         within_s=20,
         what="the tool call",
     )
-    # The operator's view while the call runs.
+    # The operator's view while the call runs (a steer naming the number too).
+    status, _ = await instance.api(
+        "POST", f"/admin/calls/{live.sid}/steer", {"instructions": f"Confirm {PHONE_SAID}."}
+    )
+    assert status in (200, 202)
     status, detail = await instance.api("GET", f"/admin/calls/{live.sid}", token=ADMIN)
     assert status == 200
+    assert detail["steering"][0]["instructions"] == f"Confirm {PHONE}."
     await live.twilio_ends_stream()
     directory = tmp_path / "calls" / live.sid
     await wait_until(

@@ -121,10 +121,12 @@ def detail(session: CallSession, instance: str) -> schemas.CallDetail:
 
 
 def _masked(view: schemas.CallDetail) -> schemas.CallDetail:
-    """REDACT_PII: the transcript and the tools' arguments as the call's record has them."""
+    """REDACT_PII: the transcript, the tools' arguments and the steers' instructions, as
+    the call's record has them."""
     data = view.model_dump(by_alias=True)
     data["transcript"] = [t | {"text": redact(t["text"])} for t in data["transcript"]]
     data["tools"] = [t | {"arguments": scrub(t["arguments"])} for t in data["tools"]]
+    data["steering"] = [s | {"instructions": scrub(s["instructions"])} for s in data["steering"]]
     return schemas.CallDetail.model_validate(data)
 
 

@@ -176,6 +176,7 @@ async def _plivo_transfer(request: web.Request) -> web.Response:
     await _plivo_signed(request, "plivo_transfer")
     to = request.query.get("to", "")
     if not is_e164(to):
+        log.warning("plivo.transfer_bad_number", to=to[:20])
         raise web.HTTPBadRequest(text="'to' is not an E.164 number")
     return web.Response(text=dial_markup(to), content_type="text/xml")
 
@@ -187,6 +188,7 @@ async def _plivo_machine(request: web.Request) -> web.Response:
     form = await _plivo_signed(request, "plivo_machine")
     call_id = PLIVO.call_id(form)
     if call_id is None:
+        log.warning("plivo.machine_bad_call_uuid")
         raise web.HTTPBadRequest(text="no Plivo CallUUID")
     answered_by = plivo_answered_by(form)
     request.app[METRICS].answered_by.labels(answered_by).inc()

@@ -176,7 +176,7 @@ async def _plivo_transfer(request: web.Request) -> web.Response:
     await _plivo_signed(request, "plivo_transfer")
     to = request.query.get("to", "")
     if not is_e164(to):
-        log.warning("plivo.transfer_bad_number", to=to[:20])
+        log.warning("plivo.transfer_bad_number")
         raise web.HTTPBadRequest(text="'to' is not an E.164 number")
     return web.Response(text=dial_markup(to), content_type="text/xml")
 

@@ -62,7 +62,7 @@ class Backoff:
     first_s: float = 1.0
     factor: float = 2.0
     max_s: float = 60.0
-    attempts: int = 6  # 1 + 2 + 4 + 8 + 16 s: the store may be gone ~30 s before we defer
+    attempts: int = 6  # waits of up to 1 + 2 + 4 + 8 + 16 s: ~30 s before we defer
 
     def delays(self) -> Iterator[float]:
         delay = self.first_s
@@ -118,9 +118,9 @@ class Spool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.wait([self._sweeper])
-        pending = sorted(str(d) for d in self._active)
-        if not await self._tasks.settle(self._drain_s) and pending:
-            log.warning("archive.upload_interrupted", directories=pending, next="the next start")
+        if not await self._tasks.settle(self._drain_s):
+            pending = sorted(d.name for d in self._active)
+            log.warning("archive.upload_interrupted", calls=pending, next="the next start")
         await self._tasks.close()
         await self.store.close()
 

@@ -440,9 +440,9 @@ async def simulate_call(
 
     With `auth_token` (the carrier's signing key: Twilio's or Plivo's auth token, Telnyx's
     Ed25519 private key in base64, SignalWire's signing key) the webhook, and the upgrade
-    where the carrier signs it, carry its signature; with `admin_token` the transcript is fetched from the admin API before
-    hanging up. `answered_by` plays an outbound call's machine detection (Twilio's
-    `AnsweredBy`, e.g. `human`, `machine_end_beep`).
+    where the carrier signs it, carry its signature; with `admin_token` the transcript is
+    fetched from the admin API before hanging up. `answered_by` plays an outbound call's
+    machine detection (Twilio's `AnsweredBy`, e.g. `human`, `machine_end_beep`).
     """
     if not isinstance(clip, Clip):
         clip = Clip.from_wav(clip)

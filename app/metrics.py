@@ -92,7 +92,8 @@ class Metrics:
         )
         self.relay_lag = Histogram(
             "phone_agent_relay_lag_seconds",
-            "From a Twilio media frame reaching the call to its forward to the engine.",
+            "From the read of a carrier media frame's bytes off the socket (so its wait for "
+            "the event loop included) to its forward to the engine.",
             buckets=RELAY_BUCKETS,
             registry=r,
         )

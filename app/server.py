@@ -35,6 +35,7 @@ from app.records.cost import CallCost, Prices, cost_counter
 from app.records.tracing import TRACING, Tracing
 from app.records.webhook import CallWebhook
 from app.telephony import messages, signature, streamtoken
+from app.telephony.arrivals import Arrivals, wire_size
 from app.telephony.base import Edge, Webhook
 from app.telephony.carrier import AnsweredBy, RestError
 from app.telephony.carriers.plivo import PLIVO, dial_markup, voicemail_after_beep
@@ -216,18 +217,33 @@ async def _plivo_voicemail(request: web.Request) -> web.Response:
 
 Received = tuple[messages.StreamMessage, float]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_DATA = frozenset({WSMsgType.TEXT, WSMsgType.BINARY})
 
 
-async def _messages(ws: web.WebSocketResponse, carrier: Edge) -> AsyncGenerator[Received, None]:
-    """The carrier's messages with their arrival time; every bad frame is logged and
-    dropped."""
-    async for msg in ws:
-        received_at = loop_time()
+async def _messages(
+    ws: web.WebSocketResponse, carrier: Edge, transport: asyncio.BaseTransport | None
+) -> AsyncGenerator[Received, None]:
+    """The carrier's messages with the loop time their bytes were read off `transport`
+    (`app.telephony.arrivals`); every bad frame is logged and dropped.
+
+    A caller who hung up while aiohttp answers its ping (a pong written from inside
+    `receive`, to a closing transport) ends the stream quietly, as a close would.
+    """
+    arrivals = Arrivals(transport) if transport is not None else None
+    while True:
+        read_before = arrivals.read if arrivals is not None else 0
+        try:
+            msg = await ws.receive()
+        except ConnectionError as exc:  # "Cannot write to closing transport"
+            log.info(f"{carrier.carrier}.stream_gone", error=str(exc))
+            return
+        if msg.type not in _DATA:
+            return
+        size = wire_size(len(msg.data))
+        received_at = loop_time() if arrivals is None else arrivals.arrival(size, read_before)
         if msg.type == WSMsgType.BINARY:
             log.warning(f"{carrier.carrier}.binary_frame_dropped", size=len(msg.data))
             continue
-        if msg.type != WSMsgType.TEXT:
-            return
         try:
             message = carrier.parse(msg.data)
         except messages.BadMessage as exc:
@@ -282,6 +298,7 @@ async def _relay(frames: AsyncIterator[Received], session: CallSession) -> None:
             session.log.exception("call.message_failed", message=type(message).__name__)
             continue
         if isinstance(message, messages.Media):
+            # From the read of the frame's bytes, so the time it waited for the loop counts.
             session.observers.relay_lag(loop_time() - received_at)
 
 
@@ -294,7 +311,7 @@ def _media_stream(carrier: Edge) -> Handler:
         _refused(request, carrier.stream_refusal(request, settings, url), "media_stream")
         ws = web.WebSocketResponse(max_msg_size=4 * messages.MAX_FRAME_BYTES, autoping=True)
         await ws.prepare(request)
-        async with contextlib.aclosing(_messages(ws, carrier)) as frames:
+        async with contextlib.aclosing(_messages(ws, carrier, request.transport)) as frames:
             start = await _start(frames, settings.stream_start_timeout, carrier)
             on_url = carrier.stream_parameters(request.query)
             if start is not None and on_url:  # the carrier's values came on the URL
@@ -383,7 +400,8 @@ async def _console_call(request: web.Request) -> web.StreamResponse:
     log.info("console.call", call_sid=start.call_sid, persona=parameters.get("persona"))
     started = {"event": "console.started", "callSid": start.call_sid}
     await ws.send_json(started | {"streamSid": start.stream_sid})
-    async with contextlib.aclosing(_messages(ws, TWILIO)) as frames:  # Twilio's shapes
+    frames = _messages(ws, TWILIO, request.transport)  # Twilio's shapes
+    async with contextlib.aclosing(frames):
         await _run_call(request, ws, frames, start)
     return ws
 

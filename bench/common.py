@@ -191,10 +191,12 @@ class Service:
         workdir: Path,
         cpus: Iterable[int] | None = None,
         prelude: str = "",
+        root: Path = ROOT,
         **settings: str,
     ) -> None:
         """`settings` are environment variables (lower case is fine); `prelude` is Python
-        run in the service process before it starts (a what-if patch of a library)."""
+        run in the service process before it starts (a what-if patch of a library); `root`
+        the source tree it runs (another checkout, to compare before and after)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"service-{self.port}.log"
@@ -204,8 +206,8 @@ class Service:
             PORT=str(self.port),
             REALTIME_URL=realtime_url,
             REALTIME_API_KEY="sk-bench",
-            PROMPTS_DIR=str(ROOT / "prompts"),
-            VAD_MODEL_PATH=str(ROOT / "silero_vad.onnx"),
+            PROMPTS_DIR=str(root / "prompts"),
+            VAD_MODEL_PATH=str(root / "silero_vad.onnx"),
             ARCHIVE_DIR=str(workdir / "calls"),
             LOG_FORMAT="json",
             LOG_LEVEL="INFO",
@@ -221,7 +223,7 @@ class Service:
         self.proc = subprocess.Popen(
             argv,
             cwd=workdir,
-            env={**env, "PYTHONPATH": str(ROOT)},
+            env={**env, "PYTHONPATH": str(root)},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

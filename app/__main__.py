@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import sys
+from typing import Literal
 
 import structlog
 
@@ -19,13 +21,15 @@ from app.telephony.carrier import Carrier
 __all__ = ["main"]
 
 
-def _serve(_: argparse.Namespace) -> int:
-    from app import drain, edge
+def _serve(args: argparse.Namespace) -> int:
+    from app import drain, edge, workers
     from app.server import create_app
     from app.telephony.signature import exposure
 
+    worker = workers.current()
     try:
         settings = load_settings()
+        count = workers.resolve(args.workers or settings.workers)
         # Values the personas' tool headers read from the environment are secrets too.
         personas = load_personas(settings.prompts_dir)
         tool_secrets = [s for persona in personas.values() for s in persona.tools.secrets]
@@ -34,9 +38,18 @@ def _serve(_: argparse.Namespace) -> int:
             settings.log_level,
             secrets=[*settings.secret_values(), *tool_secrets],
             redact_pii=settings.redact_pii,
+            context={"worker": worker.index} if worker else None,
         )
         if not settings.vad_model_path.is_file():
             raise ConfigError(f"VAD_MODEL_PATH: no file at {settings.vad_model_path}")
+        if worker is None and count > 1:
+            if settings.redis_url is None:
+                raise ConfigError(
+                    f"WORKERS={count} needs REDIS_URL: the admin API, events and steering "
+                    "reach the worker holding a call through Redis"
+                )
+            # The parent answers no request: it runs the workers, each checks the rest.
+            return asyncio.run(workers.supervise(count, os.environ))
         app = create_app(settings)
     except (ConfigError, PersonaError) as exc:
         print(f"phone-agent: configuration error: {exc}", file=sys.stderr)
@@ -45,7 +58,8 @@ def _serve(_: argparse.Namespace) -> int:
     # collector's full passes, which otherwise stall every call for tens of ms.
     gc.freeze()
     log = structlog.get_logger("app")
-    (log.warning if settings.dev_mode else log.info)("exposure", detail=exposure(settings))
+    if worker is None or worker.index == 1:  # said once, not by every worker
+        (log.warning if settings.dev_mode else log.info)("exposure", detail=exposure(settings))
     if settings.stream_token_secret is None:
         # With Redis, several instances likely share the number: a stream reaching another
         # instance than its webhook would be refused.
@@ -56,7 +70,16 @@ def _serve(_: argparse.Namespace) -> int:
         )
     log.info("starting", mode=settings.agent_mode, drain_timeout_s=settings.drain_timeout)
     options = edge.runner_options(settings)
-    asyncio.run(drain.serve(app, settings.host, settings.port, settings.drain_timeout, **options))
+    asyncio.run(
+        drain.serve(
+            app,
+            settings.host,
+            settings.port,
+            settings.drain_timeout,
+            worker=worker,
+            **options,
+        )
+    )
     return 0
 
 
@@ -89,11 +112,25 @@ def _dial(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers(value: str) -> int | Literal["auto"]:
+    if value.strip().lower() == "auto":
+        return "auto"
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError("a number of processes (1 or more) or auto")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `phone-agent` console script and `python -m app`."""
     parser = argparse.ArgumentParser(prog="phone-agent", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="answer calls").set_defaults(run=_serve)
+    serve = commands.add_parser("serve", help="answer calls")
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        help="processes sharing the port: a number or auto, one per core (default: WORKERS)",
+    )
+    serve.set_defaults(run=_serve)
     call = commands.add_parser("call", help="hold a simulated call with a WAV clip")
     simulator.configure_parser(call)
     call.set_defaults(run=simulator.run)

@@ -139,6 +139,7 @@ class Settings(BaseSettings):
     call_webhook_secret: SecretStr | None = None
     prices_file: Path | None = None  # overrides rows of the shipped app/records/prices.toml
     drain_timeout: float = Field(600.0, ge=0)
+    workers: int | Literal["auto"] = 1
 
     log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
@@ -169,6 +170,17 @@ class Settings(BaseSettings):
             for key, value in data.items()
             if not (key.lower() in optional and isinstance(value, str) and not value.strip())
         }
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        """A number of processes (1 or more), or `auto`: one per usable core."""
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError("must be a number of processes (1 or more) or auto")
+        return int(text)
 
     @field_validator("archive_url")
     @classmethod

@@ -6,6 +6,10 @@ stream socket still opens: a call whose webhook was answered just before the sig
 must not be dropped. Live calls run until they end or DRAIN_TIMEOUT passes, after which
 they are ended (the caller hears the TwiML's apology); a second signal ends the wait at
 once. `/health` stays 200 throughout: the process is alive.
+
+A worker of `serve --workers N` (app.workers) gets the signal from its parent, shares the
+port with the other workers (SO_REUSEPORT), also listens on its private socket, and
+drains by itself if its parent goes away.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
 
 from app.clock import loop_time
+from app.workers import Worker, parent_gone
 
 __all__ = ["DRAIN", "Call", "Drain", "serve"]
 
@@ -90,7 +95,13 @@ DRAIN: web.AppKey[Drain] = web.AppKey("drain", Drain)
 
 
 async def serve(
-    app: web.Application, host: str, port: int, drain_timeout: float, **runner_options: Any
+    app: web.Application,
+    host: str,
+    port: int,
+    drain_timeout: float,
+    *,
+    worker: Worker | None = None,
+    **runner_options: Any,
 ) -> None:
     """Serve `app` until SIGTERM or SIGINT, then drain and shut down; `runner_options`
     go to aiohttp's server (timeouts)."""
@@ -109,8 +120,12 @@ async def serve(
         app, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE_S, **runner_options
     )
     await runner.setup()
+    orphaned: asyncio.Task[None] | None = None
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, reuse_port=worker is not None).start()
+        if worker is not None:
+            await web.UnixSite(runner, str(worker.socket)).start()
+            orphaned = asyncio.create_task(_orphaned(on_signal), name="drain-orphaned")
         log.info("serving", host=host, port=port)
         await stop.wait()
         started = loop_time()
@@ -124,6 +139,15 @@ async def serve(
             log.warning("drain.incomplete", live_calls=drain.live_calls, timeout_s=drain_timeout)
             await drain.end_calls()
     finally:
+        if orphaned is not None:
+            orphaned.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await runner.cleanup()
+
+
+async def _orphaned(on_signal: Callable[[signal.Signals], None]) -> None:
+    """A worker whose parent is gone drains as if told to (no one else would tell it)."""
+    await parent_gone()
+    log.warning("worker.orphaned")
+    on_signal(signal.SIGTERM)

@@ -17,7 +17,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -80,10 +80,20 @@ def configure(
     secrets: Iterable[str] = (),
     stream: TextIO | None = None,
     redact_pii: bool = False,
+    context: Mapping[str, Any] | None = None,
 ) -> None:
-    """Set up structlog and route the standard library's logging through it."""
+    """Set up structlog and route the standard library's logging through it; `context`
+    goes on every line of the process (a worker's number)."""
     out = stream or sys.stderr
+    fixed = dict(context or {})
+
+    def add_context(_: Any, __: str, event: MutableMapping[str, Any]) -> Any:
+        for key, value in fixed.items():
+            event.setdefault(key, value)
+        return event
+
     shared: list[structlog.types.Processor] = [
+        add_context,
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -101,7 +111,9 @@ def configure(
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write per line: workers share the stream, and print()'s two writes could
+        # interleave with another process's line.
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(out)

@@ -4,16 +4,27 @@ A registry per application (not the process-wide default) lets tests and tools r
 several apps in one process without "duplicated timeseries" errors. Labels are bounded
 sets (outcomes, reasons, engine names, provider error codes, span names): no call ids
 and no phone numbers, so cardinality stays flat however many calls pass.
+
+With `serve --workers N` a scrape lands on one worker, which asks the others over their
+private sockets (app.workers) and answers every worker's series, each with a `worker`
+label (`sum without (worker) (...)` adds them up). A worker that does not answer within
+SIBLING_TIMEOUT_S (restarting, say) is left out of that scrape, and logged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Iterator
 
+import aiohttp
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
+from app import workers
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.tools.results import ToolCallRecord
@@ -25,6 +36,10 @@ TURN_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 # Our own relay work per frame: the target is under 2 ms at p99.
 # A business tool call, from the model's call to the tool's answer: 50 ms to the 5 s timeout.
 TOOL_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+SIBLING_TIMEOUT_S = 2.0  # how long a scrape waits for another worker's metrics
+
+log = structlog.get_logger(__name__)
+
 RELAY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 # How late the loop runs a timer: a millisecond is healthy, MAX_LOOP_LAG_MS (100) is trouble.
 LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -168,7 +183,55 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    """`GET /metrics`: the Prometheus text exposition."""
-    return web.Response(
-        body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    """`GET /metrics`: the Prometheus text exposition (of every worker, when there are
+    several)."""
+    own = request.app[METRICS].render()
+    worker = workers.current()
+    if worker is not None and not workers.from_sibling(request):
+        texts = {worker.index: own}
+        answers = await asyncio.gather(*(_sibling(worker, i) for i in worker.siblings()))
+        texts.update((i, text) for i, text in zip(worker.siblings(), answers, strict=True) if text)
+        own = _labelled(texts)
+    return web.Response(body=own, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _sibling(worker: workers.Worker, index: int) -> bytes | None:
+    """Another worker's own metrics, or None (logged) when it does not answer."""
+    try:
+        async with (
+            asyncio.timeout(SIBLING_TIMEOUT_S),
+            workers.sibling(worker, index) as http,
+            http.get("/metrics") as resp,
+        ):
+            resp.raise_for_status()
+            return await resp.read()
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        log.warning("metrics.worker_unreachable", other=index, error=str(exc) or type(exc).__name__)
+        return None
+
+
+def _labelled(texts: dict[int, bytes]) -> bytes:
+    """The workers' expositions as one, each sample labelled with its worker."""
+    families: dict[str, Metric] = {}
+    for index, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text.decode()):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = Metric(family.name, family.documentation, family.type, family.unit)
+                families[family.name] = merged
+            for s in family.samples:
+                labels = {**s.labels, "worker": str(index)}
+                merged.add_sample(s.name, labels, s.value, s.timestamp, s.exemplar)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Families:
+    """A collector of families already gathered."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)

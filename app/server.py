@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from urllib.parse import urlencode
@@ -12,7 +13,7 @@ from urllib.parse import urlencode
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from app import console, edge
+from app import console, edge, workers
 from app.admin import api
 from app.admin import session as session_auth
 from app.archive.finished import FinishedListener
@@ -58,12 +59,14 @@ __all__ = [
     "SETTINGS",
     "STREAM_TOKENS",
     "VAD",
+    "WORKER_HEADER",
     "create_app",
 ]
 
 log = structlog.get_logger(__name__)
 
 CONSOLE_CALLER = "console"  # the From and To of a test call from the console
+WORKER_HEADER = "Phone-Agent-Worker"  # `<n>; pid=<pid>` on every answer of a worker
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 PERSONAS: web.AppKey[dict[str, Persona]] = web.AppKey("personas", dict)
@@ -273,13 +276,13 @@ async def _start(
     return None
 
 
-def _refusal(request: web.Request, start: messages.Start) -> str | None:
+async def _refusal(request: web.Request, start: messages.Start) -> str | None:
     """Why this stream may not become a call, or None when it may."""
     unsupported = messages.unsupported_format(start)
     if unsupported is not None:
         return f"audio is {unsupported}; only audio/x-mulaw at 8000 Hz, mono is relayed"
     try:
-        request.app[STREAM_TOKENS].redeem(
+        await request.app[STREAM_TOKENS].redeem(
             start.call_sid, start.parameters.get(streamtoken.PARAMETER)
         )
     except streamtoken.TokenError as exc:
@@ -316,7 +319,7 @@ def _media_stream(carrier: Edge) -> Handler:
             on_url = carrier.stream_parameters(request.query)
             if start is not None and on_url:  # the carrier's values came on the URL
                 start = dataclasses.replace(start, parameters={**on_url, **start.parameters})
-            refusal = "no start" if start is None else _refusal(request, start)
+            refusal = "no start" if start is None else await _refusal(request, start)
             if start is not None and refusal is not None:
                 log.warning(
                     f"{carrier.carrier}.stream_refused", call_sid=start.call_sid, reason=refusal
@@ -479,7 +482,15 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     await app[ARCHIVE].close()  # uploads in flight get a few seconds; the rest wait for a start
     await app[VAD].close()
     await app[ENGINES].close()
+    await app[STREAM_TOKENS].close()
     await shared_runner().close()  # the tools' HTTP session and MCP clients
+
+
+def _worker_header(value: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    async def add(_: web.Request, response: web.StreamResponse) -> None:
+        response.headers[WORKER_HEADER] = value
+
+    return add
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -488,8 +499,12 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     secret = settings.stream_token_secret
     app[STREAM_TOKENS] = streamtoken.StreamTokens(
-        secret.get_secret_value().encode() if secret else secrets.token_bytes(32)
+        secret.get_secret_value().encode() if secret else secrets.token_bytes(32),
+        redis_url=settings.redis_url,  # single use across instances
     )
+    worker = workers.current()
+    if worker is not None:  # says which worker answered (of `serve --workers N`)
+        app.on_response_prepare.append(_worker_header(f"{worker.index}; pid={os.getpid()}"))
     app[PERSONAS] = load_personas(settings.prompts_dir)
     calls: dict[str, CallSession] = {}
     app[CALLS] = calls

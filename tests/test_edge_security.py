@@ -246,34 +246,34 @@ def test_client_address_behind_a_trusted_proxy(settings_factory: Callable[..., S
 # -- stream tokens --------------------------------------------------------------------------
 
 
-def test_stream_tokens_are_per_call_short_lived_and_single_use() -> None:
+async def test_stream_tokens_are_per_call_short_lived_and_single_use() -> None:
     now = [1_000_000.0]
     tokens = StreamTokens(b"k" * 32, ttl_s=60, clock=lambda: now[0])
     token = tokens.issue(call_sid(1))
     with pytest.raises(TokenError, match="not issued for this call"):
-        tokens.redeem(call_sid(2), token)
+        await tokens.redeem(call_sid(2), token)
     with pytest.raises(TokenError, match="not issued"):
-        StreamTokens(b"x" * 32, clock=lambda: now[0]).redeem(call_sid(1), token)
+        await StreamTokens(b"x" * 32, clock=lambda: now[0]).redeem(call_sid(1), token)
     with pytest.raises(TokenError, match="not issued"):
-        tokens.redeem(call_sid(1), token[:-2] + "AA")
+        await tokens.redeem(call_sid(1), token[:-2] + "AA")
     with pytest.raises(TokenError, match="not issued"):
-        tokens.redeem(call_sid(1), "é." + token)
+        await tokens.redeem(call_sid(1), "é." + token)
     with pytest.raises(TokenError, match="no stream token"):
-        tokens.redeem(call_sid(1), None)
-    tokens.redeem(call_sid(1), token)
+        await tokens.redeem(call_sid(1), None)
+    await tokens.redeem(call_sid(1), token)
     with pytest.raises(TokenError, match="already used"):
-        tokens.redeem(call_sid(1), token)
+        await tokens.redeem(call_sid(1), token)
     late = tokens.issue(call_sid(3))
     now[0] += 61
     with pytest.raises(TokenError, match="expired"):
-        tokens.redeem(call_sid(3), late)
-    tokens.redeem(call_sid(4), tokens.issue(call_sid(4)))  # later tokens still work
+        await tokens.redeem(call_sid(3), late)
+    await tokens.redeem(call_sid(4), tokens.issue(call_sid(4)))  # later tokens still work
 
 
-def test_a_shared_secret_lets_another_instance_accept_the_token() -> None:
+async def test_a_shared_secret_lets_another_instance_accept_the_token() -> None:
     secret = b"shared-by-every-instance"
     token = StreamTokens(secret).issue(call_sid(1))
-    StreamTokens(secret).redeem(call_sid(1), token)
+    await StreamTokens(secret).redeem(call_sid(1), token)
 
 
 @pytest.mark.parametrize(

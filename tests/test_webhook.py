@@ -48,7 +48,7 @@ async def test_dev_mode_answers_loopback_unsigned(
         "From": FORM["From"],
         "To": FORM["To"],
     }
-    server.app[STREAM_TOKENS].redeem(FORM["CallSid"], token)  # issued for this call
+    await server.app[STREAM_TOKENS].redeem(FORM["CallSid"], token)  # issued for this call
 
 
 async def test_unknown_persona_falls_back_to_default(

@@ -9,7 +9,8 @@ them all (or, with Redis unreachable, its own, marked `partial`). A command for 
 held elsewhere is published on the holder's channel (`phone-agent:commands:<instance>`)
 with this instance's reply channel; the holder runs it and publishes the `Reply` back, so
 the operator gets the real result (202 with the steer id, 404, 502 from Twilio...) from
-whichever instance they asked.
+whichever instance they asked. Each worker of `serve --workers N` is an instance of its
+own (`<host>-w<n>-<suffix>`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import structlog
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from app import workers
 from app.admin import commands, schemas
 from app.admin.commands import Reply
 from app.call.info import CallInfo
@@ -60,8 +62,11 @@ EVENTS_OUTBOX = 10_000  # events waiting for Redis before new ones are dropped
 
 
 def instance_name() -> str:
-    """A name for this process among the instances: host plus a random suffix."""
-    return f"{socket.gethostname()}-{secrets.token_hex(4)}"
+    """A name for this process among the instances: host, worker number (with WORKERS
+    above 1, each worker is an instance) and a random suffix."""
+    worker = workers.current()
+    where = f"{socket.gethostname()}-w{worker.index}" if worker else socket.gethostname()
+    return f"{where}-{secrets.token_hex(4)}"
 
 
 class LocalBus:

@@ -9,7 +9,9 @@ drop agent audio it has scheduled. The call's end closes the socket.
 The taps are per call (`ListenTap`, an observer) and per listener: one call's audio never
 reaches another call's listeners. A listener that falls `QUEUE_FRAMES` behind loses
 frames (logged once) rather than holding up the call. Listen-in serves calls held by the
-instance asked (a call on another instance answers 404 there).
+instance asked; with `serve --workers N` a call held by another worker of this host is
+relayed from that worker's private socket (app.workers). A call on another machine
+answers 404: its audio does not travel through Redis.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import base64
 import contextlib
 from collections.abc import Iterator, Mapping
 
+import aiohttp
 import structlog
 from aiohttp import WSMsgType, web
 
+from app import workers
 from app.admin.session import authorize
 from app.audio.frame import MulawFrame
 from app.call.info import CallInfo
@@ -140,9 +144,16 @@ def add_route(
     """Serve listen-in for the calls this instance holds."""
 
     async def listen(request: web.Request) -> web.StreamResponse:
-        authorize(request, settings)
+        sibling = workers.from_sibling(request)
+        if not sibling:
+            authorize(request, settings)
         call_sid = request.match_info["call_sid"]
         if call_sid not in calls:
+            worker = workers.current()
+            if worker is not None and not sibling:
+                relayed = await _relay_sibling(request, worker, call_sid)
+                if relayed is not None:
+                    return relayed
             raise web.HTTPNotFound(
                 text='{"error": "no such live call on this instance"}',
                 content_type="application/json",
@@ -176,3 +187,54 @@ def add_route(
         return ws
 
     app.router.add_get("/admin/calls/{call_sid}/listen", listen, allow_head=False)
+
+
+async def _relay_sibling(
+    request: web.Request, worker: workers.Worker, call_sid: str
+) -> web.WebSocketResponse | None:
+    """Listen to a call another worker holds, through its private socket; None when no
+    worker holds it."""
+    for index in worker.siblings():
+        async with workers.sibling(worker, index) as http:
+            try:
+                upstream = await http.ws_connect(f"/admin/calls/{call_sid}/listen")
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status != 404:
+                    log.warning("listen.worker_refused", other=index, status=exc.status)
+                continue
+            except (aiohttp.ClientError, OSError) as exc:
+                log.warning("listen.worker_unreachable", other=index, error=str(exc))
+                continue
+            async with upstream:
+                return await _pipe(request, upstream, call_sid, index)
+    return None
+
+
+async def _pipe(
+    request: web.Request, upstream: aiohttp.ClientWebSocketResponse, call_sid: str, index: int
+) -> web.WebSocketResponse:
+    """The holding worker's listen-in stream, passed on as it comes, until either side ends."""
+    ws = web.WebSocketResponse(heartbeat=20.0)
+    await ws.prepare(request)
+    log.info("listen.relayed", call_sid=call_sid, other=index)
+
+    async def read() -> None:  # the listener leaving ends the relay
+        async for _ in ws:
+            pass
+        await upstream.close()
+
+    reader = asyncio.create_task(read(), name=f"listen-relay-{call_sid}")
+    try:
+        async for msg in upstream:
+            if msg.type == WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+            elif msg.type == WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+    except (ConnectionError, RuntimeError):
+        pass  # the listener went away mid-send
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        await ws.close()
+    return ws

@@ -50,6 +50,14 @@ carrier seam must cost nothing measurable: within 10%).
 
     .venv/bin/python -m bench.relay [--calls 1,25,100] [--seconds 20]
                                     [--targets service,bare,no-deflate,telnyx] [--validate]
+                                    [--base DIR] [--rounds N]
+
+Before and after in one run (the machine's load drifts between runs): `--base DIR` adds
+the target base, the service of another checkout, e.g.
+    git worktree add /tmp/base <commit>
+    .venv/bin/python -m bench.relay --calls 25,100,200 --targets service --base /tmp/base \
+        --seconds 15 --rounds 2
+runs base and service alternately at each level (the order flips each round).
 """
 
 from __future__ import annotations
@@ -486,6 +494,11 @@ class Row:
         return self.usage.relay_cpu_s / (self.calls * self.usage.seconds / 60)
 
     @property
+    def cpu_s_per_call_s(self) -> float:
+        """The issue's unit: CPU-seconds per second of one call."""
+        return self.cpu_s_per_call_min / 60
+
+    @property
     def rss_per_call_mb(self) -> float:
         return (self.usage.rss_peak_mb - self.rss_base_mb) / self.calls
 
@@ -501,7 +514,7 @@ websockets.connect = functools.partial(websockets.connect, compression=None)
 STREAM_TOKEN_SECRET = "bench-stream-token-secret"
 
 
-def start_relay(target: str, fake_url: str, workdir: Path) -> Relay:
+def start_relay(target: str, fake_url: str, workdir: Path, base: Path | None = None) -> Relay:
     # What the relay costs, not load shedding: no level's calls are refused.
     settings = {
         "stream_token_secret": STREAM_TOKEN_SECRET,
@@ -510,6 +523,10 @@ def start_relay(target: str, fake_url: str, workdir: Path) -> Relay:
     }
     if target in ("service", "telnyx"):
         return Service(fake_url, workdir, cpus=SERVICE_CPUS, **settings)
+    if target == "base":
+        if base is None:
+            raise ValueError("the target base needs --base DIR (a checkout to compare with)")
+        return Service(fake_url, workdir, cpus=SERVICE_CPUS, root=base, **settings)
     if target == "no-deflate":
         return Service(fake_url, workdir, cpus=SERVICE_CPUS, prelude=NO_DEFLATE, **settings)
     if target == "bare":
@@ -518,7 +535,13 @@ def start_relay(target: str, fake_url: str, workdir: Path) -> Relay:
 
 
 async def run_level(
-    target: str, calls: int, seconds: float, workdir: Path, validate: bool, seed: int
+    target: str,
+    calls: int,
+    seconds: float,
+    workdir: Path,
+    validate: bool,
+    seed: int,
+    base: Path | None = None,
 ) -> Row:
     """Start a fake and a relay, warm up, run `calls` calls, measure, stop."""
     ctx = multiprocessing.get_context("spawn")
@@ -528,7 +551,7 @@ async def run_level(
     fake.start()
     loop = asyncio.get_running_loop()
     fake_url: str = await loop.run_in_executor(None, parent.recv)
-    relay = start_relay(target, fake_url, workdir)
+    relay = start_relay(target, fake_url, workdir, base)
     timings = Timings()
     rng = random.Random(seed)
     try:
@@ -651,12 +674,12 @@ def print_table(rows: list[Row], seconds: float) -> None:
             f"{len(r.down):6d} {r.down_paced:5d} | {fmt(r.hist_p99_ms):>9}"
         )
     print(
-        "\nresources over the same window: relay CPU (all threads) as % of one core and per "
-        "call-minute; RSS after a warm-up call and its growth per call at peak; how busy "
-        "each core was (whoever used it)"
+        "\nresources over the same window: relay CPU (all threads) as % of one core and in "
+        "CPU-seconds per call-second; RSS after a warm-up call and its growth per call at "
+        "peak; how busy each core was (whoever used it)"
     )
     head = (
-        f"{'relay':10} {'calls':>5} | {'cpu %':>6} {'s/call-min':>10} {'calls/core':>10} | "
+        f"{'relay':10} {'calls':>5} | {'cpu %':>6} {'s/call-s':>8} {'calls/core':>10} | "
         f"{'rss MB':>6} {'MB/call':>7} | {'core0 %':>7} {'core1 %':>7} {'harness %':>9} | "
         f"{'clears':>6} {'errors':>6}"
     )
@@ -667,7 +690,7 @@ def print_table(rows: list[Row], seconds: float) -> None:
         per_core = 60 / r.cpu_s_per_call_min if r.cpu_s_per_call_min > 0 else math.inf
         print(
             f"{r.target:10} {r.calls:5d} | {100 * u.relay_cpu_s / u.seconds:6.1f} "
-            f"{r.cpu_s_per_call_min:10.3f} {per_core:10.0f} | {r.rss_base_mb:6.1f} "
+            f"{r.cpu_s_per_call_s:8.5f} {per_core:10.0f} | {r.rss_base_mb:6.1f} "
             f"{r.rss_per_call_mb:7.3f} | {u.busy.get(0, math.nan):7.0f} "
             f"{u.busy.get(1, math.nan):7.0f} {100 * u.harness_cpu_s / u.seconds:9.0f} | "
             f"{sum(r.clears.values()):6d} {r.problems:6d}"
@@ -734,16 +757,31 @@ async def main() -> None:
     parser.add_argument(
         "--validate", action="store_true", help="the fake validates every append too"
     )
+    parser.add_argument(
+        "--base",
+        type=Path,
+        help="another checkout of the service (e.g. a git worktree of an older commit): the "
+        "target base runs it beside the others, for a before/after in one run",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run each level this many times, interleaved"
+    )
     args = parser.parse_args()
     pin(0, HARNESS_CPUS)
     gc.disable()  # a collection in the harness would show as relay latency
+    targets = args.targets.split(",")
+    if args.base is not None and "base" not in targets:
+        targets.insert(0, "base")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-relay-") as tmp:
         for calls in (int(c) for c in args.calls.split(",")):
-            for target in args.targets.split(","):
-                row = await run_level(target, calls, args.seconds, Path(tmp), args.validate, calls)
-                rows.append(row)
-                print(f"  {target} x {calls}: done", flush=True)
+            for round_ in range(args.rounds):  # alternate the order: no target always first
+                for target in targets if round_ % 2 == 0 else targets[::-1]:
+                    row = await run_level(
+                        target, calls, args.seconds, Path(tmp), args.validate, calls, args.base
+                    )
+                    rows.append(row)
+                    print(f"  {target} x {calls}: done", flush=True)
     print_table(rows, args.seconds)
     print_verdict(rows)
 

@@ -12,7 +12,7 @@ of each observer and hook with its traceback, then a count when the call ends) a
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import structlog
 
@@ -73,21 +73,31 @@ class CallObserver:
 
 
 class Observers(CallObserver):
-    """Fans each hook out to many observers, isolating their failures."""
+    """Fans each hook out to many observers, isolating their failures.
+
+    Each hook calls only the observers that override it: the per-frame hooks run fifty
+    times a second per call, and most observers leave them as no-ops.
+    """
 
     def __init__(self, observers: Iterable[CallObserver] = ()) -> None:
-        self._observers = list(observers)
+        self._hooks: dict[str, list[tuple[str, Callable[..., None]]]] = {h: [] for h in _HOOKS}
         self._failures: Counter[tuple[str, str]] = Counter()  # (observer, hook) -> count
+        for observer in observers:
+            self.add(observer)
 
     def add(self, observer: CallObserver) -> None:
-        self._observers.append(observer)
+        name = type(observer).__name__
+        for hook, methods in self._hooks.items():
+            method = getattr(observer, hook)
+            if getattr(method, "__func__", None) is not getattr(CallObserver, hook):
+                methods.append((name, method))
 
     def _each(self, hook: str, *args: object) -> None:
-        for observer in self._observers:
+        for name, method in self._hooks[hook]:
             try:
-                getattr(observer, hook)(*args)
+                method(*args)
             except Exception:
-                self._failed(type(observer).__name__, hook)
+                self._failed(name, hook)
 
     def _failed(self, observer: str, hook: str) -> None:
         """Log an observer's first failure in a hook with its traceback; count the rest
@@ -142,3 +152,8 @@ class Observers(CallObserver):
         repeated = {f"{o}.{h}": n for (o, h), n in self._failures.items() if n > 1}
         if repeated:
             log.warning("observer.failures", counts=repeated)
+
+
+_HOOKS = tuple(
+    name for name, value in vars(CallObserver).items() if callable(value) and name[0] != "_"
+)

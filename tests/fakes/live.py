@@ -111,6 +111,8 @@ class LiveConnection:
     tool_outputs: dict[str, str] = field(default_factory=dict)  # call_id -> output
     closed_reason: str | None = None
     interrupted: bool = False  # it stopped speaking because it was talked over
+    billed_seconds: float = 0.0  # the last cumulative usage it reported
+    backend_usage: list[dict[str, Any]] = field(default_factory=list)  # ResponseUsage sent
     closed: bool = False
 
     def types(self) -> list[str]:
@@ -149,6 +151,8 @@ class _Session:
         if "event_id" not in event and event["type"] != "session.output_audio.delta":
             event = {"event_id": _id("event"), **event}
         _check_server_event(event)
+        if isinstance(usage := event.get("usage"), dict) and not self.ws.closed:
+            self.record.billed_seconds = usage["seconds"]
         if not self.ws.closed:
             with contextlib.suppress(ConnectionError):
                 await self.ws.send_str(json.dumps(event))
@@ -430,7 +434,7 @@ class _Session:
         prompt = max(1, len(responses.get("instructions") or "") // 4)
         cached = prompt if self.backend_responses else 0
         self.backend_responses += 1
-        return {
+        usage = {
             "input_tokens": prompt,
             "input_tokens_details": {
                 "cached_tokens": cached,
@@ -440,6 +444,8 @@ class _Session:
             "output_tokens_details": {"reasoning_tokens": 8},
             "total_tokens": prompt + 24,
         }
+        self.record.backend_usage.append(usage)
+        return usage
 
     # -- speaking -------------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-# The phone agent: one process serving Twilio webhooks, media streams, probes and metrics.
+# The phone agent: the carriers' webhooks, media streams, probes and metrics, in one process
+# or (WORKERS) one worker process per core.
 # Build from the repository root: docker build -t phone-agent .
 FROM python:3.11-slim
 
@@ -36,7 +37,10 @@ VOLUME ["/data/calls"]
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8080'), timeout=4)"]
 
-# SIGTERM starts the drain: no new calls, live ones run up to DRAIN_TIMEOUT, then exit.
+# WORKERS=auto runs a worker per usable core (the container's CPU limit caps it), all on
+# PORT; it needs REDIS_URL, which carries admin commands and events between the workers.
+# SIGTERM starts the drain (in every worker): no new calls, live ones run up to
+# DRAIN_TIMEOUT, then exit.
 # Give the container at least that long to stop (docker stop -t, stop_grace_period).
 STOPSIGNAL SIGTERM
 CMD ["python", "-m", "app", "serve"]

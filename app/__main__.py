@@ -49,7 +49,8 @@ def _serve(args: argparse.Namespace) -> int:
                     "reach the worker holding a call through Redis"
                 )
             # The parent answers no request: it runs the workers, each checks the rest.
-            return asyncio.run(workers.supervise(count, os.environ))
+            secret_set = settings.stream_token_secret is not None
+            return asyncio.run(workers.supervise(count, os.environ, token_secret_set=secret_set))
         app = create_app(settings)
     except (ConfigError, PersonaError) as exc:
         print(f"phone-agent: configuration error: {exc}", file=sys.stderr)

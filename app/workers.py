@@ -140,11 +140,12 @@ def resolve(workers: int | Literal["auto"]) -> int:
     return usable_cores() if workers == "auto" else workers
 
 
-async def supervise(count: int, env: Mapping[str, str]) -> int:
-    """Run `count` workers until a signal ends them; the exit code for the parent."""
+async def supervise(count: int, env: Mapping[str, str], *, token_secret_set: bool) -> int:
+    """Run `count` workers until a signal ends them; the exit code for the parent.
+    `token_secret_set`: STREAM_TOKEN_SECRET is configured (in the environment or .env)."""
     run_dir = Path(tempfile.mkdtemp(prefix="phone-agent-"))  # mode 0700
     base = {**env, _COUNT: str(count), _RUN_DIR: str(run_dir)}
-    if not base.get("STREAM_TOKEN_SECRET"):
+    if not token_secret_set:
         # A token minted by the worker that answered the webhook must pass on the one
         # that gets the stream: one random secret for all of them.
         base["STREAM_TOKEN_SECRET"] = secrets.token_urlsafe(32)

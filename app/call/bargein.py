@@ -24,6 +24,11 @@ a small state machine (`Phase`):
 
 Every buffer of a call is bounded: the agent's levels by time (the echo memory), the held
 audio and the frames waiting for the VAD by size.
+
+Levels are read only when the echo gate needs them: a window the VAD scores as speech
+while the agent plays. The agent's chunks and the caller's frames are kept as they came
+and measured then (once each), so the usual case, noise or silence under the agent's
+voice, costs no level arithmetic at all.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import numpy.typing as npt
 import structlog
 
 from app.audio.frame import MulawFrame
-from app.audio.g711 import ulaw_decode
+from app.audio.g711 import ulaw_b64_duration_ms, ulaw_decode
 from app.call.observer import CallObserver
 from app.clock import Clock, loop_time
 from app.config import Settings
@@ -149,6 +154,24 @@ def ulaw_dbfs(data: bytes) -> float:
     return 10.0 * math.log10(power) if power > 1e-12 else -120.0
 
 
+class _AgentChunk:
+    """Agent audio as handed to the carrier; its level is measured on first need."""
+
+    __slots__ = ("_db", "end", "payload", "start")
+
+    def __init__(self, payload: str, start: float) -> None:
+        self.payload = payload
+        self.start = start
+        self.end = start + ulaw_b64_duration_ms(payload) / 1000.0
+        self._db: float | None = None
+
+    @property
+    def db(self) -> float:
+        if self._db is None:
+            self._db = ulaw_dbfs(base64.b64decode(self.payload))
+        return self._db
+
+
 class BargeIn(CallObserver):
     """One call's barge-in and turn-end policy; an observer to learn the agent's level."""
 
@@ -166,8 +189,8 @@ class BargeIn(CallObserver):
         self._stream = VadStream()
         self._frames: deque[MulawFrame] = deque(maxlen=_MAX_BACKLOG_FRAMES)
         self._frame_ready = asyncio.Event()
-        self._agent_levels: deque[tuple[float, float, float]] = deque(maxlen=_MAX_AGENT_LEVELS)
-        self._levels: deque[float] = deque(maxlen=2)  # caller frames of the current window
+        self._agent_levels: deque[_AgentChunk] = deque(maxlen=_MAX_AGENT_LEVELS)
+        self._caller: deque[bytes] = deque(maxlen=2)  # caller frames of the current window
         held_s = settings.backchannel_ms / 1000.0 + _LINGER_S + _HELD_SPARE_S
         self._held: deque[str] = deque(maxlen=round(held_s / _FRAME_S))
         self._phase = Phase.QUIET
@@ -211,12 +234,11 @@ class BargeIn(CallObserver):
 
     def agent_audio(self, payload: str, starts_at: float) -> None:
         """Remember how loud the agent is, to tell its echo from the caller."""
-        data = base64.b64decode(payload)
-        self._agent_levels.append((starts_at, starts_at + len(data) / 8000.0, ulaw_dbfs(data)))
+        self._agent_levels.append(_AgentChunk(payload, starts_at))
         self._forget_agent_levels(self._clock())
 
     def agent_cleared(self, at: float) -> None:
-        while self._agent_levels and self._agent_levels[-1][0] >= at:
+        while self._agent_levels and self._agent_levels[-1].start >= at:
             self._agent_levels.pop()
 
     async def settle(self) -> None:
@@ -235,10 +257,9 @@ class BargeIn(CallObserver):
             if not self._listening():
                 continue
             data = frame.audio
-            self._levels.append(ulaw_dbfs(data))
-            pcm = ulaw_decode(data)
-            for prob in await self._batcher.feed(self._stream, pcm):
-                await self._window(prob, max(self._levels))
+            self._caller.append(data)
+            for prob in await self._batcher.feed(self._stream, ulaw_decode(data)):
+                await self._window(prob)
 
     def _bounded_append(self, buffer: deque[_Item], item: _Item, name: str) -> None:
         """Append; when full, the oldest frame goes, and the first loss says so once."""
@@ -266,23 +287,27 @@ class BargeIn(CallObserver):
 
     def _forget_agent_levels(self, now: float) -> None:
         levels = self._agent_levels
-        while levels and levels[0][1] < now - _ECHO_MEMORY_S:
+        while levels and levels[0].end < now - _ECHO_MEMORY_S:
             levels.popleft()
 
     def _agent_level(self, now: float) -> float | None:
         """The loudest agent audio that may be echoing back now."""
         self._forget_agent_levels(now)
-        heard = [db for start, _, db in self._agent_levels if start <= now]
+        heard = [chunk.db for chunk in self._agent_levels if chunk.start <= now]
         return max(heard) if heard else None
 
-    def _is_speech(self, prob: float, level: float, now: float, playing: bool) -> bool:
+    def _caller_level(self) -> float:
+        """The caller's loudest frame of the window just scored."""
+        return max(ulaw_dbfs(data) for data in self._caller) if self._caller else -120.0
+
+    def _is_speech(self, prob: float, now: float, playing: bool) -> bool:
         if prob < self._settings.vad_start_threshold:
             return False
         if not playing:
             return True
         agent = self._agent_level(now)
         reference = _QUIET_AGENT_DBFS if agent is None else max(agent, _QUIET_AGENT_DBFS)
-        return level >= reference + self._settings.vad_echo_gate_db
+        return self._caller_level() >= reference + self._settings.vad_echo_gate_db
 
     def _tally(self, speech: bool, now: float) -> None:
         """Run lengths of speech and silence, and the utterance's speech."""
@@ -300,10 +325,10 @@ class BargeIn(CallObserver):
     def _onset_reached(self) -> bool:
         return self._speech_run >= max(self._settings.vad_min_speech_ms, WINDOW_MS)
 
-    async def _window(self, prob: float, level: float) -> None:
+    async def _window(self, prob: float) -> None:
         now = self._clock()
         playing = self._floor.agent_playing
-        speech = self._is_speech(prob, level, now, playing)
+        speech = self._is_speech(prob, now, playing)
         self._tally(speech, now)
         match self._phase:
             case Phase.QUIET:

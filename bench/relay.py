@@ -16,9 +16,10 @@ The caller sends a second of silence, then looping non-speech fixtures (agent ec
 talks and nothing should barge in (a clear is counted, by clip, as a false interruption).
 
 Latency, matched by payload content: every caller frame carries a unique stamp in its
-first six bytes (bench.common), as does every 60 ms piece of the fake's deltas (the
-fake stamps each delta where Playback will split it). Times are time.monotonic(), i.e.
-CLOCK_MONOTONIC, which is system-wide, so the processes' readings compare.
+first six bytes (bench.common), as does every piece of the fake's deltas (the fake
+stamps each delta where Playback would split it: every 120 ms; its 100 ms deltas go
+whole). Times are time.monotonic(), i.e. CLOCK_MONOTONIC, which is system-wide, so the
+processes' readings compare.
   caller->model  driver sends `media` -> the fake reads the `input_audio_buffer.append`
   model->caller  the fake sends the audio delta -> the driver reads the `media` piece.
                  Playback's pacing holds audio only when Twilio already has about
@@ -33,8 +34,9 @@ included. Only frames sent while all N calls were up are counted. For scale:
               like the service, without permessage-deflate. The floor of a Python relay.
   no-deflate  (what-if, --targets) the service with its realtime socket opened without
               permessage-deflate, which websockets.connect negotiates by default
-  own p99     the service's phone_agent_relay_lag_seconds histogram from /metrics (its
-              handler's receive to forward, caller->model)
+  own p99     the service's phone_agent_relay_lag_seconds histogram from /metrics (the
+              read of a frame's bytes off the socket to its forward, caller->model: the
+              wait for the event loop included, the hops and the kernel's buffers not)
 
 CPU: the relay's threads' run time (/proc/<pid>/task/*/schedstat, ns) over that window,
 per call-minute; calls/core = 60 s / that. Memory: VmRSS after a warm-up call (baseline)
@@ -721,8 +723,8 @@ def print_verdict(rows: list[Row]) -> None:
         )
     if top.hist_p99_ms is not None:
         print(
-            f"    the service's own receive->forward histogram: p99 <= {top.hist_p99_ms:.2f} ms "
-            "(blind to the time a frame waits for the event loop)"
+            f"    the service's own read->forward histogram: p99 <= {top.hist_p99_ms:.2f} ms "
+            "(the frame's wait for the event loop included)"
         )
     per_core = 60 / top.cpu_s_per_call_min
     print(

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from app.audio.g711 import ulaw_b64_duration_ms
-from app.call.playback import Heard, Playback, split_payload
+from app.call.playback import MAX_CHUNK_CHARS, Heard, Playback, chunk_chars, split_payload
 from app.telephony.carriers.twilio import TWILIO
 
 
@@ -55,7 +55,23 @@ def test_split_keeps_bytes_exact() -> None:
     pieces = split_payload(original)
     assert len(pieces) > 1
     assert b"".join(base64.b64decode(p) for p in pieces) == base64.b64decode(original)
-    assert all(ulaw_b64_duration_ms(p) <= 60 for p in pieces)
+    assert all(ulaw_b64_duration_ms(p) <= 120 for p in pieces)
+
+
+def test_a_chunk_is_at_most_half_the_lead() -> None:
+    assert chunk_chars(250) == MAX_CHUNK_CHARS  # 120 ms
+    assert ulaw_b64_duration_ms("A" * chunk_chars(100)) <= 50
+    assert chunk_chars(0) == 4  # one base64 quantum at least
+
+
+async def test_a_delta_goes_whole_with_one_mark(running: tuple[Playback, Twilio]) -> None:
+    """A 100 ms delta is one media and one mark, not a piece and a mark per 60 ms."""
+    playback, twilio = running
+    payload = audio(100)
+    playback.enqueue("item_1", payload)
+    await asyncio.sleep(0.01)
+    assert [f["event"] for f in twilio.frames] == ["media", "mark"]
+    assert twilio.frames[0]["media"] == {"payload": payload}
 
 
 async def test_paces_to_the_lead(running: tuple[Playback, Twilio]) -> None:
@@ -78,12 +94,12 @@ async def test_heard_follows_marks_and_is_clamped(running: tuple[Playback, Twili
     heard = playback.heard()
     assert heard is not None and heard.item_id == "item_1" and heard.audio_end_ms <= 30
     marks = twilio.marks()
-    playback.on_mark(marks[1])  # two chunks (120 ms) played
+    playback.on_mark(marks[1])  # two chunks (240 ms) played
     heard = playback.heard()
-    assert heard is not None and 120 <= heard.audio_end_ms <= 125
-    await asyncio.sleep(0.03)
-    heard = playback.heard()
-    assert heard is not None and 140 <= heard.audio_end_ms <= 180
+    assert heard is not None and 240 <= heard.audio_end_ms <= 245
+    await asyncio.sleep(0.06)  # the last chunk (60 ms) went at 50 ms, within the lead
+    heard = playback.heard()  # 30 ms into it, by our clock
+    assert heard is not None and 260 <= heard.audio_end_ms <= 300
     await asyncio.sleep(0.4)
     for name in twilio.marks():
         playback.on_mark(name)
@@ -113,18 +129,18 @@ async def test_truncation_is_clamped_when_marks_come_late() -> None:
     now = 0.0
     twilio = Twilio()
     playback = Playback("MZ1", twilio.send, TWILIO, lead_ms=250, clock=lambda: now)
-    playback.enqueue("item_1", audio(100))  # chunks of 60 and 40 ms, both within the lead
+    playback.enqueue("item_1", audio(200))  # chunks of 120 and 80 ms, both within the lead
     task = asyncio.create_task(playback.run())
     try:
         for _ in range(5):
             await asyncio.sleep(0)
         first, second = twilio.marks()
         now = 5.0  # Twilio is seconds late with its marks
-        assert playback.heard() == Heard("item_1", 60)  # at most the chunk playing
+        assert playback.heard() == Heard("item_1", 120)  # at most the chunk playing
         playback.on_mark(first)
         now = 10.0
         # What the caller heard, for the truncation: never more than the model sent.
-        assert await playback.interrupt() == Heard("item_1", 100)
+        assert await playback.interrupt() == Heard("item_1", 200)
         playback.on_mark(second)
         assert playback.heard() is None
     finally:

@@ -44,7 +44,7 @@ _ENCODE = _build_encode_table()
 
 def ulaw_decode(data: bytes) -> npt.NDArray[np.int16]:
     """Decode mu-law bytes to int16 PCM (a new, writable array)."""
-    return _DECODE[np.frombuffer(data, dtype=np.uint8)]
+    return _DECODE.take(np.frombuffer(data, dtype=np.uint8))  # take: faster than indexing
 
 
 def ulaw_encode(pcm: npt.NDArray[np.int16]) -> bytes:

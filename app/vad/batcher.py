@@ -6,6 +6,12 @@ so the batch size grows with the load. Calls' frames arrive spread over each 20 
 share a tick: `linger_ms` holds a batch open a little longer to gather more of them, trading
 a few ms of latency for CPU. Inference runs on one dedicated thread so the loop only splits
 windows and gathers results.
+
+The linger counts from a batch's first feed, also for the batch that gathers while another
+runs: dispatched the moment the previous one finished, it would hold the one or two windows
+that arrived in the inference's fraction of a millisecond, and one inference costs about as
+much for one window as for four (bench.vad), so at 25 calls the VAD thread ran batches of
+one or two.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class VadBatcher:
         self.linger = linger_ms / 1000.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
         self._queue: list[_Feed] = []
+        self._first_at = 0.0  # when the first feed of the queue came (the loop's clock)
         self._dispatch_scheduled = False
         self._running: asyncio.Future[list[list[float]]] | None = None
         self._closed = False
@@ -60,6 +67,8 @@ class VadBatcher:
             results = await loop.run_in_executor(self._executor, self._infer, [(stream, windows)])
             return results[0]
         future: asyncio.Future[list[float]] = loop.create_future()
+        if not self._queue:
+            self._first_at = loop.time()
         self._queue.append(_Feed(stream, windows, future))
         if not self._dispatch_scheduled and self._running is None:
             self._dispatch_scheduled = True
@@ -102,8 +111,14 @@ class VadBatcher:
                 item.future.set_exception(error)
             else:
                 item.future.set_result(done.result()[index])
-        if self._queue and not self._closed:
-            self._dispatch()
+        if self._queue and not self._closed and not self._dispatch_scheduled:
+            loop = asyncio.get_running_loop()
+            wait = self._first_at + self.linger - loop.time()
+            if wait > 0:  # the queued feeds have not lingered their time yet
+                self._dispatch_scheduled = True
+                loop.call_later(wait, self._dispatch)
+            else:
+                self._dispatch()
 
     def _infer(self, feeds: list[tuple[VadStream, npt.NDArray[np.float32]]]) -> list[list[float]]:
         """Runs on the VAD thread. A stream's windows go in order, one per inference round;

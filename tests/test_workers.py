@@ -10,6 +10,7 @@ the worker the test wants.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -254,10 +255,13 @@ async def test_two_workers_share_the_port_and_the_calls(
         assert (status, [c["call_sid"] for c in listed["calls"]]) == (200, [sid])
         _, status, detail = await pool.request("GET", f"/admin/calls/{sid}", on=other.__eq__)
         assert status == 200 and detail["call_sid"] == sid
-        _, status, steer = await pool.request(
-            "POST", f"/admin/calls/{sid}/steer", on=other.__eq__, body={"instructions": "Hi."}
-        )
-        assert status == 202, steer
+        async with _events(pool, other) as events:  # the console's live stream
+            _, status, steer = await pool.request(
+                "POST", f"/admin/calls/{sid}/steer", on=other.__eq__, body={"instructions": "Hi."}
+            )
+            assert status == 202, steer
+            event = await _next_event(events, "call.steer")
+        assert (event["call_sid"], event["instance"]) == (sid, summary["instance"])
 
         # Listen-in asked of the other worker is relayed from the holder.
         heard = await _listen(pool, sid, other)
@@ -298,6 +302,31 @@ async def test_two_workers_share_the_port_and_the_calls(
     assert lines[-1]["event"] == "workers.stopped" and lines[-1]["failed"] is None
     served = {line.get("worker") for line in lines if line["event"] == "call.ended"}
     assert served == {holder}
+
+
+@contextlib.asynccontextmanager
+async def _events(pool: Pool, worker: int) -> AsyncIterator[aiohttp.ClientResponse]:
+    """`GET /admin/events` (Server-Sent Events) served by `worker`."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    while True:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
+            http.get(pool.url + "/admin/events", headers=headers) as resp,
+        ):
+            if _worker(resp.headers)[0] == worker:
+                yield resp
+                return
+
+
+async def _next_event(resp: aiohttp.ClientResponse, type_: str) -> dict[str, Any]:
+    """The next event of `type_` on an SSE stream."""
+    async with asyncio.timeout(10):
+        while line := await resp.content.readline():
+            if line.startswith(b"data: "):
+                event: dict[str, Any] = json.loads(line[6:])
+                if event["type"] == type_:
+                    return event
+    raise AssertionError(f"the stream ended before a {type_} event")
 
 
 async def _listen(pool: Pool, sid: str, worker: int) -> bytes:

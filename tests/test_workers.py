@@ -23,9 +23,12 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from app import workers
 from app.config import ConfigError, load_settings
+from app.metrics import METRICS, Metrics, metrics_endpoint
 from app.server import WORKER_HEADER
 from app.simulator import CallResult, Clip, simulate_call
 from app.telephony.streamtoken import StreamTokens, TokenError
@@ -102,6 +105,57 @@ async def test_more_than_one_worker_needs_redis(tmp_path: Path) -> None:
         "and steering reach the worker holding a call through Redis"
     ]
     assert out == b""
+
+
+# -- one worker and its siblings, in this process ----------------------------------------
+
+
+async def test_a_scrape_gathers_every_worker_with_its_label(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Worker 1 answers /metrics with its own series and worker 2's (asked through its
+    private socket); worker 3 does not answer and is left out, logged."""
+    monkeypatch.setenv("PHONE_AGENT_WORKER", "1")
+    monkeypatch.setenv("PHONE_AGENT_WORKERS", "3")
+    monkeypatch.setenv("PHONE_AGENT_RUN_DIR", str(tmp_path))
+
+    def metrics_app(live: int) -> web.Application:
+        app = web.Application()
+        app[METRICS] = Metrics(lambda: live, lambda: False)
+        app.router.add_get("/metrics", metrics_endpoint)
+        return app
+
+    second = web.AppRunner(metrics_app(4))
+    await second.setup()
+    await web.UnixSite(second, str(tmp_path / "worker-2.sock")).start()
+    try:
+        async with TestServer(metrics_app(1), host="127.0.0.1") as first:
+            with structlog.testing.capture_logs() as logs:
+                async with aiohttp.ClientSession() as http:
+                    text = await (await http.get(first.make_url("/metrics"))).text()
+            mine = workers.Worker(1, 3, tmp_path)
+            async with workers.sibling(mine, 2) as http:  # as another worker asks it
+                own = await (await http.get("/metrics")).text()
+    finally:
+        await second.cleanup()
+    assert 'phone_agent_calls_live{worker="1"} 1.0' in text
+    assert 'phone_agent_calls_live{worker="2"} 4.0' in text
+    assert 'worker="3"' not in text
+    assert text.count("# TYPE phone_agent_calls_live gauge") == 1
+    assert "phone_agent_calls_live 4.0" in own and "worker=" not in own
+    (unreachable,) = (e for e in logs if e["event"] == "metrics.worker_unreachable")
+    assert unreachable["other"] == 3
+
+
+async def test_a_worker_notices_its_parent_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent holds the other end of a worker's stdin: its end of file is the cue."""
+    read, write = os.pipe()
+    monkeypatch.setattr(sys, "stdin", os.fdopen(read))
+    gone = asyncio.create_task(workers.parent_gone())
+    await asyncio.sleep(0.05)
+    assert not gone.done()
+    os.close(write)  # as the kernel does when the parent exits, however it died
+    await asyncio.wait_for(gone, 5)
 
 
 # -- stream tokens ------------------------------------------------------------------------

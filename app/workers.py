@@ -58,6 +58,7 @@ FIRST_DELAY_S = 0.5
 MAX_DELAY_S = 30.0
 STABLE_S = 60.0
 CONFIG_ERROR = 2  # a worker's exit code for a configuration error: restarting cannot help
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +71,14 @@ class Worker:
 
     @property
     def socket(self) -> Path:
-        return socket_path(self.run_dir, self.index)
+        return _socket_path(self.run_dir, self.index)
 
     def siblings(self) -> list[int]:
         """The other workers' numbers."""
         return [i for i in range(1, self.count + 1) if i != self.index]
 
 
-def socket_path(run_dir: Path, index: int) -> Path:
+def _socket_path(run_dir: Path, index: int) -> Path:
     return run_dir / f"worker-{index}.sock"
 
 
@@ -104,7 +105,7 @@ async def parent_gone() -> None:
 
 def sibling(worker: Worker, index: int) -> aiohttp.ClientSession:
     """A client session to another worker's private socket."""
-    path = str(socket_path(worker.run_dir, index))
+    path = str(_socket_path(worker.run_dir, index))
     return aiohttp.ClientSession("http://worker", connector=aiohttp.UnixConnector(path=path))
 
 
@@ -115,12 +116,12 @@ def from_sibling(request: web.Request) -> bool:
     return isinstance(request.get_extra_info("sockname"), str)  # a Unix socket's path
 
 
-def usable_cores() -> int:
+def usable_cores(cpu_max: Path = CPU_MAX) -> int:
     """The cores this process may run on: its CPU affinity, capped by a cgroup CPU quota
-    (a container's CPU limit)."""
+    (a container's CPU limit, in cgroup v2's `cpu.max`)."""
     counter = getattr(os, "process_cpu_count", None)  # Python 3.13
     cores = counter() if counter else len(os.sched_getaffinity(0))
-    quota = _cgroup_cpus(Path("/sys/fs/cgroup/cpu.max"))
+    quota = _cgroup_cpus(cpu_max)
     return max(1, min(cores or 1, quota or cores or 1))
 
 

@@ -82,11 +82,19 @@ def test_workers_setting_is_a_count_or_auto(
 
 
 def test_a_cgroup_cpu_limit_caps_auto(tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
     cpu_max = tmp_path / "cpu.max"
-    for text, cores in (("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000", 1)):
+    for text, expected in (
+        ("max 100000\n", cores),  # no limit
+        ("50000 100000\n", 1),  # half a core: one worker
+        (f"{cores * 100000 + 50000} 100000", cores),  # more than the affinity allows
+    ):
         cpu_max.write_text(text)
-        assert workers._cgroup_cpus(cpu_max) == cores
-    assert workers._cgroup_cpus(tmp_path / "absent") is None
+        assert workers.usable_cores(cpu_max) == expected
+    if cores > 1:
+        cpu_max.write_text("150000 100000")  # a core and a half: two workers
+        assert workers.usable_cores(cpu_max) == 2
+    assert workers.usable_cores(tmp_path / "absent") == cores  # cgroup v1, or no cgroup
 
 
 async def test_more_than_one_worker_needs_redis(tmp_path: Path) -> None:

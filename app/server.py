@@ -362,13 +362,27 @@ async def _run_call(
         if session is None:
             await ws.close()
         else:
-            # Unregistered once closed, so a drain that waits for the registry to empty
-            # waits for every call's cleanup (the archive, the engine socket) too.
-            try:
-                await session.close()  # its last cleanup step closes the socket
-            finally:
-                if calls.get(session.info.call_sid) is session:
-                    del calls[session.info.call_sid]
+            # The cleanup runs to its end even when aiohttp cancels this handler (a caller
+            # who drops, the server's shutdown), and the call stays registered until it has,
+            # so a drain that waits for the registry to empty waits for every call's
+            # cleanup (the archive, the engine socket) too.
+            closing = asyncio.ensure_future(session.close())  # its last step closes the socket
+            _CLOSING.add(closing)
+            closing.add_done_callback(lambda done: _forget(calls, session, done))
+            await asyncio.shield(closing)
+
+
+# Cleanups still running after their handler was cancelled: held here so none is collected.
+_CLOSING: set[asyncio.Future[None]] = set()
+
+
+def _forget(
+    calls: dict[str, CallSession], session: CallSession, closing: asyncio.Future[None]
+) -> None:
+    """Unregister a call whose cleanup has finished (its errors were logged by the call)."""
+    _CLOSING.discard(closing)
+    if calls.get(session.info.call_sid) is session:
+        del calls[session.info.call_sid]
 
 
 async def _console_call(request: web.Request) -> web.StreamResponse:

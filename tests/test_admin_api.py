@@ -307,6 +307,8 @@ async def test_list_detail_and_transcript_of_a_live_call(rig: RigFactory) -> Non
 
     result = await live.result()  # the simulator read the transcript from the API
     assert {"role": "caller", "text": CALLER_TEXT} in result.transcript
+    # Listed until its cleanup (archive, engine socket) has finished, then gone.
+    await wait_until(lambda: not r.service.calls, what="the call's cleanup")
     status, listed = await r.service.api("GET", "/admin/calls")
     assert listed == {"calls": [], "partial": False}
 

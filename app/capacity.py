@@ -246,6 +246,12 @@ class Capacity:
         """An outbound call was placed: its slot is held until it is answered."""
         self._reserve(call_id, DIAL_RESERVE_S)
 
+    def answered(self, placed_id: str, call_id: str) -> None:
+        """A call we placed under `placed_id` is answered as `call_id`: its slot moves."""
+        if self._held(placed_id):
+            del self._reserved[placed_id]
+            self._reserve(call_id, RESERVE_S)
+
     def release(self, call_id: str) -> None:
         """The call's reservation has served: it is live (in the registry) now, or will
         not be here (a machine got the voicemail)."""

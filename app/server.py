@@ -125,6 +125,9 @@ def _webhook(carrier: Edge, stream_path: str) -> Handler:
         except UnknownMode:
             log.warning("twiml.unknown_mode", mode=mode, using=settings.agent_mode)
             mode = ""
+        placed_id = carrier.placed_id(form)
+        if placed_id is not None:
+            capacity.answered(placed_id, call_id)
         answered_by = carrier.answered_by(form)
         if answered_by is not None:
             request.app[METRICS].answered_by.labels(answered_by).inc()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -374,6 +375,28 @@ def test_calls_answered_elsewhere_get_a_tenth_of_headroom_and_no_more() -> None:
     del calls["s21"]
     assert capacity.webhook("out", "twilio", outbound=True) is None
     assert capacity.webhook("out2", "twilio", outbound=True) is Reason.MAX_CALLS
+
+
+def test_a_plivo_call_we_placed_keeps_one_slot_from_dial_to_stream() -> None:
+    """Plivo's dial returns a request UUID; its answer webhook brings the CallUUID beside
+    it (RequestUUID), and the slot moves to the call instead of lingering as a second."""
+    request_uuid, call_uuid = "9f1c2b7e-0000-4000-8000-00000000000a", str(uuid.uuid4())
+    assert EDGES[Carrier.PLIVO].placed_id({"CallUUID": call_uuid, "RequestUUID": request_uuid}) == (
+        request_uuid
+    )
+    assert EDGES[Carrier.PLIVO].placed_id({"CallUUID": call_uuid}) is None
+    assert EDGES[Carrier.TWILIO].placed_id({"CallSid": CALL_SID}) is None
+    now = [0.0]
+    capacity = gate({}, 1, now)
+    capacity.dialled(request_uuid)
+    assert capacity.not_ready() == [Reason.MAX_CALLS]  # ringing
+    capacity.answered(request_uuid, call_uuid)
+    assert capacity.occupied == 1
+    assert capacity.webhook(call_uuid, "plivo") is None  # its own slot admits it
+    now[0] += RESERVE_S  # answered, no stream came: free long before DIAL_RESERVE_S
+    assert capacity.not_ready() == []
+    capacity.answered("9f1c2b7e-0000-4000-8000-00000000000b", "other")  # nothing held: no-op
+    assert capacity.occupied == 0
 
 
 def test_no_limit_with_max_calls_zero() -> None:

@@ -125,11 +125,17 @@ def decoded(payloads: list[str]) -> bytes:
 
 
 def call_tasks(sid: str) -> list[asyncio.Task[Any]]:
-    """Tasks still running that belong to call `sid` or to a live engine."""
+    """Tasks still running that belong to call `sid` or to a live engine.
+
+    The archive's delivery of the call's files (`archive.deliver:<sid>`) is not one: the
+    spool starts it once the writer thread has closed the files, which can be after the
+    call has left the registry, and it outlives the call by design (uploads retry)."""
     return [
         t
         for t in asyncio.all_tasks()
-        if not t.done() and (sid in t.get_name() or t.get_name().startswith("live-"))
+        if not t.done()
+        and not t.get_name().startswith("archive.")
+        and (sid in t.get_name() or t.get_name().startswith("live-"))
     ]
 
 

@@ -22,6 +22,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
+from app.archive.writer import shared_writer
 from app.config import Settings
 from app.server import CALLS, STREAM_TOKENS
 from app.simulator import Clip, simulate_call
@@ -132,6 +133,10 @@ async def _settled(
     server: TestServer, fake: FakeRealtime, tasks: int, fds: int, within_s: float
 ) -> tuple[int, int, int, int]:
     """Wait until calls, sockets, tasks and fds are back to the baseline; the counts."""
+    # A call leaves the registry once its files' close is queued; the archive's writer
+    # thread runs at nice 10, so on a loaded box it closes them seconds later (15-20 calls
+    # a second under two busy loops). Wait for the writer, then for the deadline.
+    assert await asyncio.to_thread(shared_writer().drain, 60.0), "the archive writer hung"
     deadline = time.monotonic() + within_s
     while True:
         counts = (len(server.app[CALLS]), fake.open_connections, _tasks(), _fds())

@@ -35,6 +35,8 @@ from app.engines.chained.sentences import SentenceSplitter
 from tests.conftest import FIXTURES, make_settings
 from tests.fakes.together import TTS_RATE, FakeTogether, ToolReply, tone
 
+pytestmark = pytest.mark.looptime
+
 LABELS = json.loads((FIXTURES / "labels.json").read_text())
 SETUP = AgentSetup(
     instructions="You are Sam, a receptionist.", voice="af_heart", greeting="Hi, this is Sam."

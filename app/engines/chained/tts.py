@@ -45,6 +45,10 @@ log = structlog.get_logger(__name__)
 
 _CLEAR: Event = {"type": "input_text_buffer.clear"}
 _COMMIT: Event = {"type": "input_text_buffer.commit"}
+# A wait shorter than this is rounding error of the float sums, not worth a sleep: asyncio
+# runs a timer due within its clock's resolution at once, so on a clock that only moves
+# when the loop idles (looptime) the wait would be recomputed and retried forever.
+_MIN_WAIT_S = 1e-4
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,15 +126,16 @@ class _Stale:
         self.changed.set()
 
     def wait_s(self, now: float, quiet_s: float) -> float | None:
-        """How long to wait for the stopped reply: None once it is over, 0 or less
-        when it took too long."""
+        """How long to wait for the stopped reply: None once it is over, 0 when it took
+        too long. A remainder under `_MIN_WAIT_S` is float rounding and counts as elapsed."""
         if not self.active:
             return None
-        if not self.items and now - self.last_event_at >= quiet_s:
+        quiet_at = self.last_event_at + quiet_s
+        if not self.items and quiet_at - now < _MIN_WAIT_S:
             self.stop()
             return None
-        settled_at = self.until if self.items else min(self.until, self.last_event_at + quiet_s)
-        return settled_at - now if now < self.until else 0.0
+        left = (self.until if self.items else min(self.until, quiet_at)) - now
+        return left if left >= _MIN_WAIT_S else 0.0
 
 
 class _Reconnected:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -31,6 +30,7 @@ from tests.fakes.plivo_rest import AUTH_ID as PLIVO_ID
 from tests.fakes.plivo_rest import AUTH_TOKEN as PLIVO_TOKEN
 from tests.fakes.plivo_rest import fake_plivo_rest
 from tests.fakes.realtime import FakeRealtime
+from tests.test_call_webhook import final_record
 from tests.test_carriers_e2e import Kit, Rig, kit, quiet, rig  # noqa: F401 (fixture)
 from tests.test_dial import FakeTwilio, dial_settings, twilio  # noqa: F401 (fixture)
 
@@ -123,8 +123,7 @@ async def test_a_person_gets_the_agent_and_the_record_says_so(
     assert b"".join(base64.b64decode(p) for p in result.received_payloads) == GREETING
     assert result.parameters["AnsweredBy"] == "human"
     assert len(model.connections) == 1  # the agent took the call
-    folder = settings.archive_dir / directory_name(result.call_sid)
-    record = json.loads((folder / "call.json").read_text())
+    record = await final_record(settings.archive_dir / directory_name(result.call_sid))
     assert record["answered_by"] == "human" and record["carrier"] == tools.carrier
     assert await _answered(server) == {"human": 1.0}
 
@@ -171,8 +170,7 @@ async def test_plivo_moves_a_machines_call_to_the_voicemail(
         await r.settled()
         assert await _answered(r.server) == {"machine" if machine else "human": 1.0}
     settings = r.server.app[SETTINGS]
-    folder = settings.archive_dir / directory_name(result.call_sid)
-    record = json.loads((folder / "call.json").read_text())
+    record = await final_record(settings.archive_dir / directory_name(result.call_sid))
     assert record["answered_by"] == ("machine" if machine else "human")
     assert record["carrier"] == "plivo"
     if not machine:

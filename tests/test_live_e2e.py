@@ -24,6 +24,7 @@ from tests.fakes.live import FakeLive, LiveConnection, LiveReply, LiveToolCall
 from tests.fakes.loopback import LoopbackServer
 from tests.fakes.realtime import FakeRealtime
 from tests.fakes.together import FakeTogether
+from tests.test_call_webhook import final_record
 
 pytestmark = pytest.mark.looptime
 
@@ -60,15 +61,11 @@ class Rig:
 
     async def record(self, sid: str) -> dict[str, Any]:
         """The call's record once the call has ended (it is written during the call too)."""
-        path = self.archive / sid / "call.json"
+        return await final_record(self.archive / sid)
 
-        def final() -> bool:
-            return path.exists() and orjson.loads(path.read_bytes())["ended_at"] is not None
-
-        await wait_until(final, what="the final call record")
-        return dict(orjson.loads(path.read_bytes()))
-
-    def transcript(self, sid: str) -> list[tuple[str, str]]:
+    async def transcript(self, sid: str) -> list[tuple[str, str]]:
+        """The call's final transcript (written with the final record)."""
+        await self.record(sid)
         turns = orjson.loads((self.archive / sid / "transcript.json").read_bytes())["turns"]
         return [(t["speaker"], t["text"]) for t in turns if "text" in t]
 
@@ -176,7 +173,7 @@ async def test_a_live_call_relays_audio_byte_exact_and_keeps_the_conversation(
     assert result.received_bytes == bytes(conn.audio_out) == GREETING.audio + ANSWER.audio
     assert bytes(conn.audio_in) == decoded(result.sent_payloads)
     # the transcript deltas became turns, in the order they were said, with times
-    assert r.transcript(result.call_sid) == [
+    assert await r.transcript(result.call_sid) == [
         ("agent", GREETING.text),
         ("caller", CALLER),
         ("agent", ANSWER.text),

@@ -37,6 +37,7 @@ from tests.fakes.loopback import LoopbackServer
 from tests.fakes.otlp import OtlpReceiver
 from tests.fakes.realtime import FakeRealtime, FakeToolCall
 from tests.fakes.together import FakeTogether
+from tests.test_call_webhook import final_record
 
 # -- what is masked --------------------------------------------------------------------
 
@@ -323,13 +324,7 @@ async def test_a_callers_personal_data_stays_out_of_records_traces_and_logs(
     assert detail["steering"][0]["instructions"] == f"Confirm {PHONE}."
     await live.twilio_ends_stream()
     directory = tmp_path / "calls" / live.sid
-    await wait_until(
-        lambda: (
-            (directory / "call.json").exists()
-            and orjson.loads((directory / "call.json").read_bytes())["outcome"] is not None
-        ),
-        what="the final record",
-    )
+    await final_record(directory)
     await wait_until(lambda: any(s.name == "call" for s in spans.get_finished_spans()))
     await wait_until(lambda: bool(webhook.bodies), within_s=30, what="the end-of-call webhook")
     record = (directory / "call.json").read_text()

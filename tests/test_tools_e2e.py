@@ -30,6 +30,7 @@ from examples.clinic import Clinic, Schedule, create_app, running
 from tests.admin_rig import GREETING, Instance, Live, admin_settings, silence, wait_until
 from tests.fakes.realtime import FakeRealtime, FakeToolCall, RealtimeConnection
 from tests.fakes.together import FakeTogether, ToolReply
+from tests.test_call_webhook import final_record
 
 # On looptime's virtual clock (see tests/conftest.py): waits and pacing cost no real time.
 pytestmark = pytest.mark.looptime
@@ -70,9 +71,6 @@ class Rig:
                 ):
                     return sample.value
         return 0.0
-
-    def record(self, sid: str) -> dict[str, Any]:
-        return dict(orjson.loads((self.archive / sid / "call.json").read_bytes()))
 
 
 RigFactory = Callable[..., Awaitable[Rig]]
@@ -194,11 +192,7 @@ async def test_realtime_books_at_the_clinic_and_the_model_hears_the_answer(rig: 
     )
     assert await r.metric("phone_agent_tool_latency_seconds_count", tool="book_appointment") == 1.0
     # The archive writes on its own thread: call.json may exist before it lists the tool.
-    await wait_until(
-        lambda: (r.archive / live.sid / "call.json").exists() and bool(r.record(live.sid)["tools"]),
-        what="the record with its tool call",
-    )
-    (entry,) = r.record(live.sid)["tools"]
+    (entry,) = (await final_record(r.archive / live.sid))["tools"]
     assert (entry["tool"], entry["outcome"], entry["arguments"]) == (
         "book_appointment",
         "ok",

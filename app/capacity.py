@@ -13,7 +13,7 @@ turns new ones away before that point:
 - A stream whose call holds a reservation here is always admitted: a call whose webhook we
   answered is never refused at its stream. A stream without one (its webhook was answered
   by another worker or instance sharing STREAM_TOKEN_SECRET, or it came later than
-  `RESERVE_S`) is admitted up to MAX_CALLS plus a headroom of a tenth (15 of 150), so
+  `RESERVE_S`) is admitted up to MAX_CALLS plus a headroom of a tenth (10 of 100), so
   calls answered elsewhere are not dropped either, and refused beyond: that is the ceiling
   no process passes.
 - Outbound calls count too. `POST /admin/dial` is refused like a webhook, and a call it

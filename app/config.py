@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     stream_start_timeout: float = Field(5.0, gt=0)
     http_timeout: float = Field(15.0, gt=0)
     max_connections_per_client: int = Field(64, ge=0)
-    max_calls: int = Field(150, ge=0)
+    max_calls: int = Field(100, ge=0)
     overload_action: OverloadAction = OverloadAction.REJECT
     max_loop_lag_ms: float = Field(100.0, ge=0)
 

@@ -29,16 +29,13 @@ from dataclasses import dataclass
 
 from app.audio.g711 import ulaw_b64_duration_ms
 from app.call.observer import CallObserver
-from app.clock import Clock, loop_time
+from app.clock import MIN_WAIT_S, Clock, loop_time
 from app.tasks import wait_event
 from app.telephony.base import Framer
 
 __all__ = ["MAX_CHUNK_CHARS", "Heard", "Playback", "chunk_chars", "split_payload"]
 
 MAX_CHUNK_CHARS = 1280  # 960 mu-law bytes: 120 ms
-# A wait shorter than this is rounding error of the float sums, not worth a sleep: on a
-# clock that only moves when the loop idles (looptime) it would spin forever.
-_MIN_WAIT_S = 1e-4
 
 
 def split_payload(payload: str, max_chars: int = MAX_CHUNK_CHARS) -> list[str]:
@@ -135,7 +132,7 @@ class Playback:
             now = self._clock()
             ahead = self._play_end - now
             wait = ahead + chunk.ms / 1000.0 - self._lead
-            if wait > _MIN_WAIT_S and ahead > 0:
+            if wait > MIN_WAIT_S and ahead > 0:
                 self._wake.clear()
                 await wait_event(self._wake, wait)
                 continue

@@ -35,6 +35,7 @@ import structlog
 from app.audio.g711 import ulaw_encode
 from app.audio.resample import StreamResampler
 from app.audio.wav import strip_wav_header
+from app.clock import MIN_WAIT_S
 from app.config import Settings
 from app.engines.chained.errors import ProviderError
 from app.engines.chained.socket import Event, ProviderSocket, ws_base
@@ -45,10 +46,6 @@ log = structlog.get_logger(__name__)
 
 _CLEAR: Event = {"type": "input_text_buffer.clear"}
 _COMMIT: Event = {"type": "input_text_buffer.commit"}
-# A wait shorter than this is rounding error of the float sums, not worth a sleep: asyncio
-# runs a timer due within its clock's resolution at once, so on a clock that only moves
-# when the loop idles (looptime) the wait would be recomputed and retried forever.
-_MIN_WAIT_S = 1e-4
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,15 +124,15 @@ class _Stale:
 
     def wait_s(self, now: float, quiet_s: float) -> float | None:
         """How long to wait for the stopped reply: None once it is over, 0 when it took
-        too long. A remainder under `_MIN_WAIT_S` is float rounding and counts as elapsed."""
+        too long. A remainder under `MIN_WAIT_S` is float rounding and counts as elapsed."""
         if not self.active:
             return None
         quiet_at = self.last_event_at + quiet_s
-        if not self.items and quiet_at - now < _MIN_WAIT_S:
+        if not self.items and quiet_at - now < MIN_WAIT_S:
             self.stop()
             return None
         left = (self.until if self.items else min(self.until, quiet_at)) - now
-        return left if left >= _MIN_WAIT_S else 0.0
+        return left if left >= MIN_WAIT_S else 0.0
 
 
 class _Reconnected:

@@ -53,20 +53,31 @@ class Ids:
 
 def stream_of(markup: str) -> tuple[str, dict[str, str]]:
     """The stream URL and its `<Parameter>`s from `<Response><Connect><Stream>`."""
+    stream = _stream_element(markup, "./Connect/Stream", "Say")
+    url = _websocket_url(stream.get("url", ""))
+    parameters = {p.get("name", ""): p.get("value", "") for p in stream.iter("Parameter")}
+    return url, parameters
+
+
+def _stream_element(markup: str, path: str, speech: str) -> ET.Element:
+    """The `<Stream>` at `path` under `<Response>`; else an error quoting what the markup
+    says instead (its `speech` elements: the apology of a refused call)."""
     try:
         root = ET.fromstring(markup)
     except ET.ParseError as exc:
         raise SimulatorError(f"webhook answer is not XML: {exc}: {markup[:200]!r}") from exc
-    stream = root.find("./Connect/Stream") if root.tag == "Response" else None
+    stream = root.find(path) if root.tag == "Response" else None
     if stream is None:
-        said = " ".join(s.text or "" for s in root.iter("Say")).strip()
+        said = " ".join(s.text or "" for s in root.iter(speech)).strip()
         detail = f" (it says: {said!r})" if said else ""
         raise SimulatorError(f"the markup connects no media stream{detail}: {markup[:300]!r}")
-    url = stream.get("url", "")
+    return stream
+
+
+def _websocket_url(url: str) -> str:
     if not url.startswith(("ws://", "wss://")):
-        raise SimulatorError(f"Stream url must be ws:// or wss://, got {url!r}")
-    parameters = {p.get("name", ""): p.get("value", "") for p in stream.iter("Parameter")}
-    return url, parameters
+        raise SimulatorError(f"Stream URL must be ws:// or wss://, got {url!r}")
+    return url
 
 
 class CarrierSide(Protocol):
@@ -411,21 +422,11 @@ class PlivoSide:
         return body, headers
 
     def stream(self, markup: str) -> tuple[str, dict[str, str]]:
-        try:
-            root = ET.fromstring(markup)
-        except ET.ParseError as exc:
-            raise SimulatorError(f"webhook answer is not XML: {exc}: {markup[:200]!r}") from exc
-        stream = root.find("./Stream") if root.tag == "Response" else None
-        if stream is None:
-            said = " ".join(s.text or "" for s in root.iter("Speak")).strip()
-            detail = f" (it says: {said!r})" if said else ""
-            raise SimulatorError(f"the markup connects no media stream{detail}: {markup[:300]!r}")
+        stream = _stream_element(markup, "./Stream", "Speak")
         for name, value in self._wanted.items():
             if stream.get(name) != value:
                 raise SimulatorError(f"<Stream {name}> is {stream.get(name)!r}, not {value!r}")
-        url = (stream.text or "").strip()
-        if not url.startswith(("ws://", "wss://")):
-            raise SimulatorError(f"Stream URL must be ws:// or wss://, got {url!r}")
+        url = _websocket_url((stream.text or "").strip())
         return url, dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
 
     def upgrade_headers(self, stream_url: str) -> dict[str, str]:

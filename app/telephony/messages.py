@@ -29,6 +29,7 @@ __all__ = [
     "Stop",
     "StreamMessage",
     "bounded_int",
+    "caller_media",
     "clear",
     "is_sid",
     "load",
@@ -163,6 +164,16 @@ def media_audio(payload: Any) -> tuple[str, bytes]:
     except binascii.Error as exc:
         raise BadMessage(f"media payload is not base64: {exc}") from None
     return payload, audio
+
+
+def caller_media(data: dict[str, Any]) -> tuple[dict[str, Any], str, bytes]:
+    """A `media` event's object, payload and audio, refused unless it is the caller's
+    track (carriers that stream both directions say which in `track`)."""
+    media = object_field(data, "media")
+    if media.get("track", "inbound") != "inbound":
+        raise BadMessage("media of a track other than the caller's (inbound)")
+    payload, audio = media_audio(media.get("payload"))
+    return media, payload, audio
 
 
 def _media(data: dict[str, Any]) -> Media:

@@ -131,10 +131,7 @@ def _start(data: dict[str, Any]) -> Start:
 
 
 def _media(data: dict[str, Any]) -> Media:
-    media = messages.object_field(data, "media")
-    if media.get("track", "inbound") != "inbound":
-        raise BadMessage("media of a track other than the caller's (inbound)")
-    payload, audio = messages.media_audio(media.get("payload"))
+    media, payload, audio = messages.caller_media(data)
     chunk = messages.bounded_int(media.get("chunk", 0), "chunk", messages.MAX_COUNTER)
     # Plivo's `timestamp` is wall-clock (Unix ms); the media clock is the chunk count
     # times the frame's length (every frame of a stream is the same length).

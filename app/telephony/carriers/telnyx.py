@@ -100,10 +100,7 @@ def _start(data: dict[str, Any]) -> Start:
 
 
 def _media(data: dict[str, Any]) -> Media:
-    media = messages.object_field(data, "media")
-    if media.get("track", "inbound") != "inbound":
-        raise BadMessage("media of a track other than the caller's (inbound)")
-    payload, audio = messages.media_audio(media.get("payload"))
+    media, payload, audio = messages.caller_media(data)
     return Media(
         payload=payload,
         timestamp_ms=messages.bounded_int(

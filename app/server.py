@@ -42,6 +42,11 @@ from app.telephony.carrier import AnsweredBy, RestError
 from app.telephony.carriers.plivo import PLIVO, dial_markup, voicemail_after_beep
 from app.telephony.carriers.plivo import answered_by as plivo_answered_by
 from app.telephony.carriers.plivo import move as plivo_move
+from app.telephony.carriers.telnyx import MACHINE_PATH as TELNYX_MACHINE
+from app.telephony.carriers.telnyx import TELNYX
+from app.telephony.carriers.telnyx import VOICEMAIL_PATH as TELNYX_VOICEMAIL
+from app.telephony.carriers.telnyx import answered_by as telnyx_answered_by
+from app.telephony.carriers.telnyx import move as telnyx_move
 from app.telephony.carriers.twilio import TWILIO
 from app.telephony.edges import EDGES
 from app.tools.toolset import shared_runner
@@ -219,6 +224,55 @@ async def _plivo_voicemail(request: web.Request) -> web.Response:
     await _plivo_signed(request, "plivo_voicemail")
     message = _persona(request).voicemail_message
     return web.Response(text=voicemail_after_beep(message), content_type="text/xml")
+
+
+async def _telnyx_signed(request: web.Request, what: str) -> dict[str, str]:
+    """The form of a request Telnyx signed (its Ed25519 over the raw body; 403 otherwise)."""
+    settings = request.app[SETTINGS]
+    body = await request.read()
+    form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+    hook = Webhook(signature.public_origin(request, settings) + request.path_qs, body, form)
+    _refused(request, TELNYX.webhook_refusal(request, settings, hook), what)
+    return form
+
+
+async def _telnyx_machine(request: web.Request) -> web.Response:
+    """Telnyx's asynchronous machine detection (`AsyncAmdStatusCallback`), which reports
+    while the call runs, for a machine once its greeting ended: the record and /metrics say
+    who answered, and a machine's call is moved to the voicemail. A repeated result, or one
+    for a call not live here, is one log line and 200 (Telnyx retries anything else)."""
+    form = await _telnyx_signed(request, "telnyx_machine")
+    call_id, answered_by = TELNYX.call_id(form), telnyx_answered_by(form)
+    if call_id is None or answered_by is None:
+        log.warning("telnyx.machine_bad_callback", answered_by=form.get("AnsweredBy", "")[:40])
+        raise web.HTTPBadRequest(text="no Telnyx CallSid or AnsweredBy")
+    detected = form["AnsweredBy"][:40]
+    session = request.app[CALLS].get(call_id)
+    if session is not None and session.info.answered_by is not None:
+        log.info("telnyx.machine_repeated", call_sid=call_id, detected=detected)
+        return web.Response(text="")
+    request.app[METRICS].answered_by.labels(answered_by).inc()
+    if session is None:  # ended, not begun, or live on another instance
+        log.info("telnyx.machine_call_not_here", call_sid=call_id, answered_by=answered_by)
+    else:
+        session.info.answered_by = answered_by
+        log.info("telnyx.machine_detection", call_sid=call_id, answered_by=answered_by)
+    settings = request.app[SETTINGS]
+    if answered_by is AnsweredBy.MACHINE and settings.public_url:
+        query = urlencode({"persona": _persona(request).name})
+        url = f"{settings.public_url}{TELNYX_VOICEMAIL}?{query}"
+        try:
+            await asyncio.to_thread(telnyx_move, settings, call_id, url)
+        except RestError as exc:
+            log.warning("telnyx.voicemail_failed", call_sid=call_id, error=str(exc))
+    return web.Response(text="")
+
+
+async def _telnyx_voicemail(request: web.Request) -> web.Response:
+    """What a machine's call runs instead of the stream: the message, then hang up."""
+    await _telnyx_signed(request, "telnyx_voicemail")
+    message = _persona(request).voicemail_message
+    return web.Response(text=TELNYX.voicemail(message), content_type="text/xml")
 
 
 Received = tuple[messages.StreamMessage, float]
@@ -562,6 +616,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/plivo/transfer", _plivo_transfer)
     app.router.add_post("/plivo/machine", _plivo_machine)
     app.router.add_post("/plivo/voicemail", _plivo_voicemail)
+    app.router.add_post(TELNYX_MACHINE, _telnyx_machine)
+    app.router.add_post(TELNYX_VOICEMAIL, _telnyx_voicemail)
     for carrier in EDGES.values():
         if carrier is not TWILIO:  # Twilio's paths predate the others'
             name = carrier.carrier.value

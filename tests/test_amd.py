@@ -1,10 +1,12 @@
-"""Answering-machine detection on outbound calls (Twilio, and SignalWire and Telnyx, whose
-APIs take Twilio's `MachineDetection=DetectMessageEnd` and answer with its `AnsweredBy`):
-the dial asks the carrier to detect the end of a voicemail greeting; the webhook then says
-who answered. A machine gets the persona's `voicemail_message` and a hang-up (no stream, no
+"""Answering-machine detection on outbound calls (Twilio, and SignalWire, whose API takes
+Twilio's `MachineDetection=DetectMessageEnd` and answers with its `AnsweredBy`): the dial
+asks the carrier to detect the end of a voicemail greeting; the webhook then says who
+answered. A machine gets the persona's `voicemail_message` and a hang-up (no stream, no
 model); a person gets the agent as usual, and the call's record says `answered_by: human`.
-/metrics counts both. Plivo detects machines only while the call runs: its callback moves a
-machine's call to the voicemail (after the beep) and says who answered (docs/carriers.md)."""
+/metrics counts both. Plivo and Telnyx (asynchronous AMD) detect machines while the call
+runs: their signed callback says who answered and moves a machine's call to the voicemail
+(docs/carriers.md).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ import asyncio
 import base64
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
 
 from app.admin.dial import place_call
 from app.archive.recorder import directory_name
@@ -30,6 +34,9 @@ from tests.fakes.plivo_rest import AUTH_ID as PLIVO_ID
 from tests.fakes.plivo_rest import AUTH_TOKEN as PLIVO_TOKEN
 from tests.fakes.plivo_rest import fake_plivo_rest
 from tests.fakes.realtime import FakeRealtime
+from tests.fakes.telnyx_rest import ACCOUNT_SID as TELNYX_ACCOUNT
+from tests.fakes.telnyx_rest import API_KEY as TELNYX_KEY
+from tests.fakes.telnyx_rest import FakeTelnyxRest, fake_telnyx_rest
 from tests.test_call_webhook import final_record
 from tests.test_carriers_e2e import Kit, Rig, kit, quiet, rig  # noqa: F401 (fixture)
 from tests.test_dial import FakeTwilio, dial_settings, twilio  # noqa: F401 (fixture)
@@ -49,7 +56,7 @@ async def test_outbound_calls_ask_twilio_to_wait_for_the_beep(
     assert form["MachineDetection"] == "DetectMessageEnd"
 
 
-AMD_CARRIERS = [Carrier.TWILIO, Carrier.TELNYX, Carrier.SIGNALWIRE]
+AMD_CARRIERS = [Carrier.TWILIO, Carrier.SIGNALWIRE]  # synchronous: AnsweredBy on the webhook
 
 
 @pytest.fixture(params=AMD_CARRIERS, ids=str)
@@ -191,4 +198,105 @@ async def test_plivo_moves_a_machines_call_to_the_voicemail(
         ("Wait", {"length": "30", "beep": "true"}, None),
         ("Speak", {}, message),
         ("Hangup", {}, None),
+    ]
+
+
+def _telnyx(fake: FakeTelnyxRest) -> dict[str, Any]:
+    return {
+        "telnyx_api_key": TELNYX_KEY,
+        "telnyx_api_base": fake.url,
+        "telnyx_account_sid": TELNYX_ACCOUNT,
+        "telnyx_texml_app_id": "1773070540731319841",
+        "telnyx_from_number": "+15550001234",
+    }
+
+
+async def _live_call(r: Rig) -> str:
+    for _ in range(200):
+        if r.server.app[CALLS]:
+            break
+        await asyncio.sleep(0.01)
+    (call_id,) = r.server.app[CALLS]
+    return call_id
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize(
+    ("detected", "answered_by"),
+    [
+        ("machine_end_beep", "machine"),
+        ("machine_end_silence", "machine"),
+        ("machine_start", "machine"),
+        ("fax", "machine"),
+        ("human", "human"),
+        ("unknown", "human"),
+    ],
+)
+async def test_telnyx_moves_a_machines_call_to_the_voicemail(
+    rig: Callable[..., Awaitable[Rig]],  # noqa: F811 (the fixture)
+    detected: str,
+    answered_by: str,
+) -> None:
+    async with fake_telnyx_rest() as telnyx:
+        r = await rig(Carrier.TELNYX, public=True, **_telnyx(telnyx))
+        telnyx.signing_key = r.kit.signing_key  # Telnyx signs with the account's key
+        settings = r.server.app[SETTINGS]
+        await asyncio.to_thread(
+            place_call, settings, "+15551234567", PERSONA, carrier=Carrier.TELNYX
+        )
+        (placed,) = telnyx.texml_calls
+        assert (placed["MachineDetection"], placed["AsyncAmd"]) == ("DetectMessageEnd", True)
+        assert placed["AsyncAmdStatusCallback"] == f"{r.url}/telnyx/machine?persona={PERSONA}"
+        assert placed["AsyncAmdStatusCallbackMethod"] == "POST"
+        # Telnyx's answer webhook says nothing of who answered: the agent starts.
+        call = asyncio.create_task(r.call(quiet(1500), persona=PERSONA, tail_s=0.2))
+        call_id = await _live_call(r)
+        assert (await telnyx.detect(call_id, detected, signed=False))[0] == 403
+        assert (await telnyx.detect(call_id, detected))[0] == 200
+        with capture_logs() as logs:  # Telnyx repeats it: counted and acted on once
+            assert (await telnyx.detect(call_id, detected))[0] == 200
+        assert [e["event"] for e in logs] == ["telnyx.machine_repeated"]
+        result = await call
+        await r.settled()
+        assert await _answered(r.server) == {answered_by: 1.0}
+        moves = list(telnyx.updates)
+        voicemail = [await telnyx.follow(u) for u in moves]
+    record = await final_record(settings.archive_dir / directory_name(result.call_sid))
+    assert record["answered_by"] == answered_by and record["carrier"] == "telnyx"
+    assert len(r.fake.connections) == 1 and result.received_payloads  # the agent greeted
+    if answered_by == "human":
+        assert moves == []  # a person keeps the agent
+        return
+    (moved,) = moves
+    url = f"{r.url}/telnyx/voicemail?persona={PERSONA}"
+    assert (moved.call_sid, moved.form) == (call_id, {"Url": url, "Method": "POST"})
+    ((status, markup),) = voicemail
+    message = load_personas(settings.prompts_dir)[PERSONA].voicemail_message
+    assert status == 200
+    root = ET.fromstring(markup)
+    assert [(c.tag, c.text) for c in root] == [("Say", message), ("Hangup", None)]
+
+
+@pytest.mark.looptime
+async def test_a_telnyx_callback_for_a_call_not_here_is_logged_and_answered(
+    rig: Callable[..., Awaitable[Rig]],  # noqa: F811 (the fixture)
+) -> None:
+    async with fake_telnyx_rest() as telnyx:
+        r = await rig(Carrier.TELNYX, public=True, **_telnyx(telnyx))
+        telnyx.signing_key = r.kit.signing_key
+        settings = r.server.app[SETTINGS]
+        await asyncio.to_thread(
+            place_call, settings, "+15551234567", PERSONA, carrier=Carrier.TELNYX
+        )
+        gone = "v3:" + "A" * 40
+        telnyx.ended.add(gone)
+        with capture_logs() as logs:
+            assert (await telnyx.detect(gone, "human"))[0] == 200
+            assert (await telnyx.detect(gone, "machine_end_beep"))[0] == 200
+        assert telnyx.updates == []  # the ended call could not be moved
+    events = [(e["event"], e.get("answered_by")) for e in logs]
+    assert events == [
+        ("telnyx.machine_call_not_here", "human"),
+        ("telnyx.machine_call_not_here", "machine"),
+        ("telnyx.call_already_ended", None),
     ]

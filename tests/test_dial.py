@@ -235,7 +235,7 @@ async def test_cli_dial(twilio: FakeTwilio, tmp_path: Path) -> None:
         PROMPTS_DIR=str(ROOT / "prompts"),
     )
     no_public_url = {k: v for k, v in env.items() if k != "PUBLIC_URL"}
-    async with fake_plivo_rest() as plivo:
+    async with fake_plivo_rest() as plivo, fake_telnyx_rest() as telnyx:
         plivo_env = {
             **env,
             "PLIVO_AUTH_ID": PLIVO_ID,
@@ -243,14 +243,22 @@ async def test_cli_dial(twilio: FakeTwilio, tmp_path: Path) -> None:
             "PLIVO_API_BASE": plivo.url,
             "PLIVO_FROM_NUMBER": FROM,
         }
+        telnyx_env = env | {k.upper(): v for k, v in _telnyx(telnyx).items()}
         # The child processes run side by side: each spends its time starting Python.
         results = await asyncio.gather(
             run_cli("dial", "+15551234567", "--carrier", "plivo", env=plivo_env, cwd=tmp_path),
+            run_cli("dial", "+15551234567", "--carrier", "telnyx", env=telnyx_env, cwd=tmp_path),
             _twilio_cli_runs(env, no_public_url, tmp_path),
         )
-    (code, out, err), ((code_t, out_t, err_t), unknown, unset) = results
+    (code, out, err), telnyx_run, ((code_t, out_t, err_t), unknown, unset) = results
     assert (code, out.strip()) == (0, PLIVO_REQUEST), err
     assert plivo.requests[0].body["answer_url"] == "https://agent.example.com/plivo/answer"
+    code, out, err = telnyx_run
+    assert (code, out.strip()) == (0, ""), err  # Telnyx's answer names no call
+    assert TELNYX_KEY not in out + err
+    (texml,) = telnyx.texml_calls
+    assert texml["Url"] == "https://agent.example.com/telnyx/answer"
+    assert texml["AsyncAmdStatusCallback"] == "https://agent.example.com/telnyx/machine"
     code, out, err = code_t, out_t, err_t
     assert (code, out.strip()) == (0, CALL_SID), err
     assert TOKEN not in out + err
@@ -419,6 +427,9 @@ async def test_dial_through_telnyx_places_a_texml_call(
         "Url": f"{PUBLIC}/telnyx/answer?mode=chained",
         "UrlMethod": "POST",
         "MachineDetection": "DetectMessageEnd",
+        "AsyncAmd": True,
+        "AsyncAmdStatusCallback": f"{PUBLIC}/telnyx/machine?mode=chained",
+        "AsyncAmdStatusCallbackMethod": "POST",
     }
 
 
@@ -492,6 +503,7 @@ async def test_admin_dial_takes_the_carrier(
     assert request.body["answer_url"] == f"{PUBLIC}/plivo/answer?persona=receptionist"
     (texml,) = telnyx.texml_calls
     assert texml["Url"] == f"{PUBLIC}/telnyx/answer"
+    assert texml["AsyncAmdStatusCallback"] == f"{PUBLIC}/telnyx/machine"
 
 
 async def test_a_carriers_refusal_is_one_clear_line(

@@ -1,11 +1,15 @@
 """Telnyx: TeXML `<Connect><Stream>` (bidirectional RTP, PCMU), Ed25519-signed webhooks,
-its media-streaming WebSocket, and Call Control for hang-up and transfer.
+its media-streaming WebSocket, Call Control for hang-up and transfer, and TeXML's Calls API
+for outbound calls with asynchronous answering-machine detection.
 
 Facts and sources: docs/carriers.md. In short: Telnyx signs `<timestamp>|<raw body>` with
 its account's Ed25519 key (headers `telnyx-signature-ed25519`, `telnyx-timestamp`) and does
 not sign the stream's upgrade, so the stream token in the start's `custom_parameters` is
 what admits a stream; frames are Twilio-like with snake_case names (`stream_id`,
 `call_control_id`, `media_format`), and we answer with `media`, `mark` and `clear`.
+An outbound call's machine detection reports while the call runs, to `/telnyx/machine`
+(`AsyncAmdStatusCallback`); a machine's call is then moved (TeXML *Update call*) to
+`/telnyx/voicemail`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from typing import Any, Final
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import orjson
 import structlog
@@ -41,7 +45,17 @@ from app.telephony.messages import (
 )
 from app.telephony.twiml import APOLOGY
 
-__all__ = ["SIGNATURE_HEADER", "TELNYX", "TIMESTAMP_HEADER", "TOLERANCE_S", "Telnyx"]
+__all__ = [
+    "MACHINE_PATH",
+    "SIGNATURE_HEADER",
+    "TELNYX",
+    "TIMESTAMP_HEADER",
+    "TOLERANCE_S",
+    "VOICEMAIL_PATH",
+    "Telnyx",
+    "answered_by",
+    "move",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +64,9 @@ TIMESTAMP_HEADER = "telnyx-timestamp"
 TOLERANCE_S = 300  # a signed webhook older (or newer) than this is a replay
 _ALREADY_ENDED = "90018"  # Telnyx's error code: the call has already ended
 _ENCODINGS = {"PCMU": messages.ENCODING}  # Telnyx's codec names -> ours
+_ANSWER_PATH = "/telnyx/answer"
+MACHINE_PATH = "/telnyx/machine"  # where asynchronous machine detection reports
+VOICEMAIL_PATH = "/telnyx/voicemail"  # the TeXML a machine's call is moved to
 
 
 def _verified(public_key: str, timestamp: str, body: bytes, signed: str, now: float) -> str | None:
@@ -159,9 +176,11 @@ class Telnyx:
         return None  # `dial` names no call (the TeXML Calls API's answer has no id to match)
 
     def answered_by(self, form: Mapping[str, str]) -> AnsweredBy | None:
-        return twiml.answered_by(form)  # TeXML's AnsweredBy takes Twilio's values
+        return None  # asynchronous detection reports to `/telnyx/machine` (`answered_by`)
 
     def voicemail(self, message: str) -> str:
+        """Say `message` and hang up: also what `/telnyx/voicemail` answers a machine's call
+        moved there after its greeting (DetectMessageEnd), so it waits for no beep."""
         response = ET.Element("Response")
         if message:
             ET.SubElement(response, "Say").text = message
@@ -238,7 +257,9 @@ class Telnyx:
 
     def dial(self, settings: Settings, to: str, caller_id: str | None, answer_url: str) -> str:
         """A TeXML call (`POST /v2/texml/Accounts/{account_sid}/Calls`): Telnyx fetches
-        `answer_url` as for an inbound call, after synchronous machine detection."""
+        `answer_url` once answered, as for an inbound call, and posts its machine detection
+        (`AsyncAmd`, after a greeting's end) to `/telnyx/machine` with the answer URL's
+        query while the call runs."""
         from_number = caller_id or settings.telnyx_from_number
         needed = {
             "TELNYX_API_KEY": settings.telnyx_api_key,
@@ -256,9 +277,11 @@ class Telnyx:
             "Url": answer_url,
             "UrlMethod": "POST",
             "MachineDetection": "DetectMessageEnd",
+            "AsyncAmd": True,
+            "AsyncAmdStatusCallback": answer_url.replace(_ANSWER_PATH, MACHINE_PATH, 1),
+            "AsyncAmdStatusCallbackMethod": "POST",
         }
-        account = quote(str(settings.telnyx_account_sid), safe="")
-        url = f"{settings.telnyx_api_base.rstrip('/')}/v2/texml/Accounts/{account}/Calls"
+        url = _calls_url(settings)
         status, answer = http.post(
             url, orjson.dumps(body), _headers(settings.telnyx_api_key), "Telnyx"
         )
@@ -266,6 +289,39 @@ class Telnyx:
             _, detail = _errors(answer)
             raise RestError(f"Telnyx refused the call (HTTP {status}): {detail}")
         return _call_sid(answer)
+
+
+def answered_by(form: Mapping[str, str]) -> AnsweredBy | None:
+    """Who answered, by the `AnsweredBy` of Telnyx's AMD callback (TexmlCallAmdWebhook):
+    `machine_start`, `machine_end_*` (and the guide's bare `machine`) and `fax` are a
+    machine; `human` and `unknown` a person, as for Twilio. None when it has none."""
+    return twiml.answered_by(form)
+
+
+def move(settings: Settings, call_id: str, url: str) -> bool:
+    """Run the TeXML at `url` on the live call instead (TeXML *Update call*, `Url` and
+    `Method`, form-encoded); False when Telnyx says the call already ended. Blocking."""
+    key = settings.telnyx_api_key
+    if key is None or not settings.telnyx_account_sid:
+        raise RestSetupError("Telnyx's TeXML API needs TELNYX_API_KEY and TELNYX_ACCOUNT_SID")
+    target = f"{_calls_url(settings)}/{quote(call_id, safe=':')}"
+    headers = {**_headers(key), "Content-Type": "application/x-www-form-urlencoded"}
+    body = urlencode({"Url": url, "Method": "POST"}).encode()
+    status, answer = http.post(target, body, headers, "Telnyx")
+    if 200 <= status < 300:
+        log.info("telnyx.call_updated", call_sid=call_id, action="voicemail")
+        return True
+    codes, detail = _errors(answer)
+    if status == 404 or _ALREADY_ENDED in codes:
+        log.info("telnyx.call_already_ended", call_sid=call_id, action="voicemail")
+        return False
+    raise RestError(f"Telnyx refused to update the call (HTTP {status}): {detail}")
+
+
+def _calls_url(settings: Settings) -> str:
+    """TeXML's Calls resource of the account."""
+    account = quote(str(settings.telnyx_account_sid), safe="")
+    return f"{settings.telnyx_api_base.rstrip('/')}/v2/texml/Accounts/{account}/Calls"
 
 
 def _action(settings: Settings, call_id: str, action: str, body: dict[str, str]) -> bool:

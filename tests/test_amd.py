@@ -293,10 +293,14 @@ async def test_a_telnyx_callback_for_a_call_not_here_is_logged_and_answered(
         with capture_logs() as logs:
             assert (await telnyx.detect(gone, "human"))[0] == 200
             assert (await telnyx.detect(gone, "machine_end_beep"))[0] == 200
+            malformed = await telnyx.send("POST", f"{r.url}/telnyx/machine", {"CallSid": gone})
+        assert malformed[0] == 400  # signed, but says nothing of who answered
         assert telnyx.updates == []  # the ended call could not be moved
     events = [(e["event"], e.get("answered_by")) for e in logs]
     assert events == [
         ("telnyx.machine_call_not_here", "human"),
         ("telnyx.machine_call_not_here", "machine"),
         ("telnyx.call_already_ended", None),
+        ("telnyx.machine_bad_callback", ""),
     ]
+    assert await _answered(r.server) == {"human": 1.0, "machine": 1.0}

@@ -173,7 +173,7 @@ class FakeTelnyxRest:
             "MachineDetectionDuration": "2500",
         }
         method = placed.get("AsyncAmdStatusCallbackMethod", "POST")
-        return await self._request(method, callback, form, signed)
+        return await self.send(method, callback, form, signed)
 
     async def follow(self, update: Update) -> tuple[int, str]:
         """Fetch the TeXML an Update call's `Url` names, as Telnyx then does (a signed
@@ -184,11 +184,12 @@ class FakeTelnyxRest:
             "CallStatus": "in-progress",
             "Direction": "outbound",
         }
-        return await self._request(update.form.get("Method", "POST"), update.form["Url"], form)
+        return await self.send(update.form.get("Method", "POST"), update.form["Url"], form)
 
-    async def _request(
+    async def send(
         self, method: str, url: str, form: dict[str, str], signed: bool = True
     ) -> tuple[int, str]:
+        """A form request as Telnyx makes one, Ed25519-signed with `signing_key`."""
         body = urlencode(form).encode()
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
         if signed and self.signing_key is not None:

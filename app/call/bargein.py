@@ -28,7 +28,12 @@ audio and the frames waiting for the VAD by size.
 Levels are read only when the echo gate needs them: a window the VAD scores as speech
 while the agent plays. The agent's chunks and the caller's frames are kept as they came
 and measured then (once each), so the usual case, noise or silence under the agent's
-voice, costs no level arithmetic at all.
+voice, costs no level arithmetic at all. A window quiet enough to need no inference is
+not skipped: Silero's recurrent state must follow the audio, or the onset after a quiet
+stretch is found a window or two later (one to three in the fixtures' speech).
+
+A frame that completes no window is taken in place by `push`; only a frame that the VAD
+must score wakes the scoring task.
 """
 
 from __future__ import annotations
@@ -147,10 +152,11 @@ def ulaw_dbfs(data: bytes) -> float:
     """The loudest 20 ms RMS level of mu-law audio in dBFS, read straight off the codes."""
     codes = np.frombuffer(data, dtype=np.uint8)
     frames = codes.size // _FRAME
-    if frames:
+    if frames > 1:
         power = float(_POWER[codes[: frames * _FRAME]].reshape(frames, _FRAME).mean(axis=1).max())
-    else:
-        power = float(_POWER[codes].mean()) if codes.size else 0.0
+    else:  # one frame (or less): the usual caller frame, without the reshaping
+        used = codes[:_FRAME]
+        power = float(_POWER[used].sum()) / used.size if used.size else 0.0
     return 10.0 * math.log10(power) if power > 1e-12 else -120.0
 
 
@@ -172,6 +178,24 @@ class _AgentChunk:
         return self._db
 
 
+class _CallerFrame:
+    """A caller frame on its way through barge-in: its mu-law, its samples once taken in
+    (None while it waits in the backlog), and its level, measured on first need."""
+
+    __slots__ = ("_db", "data", "pcm")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pcm: npt.NDArray[np.int16] | None = None
+        self._db: float | None = None
+
+    @property
+    def db(self) -> float:
+        if self._db is None:
+            self._db = ulaw_dbfs(self.data)
+        return self._db
+
+
 class BargeIn(CallObserver):
     """One call's barge-in and turn-end policy; an observer to learn the agent's level."""
 
@@ -187,10 +211,11 @@ class BargeIn(CallObserver):
         self._floor = floor
         self._clock = clock
         self._stream = VadStream()
-        self._frames: deque[MulawFrame] = deque(maxlen=_MAX_BACKLOG_FRAMES)
+        self._frames: deque[_CallerFrame] = deque(maxlen=_MAX_BACKLOG_FRAMES)
         self._frame_ready = asyncio.Event()
+        self._scoring = False  # the task is inside a frame's scoring (awaiting the VAD)
         self._agent_levels: deque[_AgentChunk] = deque(maxlen=_MAX_AGENT_LEVELS)
-        self._caller: deque[bytes] = deque(maxlen=2)  # caller frames of the current window
+        self._caller: deque[_CallerFrame] = deque(maxlen=2)  # frames of the current window
         held_s = settings.backchannel_ms / 1000.0 + _LINGER_S + _HELD_SPARE_S
         self._held: deque[str] = deque(maxlen=round(held_s / _FRAME_S))
         self._phase = Phase.QUIET
@@ -219,8 +244,13 @@ class BargeIn(CallObserver):
             self._bounded_append(self._held, payload, "held")
 
     def push(self, frame: MulawFrame) -> None:
-        """Queue a caller frame for scoring; never blocks the relay."""
-        self._bounded_append(self._frames, frame, "backlog")
+        """Score a caller frame; never blocks the relay. A frame that completes no window
+        is taken here; the rest queue, in order, for the scoring task."""
+        item = _CallerFrame(frame.audio)
+        idle = not self._frames and not self._scoring  # nothing older is still to score
+        if idle and (not self._intake(item) or self._took_in_place(item)):
+            return
+        self._bounded_append(self._frames, item, "backlog")
         self._frame_ready.set()
 
     def recent_speech(self, within_s: float = 0.3) -> bool:
@@ -253,13 +283,35 @@ class BargeIn(CallObserver):
                 self._frame_ready.clear()
                 await self._frame_ready.wait()
                 continue
-            frame = self._frames.popleft()
-            if not self._listening():
+            item = self._frames.popleft()
+            if item.pcm is None and not self._intake(item):
                 continue
-            data = frame.audio
-            self._caller.append(data)
-            for prob in await self._batcher.feed(self._stream, ulaw_decode(data)):
-                await self._window(prob)
+            assert item.pcm is not None
+            self._scoring = True
+            try:
+                await self._score(item.pcm)
+            finally:
+                self._scoring = False
+
+    def _intake(self, item: _CallerFrame) -> bool:
+        """Take a frame in as the current window's latest; False when not listening."""
+        if not self._listening():
+            return False
+        self._caller.append(item)
+        item.pcm = ulaw_decode(item.data)
+        return True
+
+    def _took_in_place(self, item: _CallerFrame) -> bool:
+        """A taken-in frame that completes no window waits in the stream for the rest."""
+        assert item.pcm is not None
+        if self._stream.completes(item.pcm.size):
+            return False
+        self._stream.take_windows(item.pcm)
+        return True
+
+    async def _score(self, pcm: npt.NDArray[np.int16]) -> None:
+        for prob in await self._batcher.feed(self._stream, pcm):
+            await self._window(prob)
 
     def _bounded_append(self, buffer: deque[_Item], item: _Item, name: str) -> None:
         """Append; when full, the oldest frame goes, and the first loss says so once."""
@@ -298,7 +350,7 @@ class BargeIn(CallObserver):
 
     def _caller_level(self) -> float:
         """The caller's loudest frame of the window just scored."""
-        return max(ulaw_dbfs(data) for data in self._caller) if self._caller else -120.0
+        return max(frame.db for frame in self._caller) if self._caller else -120.0
 
     def _is_speech(self, prob: float, now: float, playing: bool) -> bool:
         if prob < self._settings.vad_start_threshold:

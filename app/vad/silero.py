@@ -43,6 +43,10 @@ class VadStream:
         self.context = np.zeros(CONTEXT, dtype=np.float32)
         self.pending = np.zeros(0, dtype=np.int16)
 
+    def completes(self, samples: int) -> int:
+        """How many windows `samples` more samples would complete."""
+        return (self.pending.size + samples) // WINDOW
+
     def take_windows(self, pcm: npt.NDArray[np.int16]) -> npt.NDArray[np.float32]:
         """Append 8 kHz samples; return the completed windows as float32 [n, WINDOW].
 

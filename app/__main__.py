@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import os
 import sys
@@ -14,6 +13,7 @@ import structlog
 
 from app import log as logging_setup
 from app import simulator
+from app.clock import event_loop_factory
 from app.config import ConfigError, load_settings
 from app.modes import Mode
 from app.personas import PersonaError, load_personas
@@ -72,22 +72,17 @@ def _serve(args: argparse.Namespace) -> int:
         )
     log.info("starting", mode=settings.agent_mode, drain_timeout_s=settings.drain_timeout)
     options = edge.runner_options(settings)
-    # uvloop when installed (it is by default): the same asyncio API, less CPU per call.
-    run = asyncio.run
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        run = uvloop.run
-    run(
-        drain.serve(
-            app,
-            settings.host,
-            settings.port,
-            settings.drain_timeout,
-            worker=worker,
-            **options,
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:  # uvloop, when installed
+        runner.run(
+            drain.serve(
+                app,
+                settings.host,
+                settings.port,
+                settings.drain_timeout,
+                worker=worker,
+                **options,
+            )
         )
-    )
     return 0
 
 

@@ -4,6 +4,7 @@ it runs from the read of the frame's bytes off the socket, not from the handler'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
+from app.clock import event_loop_factory
 from app.config import Settings
 from app.server import CALLS, STREAM_TOKENS
 from bench.common import histogram_quantile
@@ -87,3 +89,28 @@ async def test_relay_lag_includes_the_wait_for_the_loop(
             await asyncio.sleep(0.02)
     finally:
         await model.stop()
+
+
+def test_the_service_loop_tells_lags_under_a_millisecond() -> None:
+    """uvloop's own clock counts whole milliseconds, so every relay lag read 0 or 1 ms; the
+    service's loop (`event_loop_factory`) reads asyncio's. Its timers are uvloop's, due in
+    whole milliseconds: they agree with the clock to within one."""
+
+    async def readings() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        spin_until = time.perf_counter() + 0.0003
+        while time.perf_counter() < spin_until:
+            pass
+        lag = loop.time() - started
+        waited_from = loop.time()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.0055):
+                await asyncio.sleep(1)
+        return lag, loop.time() - waited_from
+
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        assert type(runner.get_loop()).__module__ != "asyncio.unix_events"  # uvloop's, here
+        lag, waited = runner.run(readings())
+    assert 0.0003 <= lag < 0.001
+    assert 0.0045 <= waited < 0.5

@@ -189,6 +189,34 @@ async def _fake_main(pipe: Connection, reply: bytes, validate: bool) -> None:
     await fake.stop()
 
 
+class FakeModel:
+    """The fake model in its own process on the harness's core (`_fake_process`)."""
+
+    def __init__(self, reply: bytes, validate: bool) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._pipe, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_fake_process, args=(child, reply, validate), daemon=True)
+        self.proc.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid or 0
+
+    async def url(self) -> str:
+        """Its URL, once it listens."""
+        url: str = await asyncio.get_running_loop().run_in_executor(None, self._pipe.recv)
+        return url
+
+    async def stop(self) -> tuple[dict[str, float], dict[str, float], int]:
+        """Stop it: when each caller frame arrived and each delta piece left (by stamp),
+        and how many invalid events and errors it saw."""
+        self._pipe.send("stop")
+        result: tuple[dict[str, float], dict[str, float], int]
+        result = await asyncio.get_running_loop().run_in_executor(None, self._pipe.recv)
+        self.proc.join(10)
+        return result
+
+
 # --- the bare relay, the floor ------------------------------------------------------------
 
 
@@ -345,6 +373,7 @@ class LeanCall:
         self.consumed = 0  # agent bytes played (or cleared)
         self.marks: deque[tuple[int, str]] = deque()
         self.clears = 0
+        self.heard: list[tuple[float, int]] = []  # agent audio: arrival time, bytes
         self.lock = asyncio.Lock()
 
     async def send(self, ws: aiohttp.ClientWebSocketResponse, message: dict[str, Any]) -> None:
@@ -365,8 +394,12 @@ class LeanCall:
             name = self.marks.popleft()[1]
             await self.send(ws, self.message("mark", mark={"name": name}))
 
-    def start(self) -> dict[str, Any]:
-        token = {PARAMETER: StreamTokens(STREAM_TOKEN_SECRET.encode()).issue(self.call_sid)}
+    def start(self, parameters: dict[str, str] | None = None) -> dict[str, Any]:
+        """The carrier's start: with the stream's `parameters` (from our markup), else a
+        stream token minted with the bench's secret (the stream opened without a webhook)."""
+        token = parameters or {
+            PARAMETER: StreamTokens(STREAM_TOKEN_SECRET.encode()).issue(self.call_sid)
+        }
         if self.telnyx:
             start = {
                 "user_id": "bench",
@@ -391,9 +424,15 @@ class LeanCall:
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         path = "/telnyx/stream" if self.telnyx else "/media-stream"
         ws = await http.ws_connect(url + path, headers={"User-Agent": "bench"})
+        await self.talk(ws)
+
+    async def talk(
+        self, ws: aiohttp.ClientWebSocketResponse, parameters: dict[str, str] | None = None
+    ) -> None:
+        """The call on its open stream, until its last frame is sent; then hang up."""
         connected = {"event": "connected", "version": "1.0.0"}
         await self.send(ws, connected if self.telnyx else connected | {"protocol": "Call"})
-        await self.send(ws, self.start())
+        await self.send(ws, self.start(parameters))
         receiver = asyncio.create_task(self.receive(ws))
         sent = self.timings.sent
         t0 = time.monotonic()
@@ -439,6 +478,7 @@ class LeanCall:
                 self.queued += size
                 ahead_ms = (self.queued - self.consumed) / 8
                 received.append((payload_key(payload), now, ahead_ms))
+                self.heard.append((now, size))
             elif event == "mark":
                 self.marks.append((self.queued, data["mark"]["name"]))
             elif event == "clear":
@@ -546,14 +586,8 @@ async def run_level(
     base: Path | None = None,
 ) -> Row:
     """Start a fake and a relay, warm up, run `calls` calls, measure, stop."""
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    reply = agent_speech(seconds + 10)
-    fake = ctx.Process(target=_fake_process, args=(child, reply, validate), daemon=True)
-    fake.start()
-    loop = asyncio.get_running_loop()
-    fake_url: str = await loop.run_in_executor(None, parent.recv)
-    relay = start_relay(target, fake_url, workdir, base)
+    fake = FakeModel(agent_speech(seconds + 10), validate)
+    relay = start_relay(target, await fake.url(), workdir, base)
     timings = Timings()
     rng = random.Random(seed)
     try:
@@ -574,7 +608,7 @@ async def run_level(
                 for i in range(1, calls + 1)
             ]
             window = (begin + RAMP_S + SETTLE_S, begin + seconds - 0.5)
-            sampler = asyncio.create_task(measure_usage(relay.pid, fake.pid or 0, window))
+            sampler = asyncio.create_task(measure_usage(relay.pid, fake.pid, window))
             await asyncio.gather(
                 *(c.run(http, relay.url, begin + rng.uniform(0, RAMP_S)) for c in lean)
             )
@@ -583,27 +617,11 @@ async def run_level(
             await relay.idle(http)
     finally:
         relay.stop()
-        parent.send("stop")
-        timings.arrived, timings.departed, problems = await loop.run_in_executor(None, parent.recv)
-        fake.join(10)
+        timings.arrived, timings.departed, problems = await fake.stop()
     if isinstance(relay, Service):
         problems += len(relay.log_lines("error"))
-    up = [
-        (timings.arrived[k] - t) * 1000
-        for k, t in timings.sent.items()
-        if window[0] <= t <= window[1] and k in timings.arrived
-    ]
-    up_sent = sum(1 for t in timings.sent.values() if window[0] <= t <= window[1])
-    down: list[float] = []
-    paced = 0
-    for key, at, ahead_ms in timings.received:
-        left = timings.departed.get(key)
-        if left is None or not window[0] <= left <= window[1]:
-            continue
-        if ahead_ms > LEAD_MS - PACED_MARGIN_MS:
-            paced += 1
-            continue
-        down.append((at - left) * 1000)
+    up, up_lost = caller_to_model(timings.sent, timings.arrived, window)
+    down, paced = model_to_caller(timings.received, timings.departed, window)
     hist = (
         histogram_quantile(metrics, "phone_agent_relay_lag_seconds", 0.99)[0] if metrics else None
     )
@@ -611,7 +629,7 @@ async def run_level(
         target=target,
         calls=calls,
         up=up,
-        up_lost=up_sent - len(up),
+        up_lost=up_lost,
         down=down,
         down_paced=paced,
         hist_p99_ms=hist * 1000 if hist is not None else None,
@@ -623,6 +641,40 @@ async def run_level(
         },
         problems=problems,
     )
+
+
+def caller_to_model(
+    sent: dict[str, float], arrived: dict[str, float], window: tuple[float, float]
+) -> tuple[list[float], int]:
+    """Latencies (ms) of the caller frames sent within `window`, and how many of those
+    never reached the model."""
+    up = [
+        (arrived[k] - t) * 1000
+        for k, t in sent.items()
+        if window[0] <= t <= window[1] and k in arrived
+    ]
+    sent_in = sum(1 for t in sent.values() if window[0] <= t <= window[1])
+    return up, sent_in - len(up)
+
+
+def model_to_caller(
+    received: list[tuple[str, float, float]],
+    departed: dict[str, float],
+    window: tuple[float, float],
+) -> tuple[list[float], int]:
+    """Latencies (ms) of the delta pieces the model sent within `window`, and how many
+    were left out as paced (the carrier's buffer was near the lead when they arrived)."""
+    down: list[float] = []
+    paced = 0
+    for key, at, ahead_ms in received:
+        left = departed.get(key)
+        if left is None or not window[0] <= left <= window[1]:
+            continue
+        if ahead_ms > LEAD_MS - PACED_MARGIN_MS:
+            paced += 1
+            continue
+        down.append((at - left) * 1000)
+    return down, paced
 
 
 async def measure_usage(pid: int, fake_pid: int, window: tuple[float, float]) -> Usage:

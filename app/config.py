@@ -20,7 +20,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from app.capacity import OverloadAction
 from app.modes import Mode
@@ -153,6 +160,22 @@ class Settings(BaseSettings):
     otel_exporter_otlp_protocol: Literal["http/protobuf"] | None = None
     otel_service_name: str = "phone-agent"
     otel_sdk_disabled: bool = False
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            _BlankNameFallsThrough.around(env_settings),
+            _BlankNameFallsThrough.around(dotenv_settings),
+            file_secret_settings,
+        )
 
     @model_validator(mode="before")
     @classmethod
@@ -298,6 +321,40 @@ class Settings(BaseSettings):
         secrets = [v.get_secret_value() for v in values if isinstance(v, SecretStr)]
         password = urlsplit(self.redis_url).password if self.redis_url else None
         return [*secrets, password] if password else secrets
+
+
+class _BlankNameFallsThrough(PydanticBaseSettingsSource):
+    """An environment source where an optional setting with several names (`REALTIME_API_KEY`
+    or `OPENAI_API_KEY`) set blank under one is read under the next: a source gives each
+    setting the first name it holds, so `REALTIME_API_KEY=` hid `OPENAI_API_KEY`."""
+
+    def __init__(self, inner: EnvSettingsSource) -> None:
+        super().__init__(inner.settings_cls)
+        self._inner = inner
+
+    @classmethod
+    def around(cls, source: PydanticBaseSettingsSource) -> PydanticBaseSettingsSource:
+        return cls(source) if isinstance(source, EnvSettingsSource) else source
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        data = self._inner()
+        found = self._inner.env_vars
+        for info in self.settings_cls.model_fields.values():
+            names = _aliases(info.validation_alias) if info.default is None else []
+            if len(names) < 2 or not _blank(data.get(names[0])):
+                continue
+            held = (found.get(n if self._inner.case_sensitive else n.lower()) for n in names)
+            data[names[0]] = next((v for v in held if not _blank(v)), None)
+            if data[names[0]] is None:
+                del data[names[0]]
+        return data
+
+
+def _blank(value: object) -> bool:
+    return isinstance(value, str) and not value.strip()
 
 
 def _aliases(alias: object) -> list[str]:

@@ -8,6 +8,7 @@ import asyncio
 import base64
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,6 +16,7 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer, make_mocked_request
+from pydantic import SecretStr
 from structlog.testing import capture_logs
 from twilio.request_validator import RequestValidator
 
@@ -151,6 +153,30 @@ def test_empty_settings_are_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.together_api_key is None and settings.stream_token_secret is None
     # a required-shaped setting keeps its meaning: an empty key disables DTMF interrupts
     assert Settings(_env_file=None, interrupt_dtmf_digit="").interrupt_dtmf_digit == ""
+
+
+@pytest.mark.parametrize("in_file", [False, True], ids=["environment", "dotenv"])
+def test_a_blank_name_lets_the_next_name_of_the_setting_through(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, in_file: bool
+) -> None:
+    """`REALTIME_API_KEY=` (kept from an example file) must not hide `OPENAI_API_KEY`."""
+    lines = {"REALTIME_API_KEY": "", "OPENAI_API_KEY": "sk-shared", "AWS_REGION": " "}
+    lines["AWS_DEFAULT_REGION"] = "eu-west-1"
+    for name in (*lines, "LIVE_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    env_file = tmp_path / ".env"
+    if in_file:
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+    else:
+        for name, value in lines.items():
+            monkeypatch.setenv(name, value)
+    settings = Settings(_env_file=env_file if in_file else None)
+    assert settings.realtime_api_key is not None and settings.live_api_key is not None
+    assert settings.realtime_api_key.get_secret_value() == "sk-shared"
+    assert settings.live_api_key.get_secret_value() == "sk-shared"
+    assert settings.aws_region == "eu-west-1"
+    monkeypatch.setenv("REALTIME_API_KEY", "sk-own")  # set, the first name still wins
+    assert Settings(_env_file=None).realtime_api_key == SecretStr("sk-own")
 
 
 async def test_empty_twilio_token_is_no_hmac_key(edge_rig: EdgeFactory) -> None:

@@ -3,10 +3,10 @@ MAX_CALLS; what the admitted callers hear, how many were refused, what /ready sa
 
 The processes and pinning are bench.relay's: the service (`python -m app serve`) on CPU 0;
 the fake model (bench.relay.FakeModel: one long reply of real speech per call, streamed at
-real time all call) and this driver (bench.relay.LeanCall: Twilio's side, here on uvloop
-like the service) on CPU 1. For each offered load (--calls) and each limit (--limits: 0 is
-no MAX_CALLS and no MAX_LOOP_LAG_MS, the old behaviour; N is MAX_CALLS=N with the shipped
-MAX_LOOP_LAG_MS), with OVERLOAD_ACTION=reject, a fresh fake and service:
+real time all call) and this driver (bench.relay.LeanCall: Twilio's side) on CPU 1, both
+here on uvloop like the service. For each offered load (--calls) and each limit
+(--limits: 0 is no MAX_CALLS and no MAX_LOOP_LAG_MS, the old behaviour; N is MAX_CALLS=N
+with the shipped MAX_LOOP_LAG_MS), with OVERLOAD_ACTION=reject, a fresh fake and service:
 
   arrival   callers arrive at random moments over RAMP_S. Each POSTs Twilio's webhook
             (POST /twiml, the form signed as Twilio signs it, X-Twilio-Signature by the
@@ -294,7 +294,7 @@ async def run_level(
 ) -> Level:
     """Start a fake and the service, warm up, offer `calls` calls over `ramp_s`, measure,
     stop."""
-    fake = FakeModel(agent_speech(seconds + 10), validate=False)
+    fake = FakeModel(agent_speech(seconds + 10), validate=False, fast=True)
     service = Service(await fake.url(), workdir, cpus=SERVICE_CPUS, **service_settings(limit))
     rng = random.Random(seed)
     twilio = side(Carrier.TWILIO, AUTH_TOKEN)
@@ -433,6 +433,8 @@ def verdict(level: Level) -> str:
     worst, median = max(level.gaps, default=math.nan), percentile(level.gaps, 50)
     ready_503 = level.ready.share(503)
     head = f"limit {_limit(level)}, {level.calls} offered:"
+    if not level.gaps:
+        return f"{head} no call was admitted and heard -> MISSED"
     if level.limit:
         clean = worst < CLEAN
         shed = refused == level.calls - admitted and admitted <= level.limit

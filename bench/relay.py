@@ -87,6 +87,7 @@ from aiohttp import WSMsgType, web
 
 from app.audio.g711 import ulaw_b64_duration_ms
 from app.call.playback import MAX_CHUNK_CHARS, split_payload
+from app.clock import event_loop_factory
 from app.engines.base import AgentSetup
 from app.engines.realtime import session_config
 from app.telephony import messages
@@ -138,11 +139,13 @@ SETTLE_S = 1.0  # then this long before measuring
 # --- the fake model, in its own process -------------------------------------------------
 
 
-def _fake_process(pipe: Connection, reply: bytes, validate: bool) -> None:
-    """Child process: FakeRealtime with timestamps, until the driver says stop."""
+def _fake_process(pipe: Connection, reply: bytes, validate: bool, fast: bool = False) -> None:
+    """Child process: FakeRealtime with timestamps, until the driver says stop; `fast`: on
+    the service's loop (uvloop), for loads where the harness's own CPU runs short."""
     pin(0, HARNESS_CPUS)
     gc.disable()  # a collection in the harness would show as relay latency
-    asyncio.run(_fake_main(pipe, reply, validate))
+    with asyncio.Runner(loop_factory=event_loop_factory() if fast else None) as runner:
+        runner.run(_fake_main(pipe, reply, validate))
 
 
 async def _fake_main(pipe: Connection, reply: bytes, validate: bool) -> None:
@@ -192,10 +195,11 @@ async def _fake_main(pipe: Connection, reply: bytes, validate: bool) -> None:
 class FakeModel:
     """The fake model in its own process on the harness's core (`_fake_process`)."""
 
-    def __init__(self, reply: bytes, validate: bool) -> None:
+    def __init__(self, reply: bytes, validate: bool, fast: bool = False) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._pipe, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_fake_process, args=(child, reply, validate), daemon=True)
+        args = (child, reply, validate, fast)
+        self.proc = ctx.Process(target=_fake_process, args=args, daemon=True)
         self.proc.start()
 
     @property

@@ -98,6 +98,16 @@ def _refused(request: web.Request, reason: str | None, what: str) -> None:
         raise web.HTTPForbidden(text=reason)
 
 
+async def _signed_form(request: web.Request, carrier: Edge, what: str) -> dict[str, str]:
+    """The form of a request the carrier signed (403 and one `<what>.forbidden` otherwise)."""
+    settings = request.app[SETTINGS]
+    body = await request.read()
+    form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+    hook = Webhook(signature.public_origin(request, settings) + request.path_qs, body, form)
+    _refused(request, carrier.webhook_refusal(request, settings, hook), what)
+    return form
+
+
 def _webhook(carrier: Edge, stream_path: str) -> Handler:
     """The carrier's call webhook: answer with its markup connecting the call to our socket
     at `stream_path`, persona and mode from the query, a stream token for the call."""
@@ -110,11 +120,8 @@ def _webhook(carrier: Edge, stream_path: str) -> Handler:
             capacity.refused(Kind.WEBHOOK, Reason.DRAINING, carrier=carrier.carrier)
             raise web.HTTPServiceUnavailable(text="draining")
         settings = request.app[SETTINGS]
-        body = await request.read()
-        form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+        form = await _signed_form(request, carrier, "twiml")
         origin = signature.public_origin(request, settings)
-        hook = Webhook(origin + request.path_qs, body, form)
-        _refused(request, carrier.webhook_refusal(request, settings, hook), "twiml")
         call_id = carrier.call_id(form)
         if call_id is None:
             log.warning("twiml.bad_call_sid", carrier=carrier.carrier)
@@ -169,15 +176,6 @@ def _webhook(carrier: Edge, stream_path: str) -> Handler:
     return answer
 
 
-async def _plivo_signed(request: web.Request, what: str) -> dict[str, str]:
-    """The form of a request Plivo signed (403 otherwise)."""
-    settings = request.app[SETTINGS]
-    form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
-    hook = Webhook(signature.public_origin(request, settings) + request.path_qs, b"", form)
-    _refused(request, PLIVO.webhook_refusal(request, settings, hook), what)
-    return form
-
-
 def _persona(request: web.Request) -> Persona:
     personas, settings = request.app[PERSONAS], request.app[SETTINGS]
     return personas.get(request.query.get("persona", ""), personas[settings.persona])
@@ -185,7 +183,7 @@ def _persona(request: web.Request) -> Persona:
 
 async def _plivo_transfer(request: web.Request) -> web.Response:
     """The dial a Plivo transfer fetches (its `aleg_url`): Plivo moves a call by URL only."""
-    await _plivo_signed(request, "plivo_transfer")
+    await _signed_form(request, PLIVO, "plivo_transfer")
     to = request.query.get("to", "")
     if not is_e164(to):
         log.warning("plivo.transfer_bad_number")
@@ -197,43 +195,60 @@ async def _plivo_machine(request: web.Request) -> web.Response:
     """Plivo's machine detection, which reports while the call already runs: a machine's
     call is moved off our stream to the voicemail (after the beep); the record and
     /metrics say who answered."""
-    form = await _plivo_signed(request, "plivo_machine")
+    form = await _signed_form(request, PLIVO, "plivo_machine")
     call_id = PLIVO.call_id(form)
     if call_id is None:
         log.warning("plivo.machine_bad_call_uuid")
         raise web.HTTPBadRequest(text="no Plivo CallUUID")
-    answered_by = plivo_answered_by(form)
-    request.app[METRICS].answered_by.labels(answered_by).inc()
+    await _machine_result(
+        request,
+        PLIVO,
+        call_id,
+        plivo_answered_by(form),
+        "/plivo/voicemail",
+        lambda settings, url: plivo_move(settings, call_id, url, "leave a voicemail"),
+    )
+    return web.Response(text="")
+
+
+async def _machine_result(
+    request: web.Request,
+    carrier: Edge,
+    call_id: str,
+    answered_by: AnsweredBy,
+    voicemail_path: str,
+    move: Callable[[Settings, str], bool],
+) -> None:
+    """An asynchronous machine detection's result, which comes while the call runs: /metrics
+    and the live call's record say who answered, and a machine's call is moved (`move`,
+    the carrier's REST, blocking) to the voicemail at `voicemail_path`. A repeated result,
+    or one for a call not live here, is one log line; only the first counts."""
+    name = carrier.carrier
     session = request.app[CALLS].get(call_id)
-    if session is not None:  # on this instance
+    if session is not None and session.info.answered_by is not None:
+        log.info(f"{name}.machine_repeated", call_sid=call_id, answered_by=answered_by)
+        return
+    request.app[METRICS].answered_by.labels(answered_by).inc()
+    if session is None:  # ended, not begun, or live on another instance
+        log.info(f"{name}.machine_call_not_here", call_sid=call_id, answered_by=answered_by)
+    else:
         session.info.answered_by = answered_by
-    log.info("plivo.machine_detection", call_sid=call_id, answered_by=answered_by)
+        log.info(f"{name}.machine_detection", call_sid=call_id, answered_by=answered_by)
     settings = request.app[SETTINGS]
     if answered_by is AnsweredBy.MACHINE and settings.public_url:
         query = urlencode({"persona": _persona(request).name})
-        url = f"{settings.public_url}/plivo/voicemail?{query}"
+        url = f"{settings.public_url}{voicemail_path}?{query}"
         try:
-            await asyncio.to_thread(plivo_move, settings, call_id, url, "leave a voicemail")
+            await asyncio.to_thread(move, settings, url)
         except RestError as exc:
-            log.warning("plivo.voicemail_failed", call_sid=call_id, error=str(exc))
-    return web.Response(text="")
+            log.warning(f"{name}.voicemail_failed", call_sid=call_id, error=str(exc))
 
 
 async def _plivo_voicemail(request: web.Request) -> web.Response:
     """What a machine's call runs instead of the stream: the beep, the message, hang up."""
-    await _plivo_signed(request, "plivo_voicemail")
+    await _signed_form(request, PLIVO, "plivo_voicemail")
     message = _persona(request).voicemail_message
     return web.Response(text=voicemail_after_beep(message), content_type="text/xml")
-
-
-async def _telnyx_signed(request: web.Request, what: str) -> dict[str, str]:
-    """The form of a request Telnyx signed (its Ed25519 over the raw body; 403 otherwise)."""
-    settings = request.app[SETTINGS]
-    body = await request.read()
-    form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
-    hook = Webhook(signature.public_origin(request, settings) + request.path_qs, body, form)
-    _refused(request, TELNYX.webhook_refusal(request, settings, hook), what)
-    return form
 
 
 async def _telnyx_machine(request: web.Request) -> web.Response:
@@ -241,36 +256,25 @@ async def _telnyx_machine(request: web.Request) -> web.Response:
     while the call runs, for a machine once its greeting ended: the record and /metrics say
     who answered, and a machine's call is moved to the voicemail. A repeated result, or one
     for a call not live here, is one log line and 200 (Telnyx retries anything else)."""
-    form = await _telnyx_signed(request, "telnyx_machine")
+    form = await _signed_form(request, TELNYX, "telnyx_machine")
     call_id, answered_by = TELNYX.call_id(form), telnyx_answered_by(form)
     if call_id is None or answered_by is None:
         log.warning("telnyx.machine_bad_callback", answered_by=form.get("AnsweredBy", "")[:40])
         raise web.HTTPBadRequest(text="no Telnyx CallSid or AnsweredBy")
-    detected = form["AnsweredBy"][:40]
-    session = request.app[CALLS].get(call_id)
-    if session is not None and session.info.answered_by is not None:
-        log.info("telnyx.machine_repeated", call_sid=call_id, detected=detected)
-        return web.Response(text="")
-    request.app[METRICS].answered_by.labels(answered_by).inc()
-    if session is None:  # ended, not begun, or live on another instance
-        log.info("telnyx.machine_call_not_here", call_sid=call_id, answered_by=answered_by)
-    else:
-        session.info.answered_by = answered_by
-        log.info("telnyx.machine_detection", call_sid=call_id, answered_by=answered_by)
-    settings = request.app[SETTINGS]
-    if answered_by is AnsweredBy.MACHINE and settings.public_url:
-        query = urlencode({"persona": _persona(request).name})
-        url = f"{settings.public_url}{TELNYX_VOICEMAIL}?{query}"
-        try:
-            await asyncio.to_thread(telnyx_move, settings, call_id, url)
-        except RestError as exc:
-            log.warning("telnyx.voicemail_failed", call_sid=call_id, error=str(exc))
+    await _machine_result(
+        request,
+        TELNYX,
+        call_id,
+        answered_by,
+        TELNYX_VOICEMAIL,
+        lambda settings, url: telnyx_move(settings, call_id, url),
+    )
     return web.Response(text="")
 
 
 async def _telnyx_voicemail(request: web.Request) -> web.Response:
     """What a machine's call runs instead of the stream: the message, then hang up."""
-    await _telnyx_signed(request, "telnyx_voicemail")
+    await _signed_form(request, TELNYX, "telnyx_voicemail")
     message = _persona(request).voicemail_message
     return web.Response(text=TELNYX.voicemail(message), content_type="text/xml")
 

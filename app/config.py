@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     vad_start_threshold: float = Field(0.5, gt=0, lt=1)
     vad_min_speech_ms: int = Field(64, ge=0)
     vad_echo_gate_db: float = Field(-20.0, le=0)
-    vad_batch_ms: float = Field(10.0, ge=0, le=100)
+    vad_batch_ms: float = Field(20.0, ge=0, le=100)
     backchannel_ms: int = Field(300, ge=0)
     turn_silence_ms: int = Field(600, ge=100)
     turn_min_speech_ms: int = Field(200, ge=0)

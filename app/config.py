@@ -347,9 +347,11 @@ class _BlankNameFallsThrough(PydanticBaseSettingsSource):
             if len(names) < 2 or not _blank(data.get(names[0])):
                 continue
             held = (found.get(n if self._inner.case_sensitive else n.lower()) for n in names)
-            data[names[0]] = next((v for v in held if not _blank(v)), None)
-            if data[names[0]] is None:
+            value = next((v for v in held if not _blank(v)), None)
+            if value is None:
                 del data[names[0]]
+            else:
+                data[names[0]] = value
         return data
 
 

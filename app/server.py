@@ -219,21 +219,28 @@ async def _machine_result(
     voicemail_path: str,
     move: Callable[[Settings, str], bool],
 ) -> None:
-    """An asynchronous machine detection's result, which comes while the call runs: /metrics
-    and the live call's record say who answered, and a machine's call is moved (`move`,
-    the carrier's REST, blocking) to the voicemail at `voicemail_path`. A repeated result,
-    or one for a call not live here, is one log line; only the first counts."""
+    """An asynchronous machine detection's result, which comes while the call runs, to
+    any instance: the call's record (through the command bus, on the instance holding it)
+    and /metrics say who answered, and a machine's call is moved (`move`, the carrier's
+    REST, blocking) to the voicemail at `voicemail_path`. A repeated result is one log
+    line and counts nothing; one for a call not live anywhere is counted and logged."""
     name = carrier.carrier
-    session = request.app[CALLS].get(call_id)
-    if session is not None and session.info.answered_by is not None:
+    body = {"answered_by": answered_by.value}
+    reply = await request.app[api.BUS].send(call_id, "answered_by", body)
+    if reply.status == 409:
         log.info(f"{name}.machine_repeated", call_sid=call_id, answered_by=answered_by)
         return
     request.app[METRICS].answered_by.labels(answered_by).inc()
-    if session is None:  # ended, not begun, or live on another instance
-        log.info(f"{name}.machine_call_not_here", call_sid=call_id, answered_by=answered_by)
-    else:
-        session.info.answered_by = answered_by
+    if reply.status == 200:
         log.info(f"{name}.machine_detection", call_sid=call_id, answered_by=answered_by)
+    else:  # ended, not begun, or the registry unreachable: the reply says which
+        detail = str(reply.body.get("error", ""))
+        log.info(
+            f"{name}.machine_call_not_here",
+            call_sid=call_id,
+            answered_by=answered_by,
+            detail=detail,
+        )
     settings = request.app[SETTINGS]
     if answered_by is AnsweredBy.MACHINE and settings.public_url:
         query = urlencode({"persona": _persona(request).name})

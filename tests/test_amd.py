@@ -37,6 +37,7 @@ from tests.fakes.realtime import FakeRealtime
 from tests.fakes.telnyx_rest import ACCOUNT_SID as TELNYX_ACCOUNT
 from tests.fakes.telnyx_rest import API_KEY as TELNYX_KEY
 from tests.fakes.telnyx_rest import FakeTelnyxRest, fake_telnyx_rest
+from tests.test_admin_bus import redis_url  # noqa: F401 (fixture)
 from tests.test_call_webhook import final_record
 from tests.test_carriers_e2e import Kit, Rig, kit, quiet, rig  # noqa: F401 (fixture)
 from tests.test_dial import FakeTwilio, dial_settings, twilio  # noqa: F401 (fixture)
@@ -275,6 +276,39 @@ async def test_telnyx_moves_a_machines_call_to_the_voicemail(
     assert status == 200
     root = ET.fromstring(markup)
     assert [(c.tag, c.text) for c in root] == [("Say", message), ("Hangup", None)]
+
+
+@pytest.mark.looptime(False)  # two instances talk through a real redis-server
+async def test_a_result_that_reaches_another_instance_is_recorded_where_the_call_is(
+    redis_url: str,  # noqa: F811 (the fixture; first, so it outlives the instances)
+    rig: Callable[..., Awaitable[Rig]],  # noqa: F811 (the fixture)
+) -> None:
+    """With several instances (workers, or replicas behind one number) Telnyx posts the
+    result to whichever the balancer picks: the call's record, on the instance holding
+    it, still says who answered, through the command bus; a repeat is counted once."""
+    async with fake_telnyx_rest() as telnyx:
+        a = await rig(Carrier.TELNYX, public=True, redis_url=redis_url, **_telnyx(telnyx))
+        b = await rig(Carrier.TELNYX, public=True, redis_url=redis_url, **_telnyx(telnyx))
+        telnyx.signing_key = a.kit.signing_key  # the result goes to A: A checks it
+        await asyncio.to_thread(
+            place_call, a.server.app[SETTINGS], "+15551234567", PERSONA, carrier=Carrier.TELNYX
+        )
+        call = asyncio.create_task(b.call(quiet(1500), persona=PERSONA, tail_s=0.2))
+        call_id = await _live_call(b)  # B holds the call
+        assert not a.server.app[CALLS]
+        assert (await telnyx.detect(call_id, "machine_end_beep"))[0] == 200
+        with capture_logs() as logs:
+            assert (await telnyx.detect(call_id, "machine_end_beep"))[0] == 200
+        telnyx_events = [e["event"] for e in logs if e["event"].startswith("telnyx.")]
+        assert telnyx_events == ["telnyx.machine_repeated"]
+        result = await call
+        await b.settled()
+        (moved,) = telnyx.updates
+    assert moved.call_sid == call_id  # the machine's call went to the voicemail, from A
+    assert await _answered(a.server) == {"machine": 1.0} and await _answered(b.server) == {}
+    settings = b.server.app[SETTINGS]
+    record = await final_record(settings.archive_dir / directory_name(result.call_sid))
+    assert record["answered_by"] == "machine"
 
 
 @pytest.mark.looptime

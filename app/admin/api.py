@@ -33,9 +33,12 @@ from app.call.session import CallSession
 from app.capacity import CAPACITY
 from app.config import Settings
 
-__all__ = ["Route", "add_routes", "openapi_document", "routes"]
+__all__ = ["BUS", "Route", "add_routes", "openapi_document", "routes"]
 
 log = structlog.get_logger(__name__)
+
+# The command bus: runs a command on the instance holding the call (Redis, or in process).
+BUS: web.AppKey[LocalBus] = web.AppKey("bus", LocalBus)
 
 Body = TypeVar("Body", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -373,6 +376,7 @@ def add_routes(
 ) -> None:
     """Register /admin and the bus that carries its commands (Redis or in process)."""
     bus = make_bus(settings.redis_url, calls, settings.call_registry_ttl)
+    app[BUS] = bus
     app[EVENTS] = hub = EventHub(bus.instance, redact_pii=settings.redact_pii)
     listeners = Listeners()
     observers += [hub.observer, listeners.observer]

@@ -20,7 +20,7 @@ from app.call.session import CallSession
 from app.call.steering import Steer
 from app.call.tools import ToolRun
 from app.redact import keep_last_four, redact, scrub
-from app.telephony.carrier import RestError, RestSetupError
+from app.telephony.carrier import AnsweredBy, RestError, RestSetupError
 from app.timefmt import iso_utc
 
 __all__ = ["Op", "Reply", "detail", "engine_state", "error", "execute", "not_found", "summary"]
@@ -181,7 +181,22 @@ async def _transfer(session: CallSession, body: dict[str, Any], instance: str) -
     return Reply(200, _dump(result))
 
 
+async def _answered_by(session: CallSession, body: dict[str, Any], instance: str) -> Reply:
+    """Who answered an outbound call, from the carrier's asynchronous machine detection,
+    which may reach any instance: sent by the one it reached, never by an admin route.
+    409 when it is known already (a repeated result)."""
+    try:
+        answered_by = AnsweredBy(str(body.get("answered_by")))
+    except ValueError:
+        return error(422, "'answered_by' is not human or machine")
+    if session.info.answered_by is not None:
+        return error(409, f"who answered {session.info.call_sid} is known already")
+    session.info.answered_by = answered_by
+    return Reply(200, {"call_sid": session.info.call_sid, "answered_by": answered_by.value})
+
+
 _OPS: dict[str, Callable[[CallSession, dict[str, Any], str], Awaitable[Reply]]] = {
+    "answered_by": _answered_by,
     "detail": _detail,
     "steer": _steer,
     "mode": _mode,

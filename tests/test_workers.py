@@ -347,7 +347,12 @@ async def test_two_workers_share_the_port_and_the_calls(
         # holder answers /ready 503 while its call goes on (hung up here), then the parent
         # exits 0.
         pool.proc.send_signal(signal.SIGTERM)
-        _, status, ready = await pool.request("GET", "/ready", on=holder.__eq__)
+        deadline = time.monotonic() + 10  # the parent forwards the signal: not instantly
+        while True:
+            _, status, ready = await pool.request("GET", "/ready", on=holder.__eq__)
+            if ready["draining"] or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
         assert (status, ready["draining"]) == (503, True)
         assert not call.done()
         _, status, _ = await pool.request("POST", f"/admin/calls/{sid}/hangup", on=holder.__eq__)

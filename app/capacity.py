@@ -246,10 +246,10 @@ class Capacity:
         """An outbound call was placed: its slot is held until it is answered."""
         self._reserve(call_id, DIAL_RESERVE_S)
 
-    def answered(self, placed_id: str, call_id: str) -> None:
-        """A call we placed under `placed_id` is answered as `call_id`: its slot moves."""
-        if self._held(placed_id):
-            del self._reserved[placed_id]
+    def answered(self, placed: str, call_id: str) -> None:
+        """A call we placed under `placed` (its slot) is answered as `call_id`: the slot moves."""
+        if self._held(placed):
+            del self._reserved[placed]
             self._reserve(call_id, RESERVE_S)
 
     def release(self, call_id: str) -> None:

@@ -16,6 +16,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from app import console, edge, workers
 from app.admin import api
 from app.admin import session as session_auth
+from app.admin.dial import PLACED
 from app.archive.finished import FinishedListener
 from app.archive.recorder import CallRecorder
 from app.archive.spool import Spool
@@ -137,9 +138,8 @@ def _webhook(carrier: Edge, stream_path: str) -> Handler:
         except UnknownMode:
             log.warning("twiml.unknown_mode", mode=mode, using=settings.agent_mode)
             mode = ""
-        placed_id = carrier.placed_id(form)
-        if placed_id is not None:
-            capacity.answered(placed_id, call_id)
+        if placed := request.query.get(PLACED):  # a call we placed: its slot moves to it
+            capacity.answered(placed, call_id)
         answered_by = carrier.answered_by(form)
         if answered_by is not None:
             request.app[METRICS].answered_by.labels(answered_by).inc()

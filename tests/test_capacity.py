@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from app.simwire import Ids, side, stream_of
 from app.telephony.carrier import Carrier
 from app.telephony.edges import EDGES
 from tests.fakes.realtime import FakeRealtime
-from tests.test_dial import ACCOUNT, ADMIN, CALL_SID, FROM, TOKEN, FakeTwilio, fake_calls_api
+from tests.test_dial import ACCOUNT, ADMIN, FROM, TOKEN, FakeTwilio, fake_calls_api
 
 pytestmark = pytest.mark.looptime
 
@@ -294,17 +293,21 @@ async def test_an_outbound_dial_holds_its_slot_until_the_callee_answers(rig: Rig
         assert refused(await r.metrics(), "dial", "max_calls") == 1
 
         twilio_side = side(Carrier.TWILIO, TOKEN)
-        url = public + "/twiml"
+        placed = twilio.requests[0]["Url"]  # names the slot: `placed=` (app.admin.dial.PLACED)
+        assert placed.startswith(public + "/twiml?") and "placed=" in placed
 
-        async def webhook(call_sid: str, **extra: str) -> str:
+        async def webhook(url: str, call_sid: str, **extra: str) -> str:
             ids = Ids(call_sid, "MZ" + call_sid[2:], ACCOUNT)
             body, headers = twilio_side.webhook(url, ids, "+15550001111", "+1555", extra)
-            async with r.http.post(r.server.make_url("/twiml"), data=body, headers=headers) as resp:
+            path = url.removeprefix(public)
+            async with r.http.post(r.server.make_url(path), data=body, headers=headers) as resp:
                 assert resp.status == 200
                 return await resp.text()
 
-        assert busy_verb(await webhook(sid(7))).tag == "Reject"  # an inbound call: no room
-        stream_url, _ = stream_of(await webhook(CALL_SID, AnsweredBy="human"))  # ours
+        inbound = public + "/twiml"
+        assert busy_verb(await webhook(inbound, sid(7))).tag == "Reject"  # no room for it
+        # Ours, whatever id the call has (Telnyx's dial answers none): the slot moves to it.
+        stream_url, _ = stream_of(await webhook(placed, sid(8), AnsweredBy="human"))
         assert stream_url.startswith("wss://agent.example.com/")
         await asyncio.sleep(RESERVE_S)  # answered, its slot waits for the stream no longer
         assert (await r.ready())[0] == 200
@@ -375,28 +378,6 @@ def test_calls_answered_elsewhere_get_a_tenth_of_headroom_and_no_more() -> None:
     del calls["s21"]
     assert capacity.webhook("out", "twilio", outbound=True) is None
     assert capacity.webhook("out2", "twilio", outbound=True) is Reason.MAX_CALLS
-
-
-def test_a_plivo_call_we_placed_keeps_one_slot_from_dial_to_stream() -> None:
-    """Plivo's dial returns a request UUID; its answer webhook brings the CallUUID beside
-    it (RequestUUID), and the slot moves to the call instead of lingering as a second."""
-    request_uuid, call_uuid = "9f1c2b7e-0000-4000-8000-00000000000a", str(uuid.uuid4())
-    assert EDGES[Carrier.PLIVO].placed_id({"CallUUID": call_uuid, "RequestUUID": request_uuid}) == (
-        request_uuid
-    )
-    assert EDGES[Carrier.PLIVO].placed_id({"CallUUID": call_uuid}) is None
-    assert EDGES[Carrier.TWILIO].placed_id({"CallSid": CALL_SID}) is None
-    now = [0.0]
-    capacity = gate({}, 1, now)
-    capacity.dialled(request_uuid)
-    assert capacity.not_ready() == [Reason.MAX_CALLS]  # ringing
-    capacity.answered(request_uuid, call_uuid)
-    assert capacity.occupied == 1
-    assert capacity.webhook(call_uuid, "plivo") is None  # its own slot admits it
-    now[0] += RESERVE_S  # answered, no stream came: free long before DIAL_RESERVE_S
-    assert capacity.not_ready() == []
-    capacity.answered("9f1c2b7e-0000-4000-8000-00000000000b", "other")  # nothing held: no-op
-    assert capacity.occupied == 0
 
 
 def test_no_limit_with_max_calls_zero() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -324,7 +325,10 @@ async def test_admin_dial(
         assert resp.status == 201
         assert await resp.json() == {"call_sid": CALL_SID, "carrier": "twilio", **body}
         [form] = twilio.requests
-        assert form["Url"] == "https://agent.example.com/twiml?persona=receptionist&mode=chained"
+        assert re.fullmatch(  # `placed`: the capacity slot the call holds until answered
+            r"https://agent\.example\.com/twiml\?persona=receptionist&mode=chained&placed=[0-9a-f]{16}",
+            form["Url"],
+        )
 
         twilio.error = (400, {"code": 21215, "message": "Geo permission", "status": 400})
         resp = await http.post(url, json={"to": "+15551234567"}, headers=auth)
@@ -500,10 +504,14 @@ async def test_admin_dial_takes_the_carrier(
             )
             assert resp.status == 422
     (request,) = plivo.requests
-    assert request.body["answer_url"] == f"{PUBLIC}/plivo/answer?persona=receptionist"
+    answer = request.body["answer_url"]
+    assert re.fullmatch(
+        rf"{PUBLIC}/plivo/answer\?persona=receptionist&placed=[0-9a-f]{{16}}", answer
+    )
     (texml,) = telnyx.texml_calls
-    assert texml["Url"] == f"{PUBLIC}/telnyx/answer"
-    assert texml["AsyncAmdStatusCallback"] == f"{PUBLIC}/telnyx/machine"
+    placed = parse_qs(urlsplit(texml["Url"]).query)["placed"]
+    assert texml["Url"] == f"{PUBLIC}/telnyx/answer?placed={placed[0]}"
+    assert texml["AsyncAmdStatusCallback"] == f"{PUBLIC}/telnyx/machine?placed={placed[0]}"
 
 
 async def test_a_carriers_refusal_is_one_clear_line(

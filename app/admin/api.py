@@ -11,6 +11,7 @@ what the document allows is what the routes accept.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -120,6 +121,8 @@ def routes(
         capacity = request.app[CAPACITY]
         if capacity.dial():  # the callee's answer would find no room here
             return _json(error(503, "at capacity (MAX_CALLS) or lagging: try again later"))
+        placed = secrets.token_hex(8)  # the slot, named on the answer URL (dial.PLACED)
+        capacity.dialled(placed)  # held from now until the callee answers
         try:
             sid = await asyncio.to_thread(
                 place_call,
@@ -129,16 +132,16 @@ def routes(
                 req.mode,
                 caller_id=req.caller_id,
                 carrier=req.carrier,
+                placed=placed,
             )
-        except DialRequestError as exc:
-            return _json(error(422, str(exc)))
-        except DialSetupError as exc:
-            return _json(error(503, str(exc)))
         except DialError as exc:
+            capacity.release(placed)
+            if isinstance(exc, DialRequestError):
+                return _json(error(422, str(exc)))
+            if isinstance(exc, DialSetupError):
+                return _json(error(503, str(exc)))
             log.warning("dial.failed", to=req.to, error=str(exc))
             return _json(error(502, str(exc)))
-        if sid:  # its slot is held until the callee answers
-            capacity.dialled(sid)
         result = schemas.DialResult(
             call_sid=sid, to=req.to, persona=req.persona, mode=req.mode, carrier=req.carrier
         )

@@ -24,6 +24,7 @@ from app.telephony.carrier import Carrier, RestError, RestSetupError
 from app.telephony.edges import edge
 
 __all__ = [
+    "PLACED",
     "DialError",
     "DialRequest",
     "DialRequestError",
@@ -33,6 +34,11 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+
+# The answer URL's query parameter that names the capacity slot a placed call holds: the
+# answer webhook moves that slot to the call, whatever id (or none) the carrier's dial
+# answered with. The carrier signs the URL, so the name cannot be forged onto a webhook.
+PLACED = "placed"
 
 
 class DialError(Exception):
@@ -48,10 +54,14 @@ class DialRequestError(DialError):
 
 
 def answer_url(
-    public_url: str, persona: str | None, mode: str | None, carrier: Carrier = Carrier.TWILIO
+    public_url: str,
+    persona: str | None,
+    mode: str | None,
+    carrier: Carrier = Carrier.TWILIO,
+    placed: str | None = None,
 ) -> str:
     """The webhook the carrier fetches when the callee answers."""
-    query = {k: v for k, v in (("persona", persona), ("mode", mode)) if v}
+    query = {k: v for k, v in (("persona", persona), ("mode", mode), (PLACED, placed)) if v}
     path = "/twiml" if carrier is Carrier.TWILIO else f"/{carrier}/answer"
     return f"{public_url}{path}" + (f"?{urlencode(query)}" if query else "")
 
@@ -110,16 +120,18 @@ def place_call(
     *,
     caller_id: str | None = None,
     carrier: Carrier = Carrier.TWILIO,
+    placed: str | None = None,
 ) -> str:
     """Place an outbound call through `carrier`'s REST API; returns its id for the call
     (Twilio's and SignalWire's call SID, Plivo's request UUID; Telnyx names none: empty).
+    `placed` names the capacity slot the call holds (`PLACED` on its answer URL).
 
     Blocking (HTTP to the carrier): call it from a thread on the event loop.
     """
     DialRequest.parse(to, persona, mode, caller_id, carrier=carrier)
     if not settings.public_url:
         raise DialSetupError("outbound calls need PUBLIC_URL")
-    url = answer_url(settings.public_url, persona, mode, carrier)
+    url = answer_url(settings.public_url, persona, mode, carrier, placed)
     try:
         call_id = edge(carrier).dial(settings, to, caller_id, url)
     except RestSetupError as exc:

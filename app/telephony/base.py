@@ -62,10 +62,6 @@ class Edge(Framer, Protocol):
     def call_id(self, form: Mapping[str, str]) -> str | None:
         """The webhook's call id, or None when it is missing or not this carrier's."""
 
-    def placed_id(self, form: Mapping[str, str]) -> str | None:
-        """The id `dial` returned for this call, when it is not the call id: Plivo's request
-        UUID (its answer webhook carries both). None for the others and inbound calls."""
-
     def answered_by(self, form: Mapping[str, str]) -> AnsweredBy | None:
         """Who answered an outbound call, when the carrier's answering-machine detection
         says so in the webhook; None for inbound calls and carriers without it."""

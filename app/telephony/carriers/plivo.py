@@ -214,10 +214,6 @@ class Plivo:
         call_uuid = form.get("CallUUID")
         return call_uuid if _is_uuid(call_uuid) else None
 
-    def placed_id(self, form: Mapping[str, str]) -> str | None:
-        request_uuid = form.get("RequestUUID")
-        return request_uuid if _is_uuid(request_uuid) else None
-
     def answered_by(self, form: Mapping[str, str]) -> AnsweredBy | None:
         return None  # Plivo's detection calls back alongside the call (`answered_by`)
 

@@ -172,9 +172,6 @@ class Telnyx:
         call_sid = form.get("CallSid")
         return call_sid if call_sid is not None and is_call_id(call_sid) else None
 
-    def placed_id(self, form: Mapping[str, str]) -> str | None:
-        return None  # `dial` names no call (the TeXML Calls API's answer has no id to match)
-
     def answered_by(self, form: Mapping[str, str]) -> AnsweredBy | None:
         return None  # asynchronous detection reports to `/telnyx/machine` (`answered_by`)
 

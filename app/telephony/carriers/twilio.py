@@ -25,9 +25,6 @@ class TwilioCompatible:
     def stream_parameters(self, query: Mapping[str, str]) -> Mapping[str, str]:
         return {}  # in the start message's customParameters
 
-    def placed_id(self, form: Mapping[str, str]) -> str | None:
-        return None  # `dial` returns the call SID itself
-
     def answered_by(self, form: Mapping[str, str]) -> AnsweredBy | None:
         return twiml.answered_by(form)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from urllib.parse import urlencode
@@ -72,7 +71,7 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 CONSOLE_CALLER = "console"  # the From and To of a test call from the console
-WORKER_HEADER = "Phone-Agent-Worker"  # `<n>; pid=<pid>` on every answer of a worker
+WORKER_HEADER = "Phone-Agent-Worker"  # the worker's number, on every answer of a worker
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 PERSONAS: web.AppKey[dict[str, Persona]] = web.AppKey("personas", dict)
@@ -586,7 +585,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     worker = workers.current()
     if worker is not None:  # says which worker answered (of `serve --workers N`)
-        app.on_response_prepare.append(_worker_header(f"{worker.index}; pid={os.getpid()}"))
+        app.on_response_prepare.append(_worker_header(str(worker.index)))
     app[PERSONAS] = load_personas(settings.prompts_dir)
     calls: dict[str, CallSession] = {}
     app[CALLS] = calls

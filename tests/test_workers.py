@@ -226,7 +226,7 @@ class Pool:
                     aiohttp.ClientSession(connector=connector) as http,
                     http.request(method, self.url + path, json=body, headers=headers) as resp,
                 ):
-                    worker, _ = _worker(resp.headers)
+                    worker = _worker(resp.headers)
                     if on(worker):
                         return worker, resp.status, await resp.json()
             except aiohttp.ClientConnectionError:  # a worker exiting as the test connects
@@ -234,7 +234,8 @@ class Pool:
             assert time.monotonic() < deadline, f"no answer from the wanted worker: {path}"
 
     async def pids(self, want: Callable[[dict[int, int]], bool]) -> dict[int, int]:
-        """Each worker's pid, as /health answers, once `want` holds of them."""
+        """The pid of each worker that answers /health (the parent's latest
+        `worker.started` line for it), once `want` holds of them."""
         seen: dict[int, int] = {}
         deadline = time.monotonic() + STARTUP_S
         while not want(seen):
@@ -245,17 +246,23 @@ class Pool:
                     aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as h,
                     h.get(self.url + "/health") as resp,
                 ):
-                    worker, pid = _worker(resp.headers)
-                    seen[worker] = pid
+                    worker = _worker(resp.headers)
+                started = [
+                    line["pid"]
+                    for line in self.lines()
+                    if line["event"] == "worker.started" and line["worker"] == worker
+                ]
+                seen[worker] = started[-1]
             except aiohttp.ClientError:
                 await asyncio.sleep(0.1)
         return seen
 
 
-def _worker(headers: Any) -> tuple[int, int]:
-    """`Phone-Agent-Worker: 2; pid=4711` as (2, 4711)."""
-    index, _, pid = headers[WORKER_HEADER].partition("; pid=")
-    return int(index), int(pid)
+def _worker(headers: Any) -> int:
+    """The worker that answered, by its `Phone-Agent-Worker` header (its number only)."""
+    value = headers[WORKER_HEADER]
+    assert value.isdigit(), value  # no pid or other detail of the process leaves it
+    return int(value)
 
 
 @pytest.fixture
@@ -380,7 +387,7 @@ async def _events(pool: Pool, worker: int) -> AsyncIterator[aiohttp.ClientRespon
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
             http.get(pool.url + "/admin/events", headers=headers) as resp,
         ):
-            if _worker(resp.headers)[0] == worker:
+            if _worker(resp.headers) == worker:
                 yield resp
                 return
 
@@ -406,7 +413,7 @@ async def _listen(pool: Pool, sid: str, worker: int) -> bytes:
             aiohttp.ClientSession(connector=connector) as http,
             http.ws_connect(f"{pool.url}/admin/calls/{sid}/listen", headers=headers) as ws,
         ):
-            answered, _ = _worker(ws._response.headers)
+            answered = _worker(ws._response.headers)
             if answered == worker:
                 msg = await asyncio.wait_for(ws.receive(), 10)
                 assert msg.type == aiohttp.WSMsgType.BINARY, msg

@@ -94,23 +94,30 @@ async def test_relay_lag_includes_the_wait_for_the_loop(
 def test_the_service_loop_tells_lags_under_a_millisecond() -> None:
     """uvloop's own clock counts whole milliseconds, so every relay lag read 0 or 1 ms; the
     service's loop (`event_loop_factory`) reads asyncio's. Its timers are uvloop's, due in
-    whole milliseconds: they agree with the clock to within one."""
+    whole milliseconds: they never fire before their time on that clock.
 
-    async def readings() -> tuple[float, float]:
+    No bound here depends on how fast this machine runs: a whole-millisecond clock gives
+    readings that are all whole milliseconds, however long the spins between them take.
+    """
+
+    async def readings() -> tuple[list[float], float]:
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        spin_until = time.perf_counter() + 0.0003
-        while time.perf_counter() < spin_until:
-            pass
-        lag = loop.time() - started
+        times: list[float] = []
+        for _ in range(5):
+            spin_until = time.perf_counter() + 0.0003
+            while time.perf_counter() < spin_until:
+                pass
+            times.append(loop.time())
         waited_from = loop.time()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(0.0055):
                 await asyncio.sleep(1)
-        return lag, loop.time() - waited_from
+        return times, loop.time() - waited_from
 
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         assert type(runner.get_loop()).__module__ != "asyncio.unix_events"  # uvloop's, here
-        lag, waited = runner.run(readings())
-    assert 0.0003 <= lag < 0.001
-    assert 0.0045 <= waited < 0.5
+        times, waited = runner.run(readings())
+    assert times == sorted(times)
+    assert any(abs(t * 1000 - round(t * 1000)) > 1e-6 for t in times)
+    assert abs(times[-1] - time.monotonic()) < 60  # the same clock as asyncio's loops
+    assert waited >= 0.0045

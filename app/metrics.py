@@ -33,16 +33,18 @@ __all__ = ["METRICS", "CallMetrics", "Metrics", "metrics_endpoint"]
 
 # Caller speech end to first agent audio: conversational latency lives in 0.2-3 s.
 TURN_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
-# Our own relay work per frame: the target is under 2 ms at p99.
 # A business tool call, from the model's call to the tool's answer: 50 ms to the 5 s timeout.
 TOOL_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 SIBLING_TIMEOUT_S = 2.0  # how long a scrape waits for another worker's metrics
 
 log = structlog.get_logger(__name__)
 
+# Our own relay work per frame: the target is under 2 ms at p99.
 RELAY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 # How late the loop runs a timer: a millisecond is healthy, MAX_LOOP_LAG_MS (100) is trouble.
 LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# The VAD's delay: its batch linger (VAD_BATCH_MS, 20 ms by default) plus the inference.
+VAD_BUCKETS = (0.005, 0.01, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 
 
 class Metrics:
@@ -126,6 +128,14 @@ class Metrics:
             "How late the event loop ran a timer (sampled every 100 ms): how long a frame "
             "waits for the loop.",
             buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
+
+        self.vad_delay = Histogram(
+            "phone_agent_vad_delay_seconds",
+            "From the first caller window of a VAD batch being queued to its speech "
+            "probabilities (one observation per batch): how late barge-in hears the caller.",
+            buckets=VAD_BUCKETS,
             registry=r,
         )
 

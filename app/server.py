@@ -555,7 +555,11 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     """The VAD batcher lives as long as the app; calls still open at exit are closed."""
     # VAD_BATCH_MS lets the calls' windows of one moment share an inference (README).
     settings = app[SETTINGS]
-    app[VAD] = VadBatcher(get_vad(settings.vad_model_path), linger_ms=settings.vad_batch_ms)
+    app[VAD] = VadBatcher(
+        get_vad(settings.vad_model_path),
+        linger_ms=settings.vad_batch_ms,
+        observe=app[METRICS].vad_delay.observe,
+    )
     await app[ARCHIVE].start()  # resumes uploads an earlier run left pending
     yield
     sessions = list(app[CALLS].values())

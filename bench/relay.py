@@ -37,6 +37,9 @@ included. Only frames sent while all N calls were up are counted. For scale:
   own p99     the service's phone_agent_relay_lag_seconds histogram from /metrics (the
               read of a frame's bytes off the socket to its forward, caller->model: the
               wait for the event loop included, the hops and the kernel's buffers not)
+  vad p99     the service's phone_agent_vad_delay_seconds histogram: a VAD batch's first
+              window queued to its probabilities (VAD_BATCH_MS's linger and the inference,
+              which shares the core): how late barge-in hears the caller
 
 CPU: the relay's threads' run time (/proc/<pid>/task/*/schedstat, ns) over that window,
 per call-minute; calls/core = 60 s / that. Memory: VmRSS after a warm-up call (baseline)
@@ -530,6 +533,7 @@ class Row:
     down: list[float]  # model->caller, ms
     down_paced: int
     hist_p99_ms: float | None
+    vad_p99_ms: float | None
     usage: Usage
     rss_base_mb: float
     clears: dict[str, int]  # by the caller's clip: false interruptions, on noise
@@ -626,8 +630,9 @@ async def run_level(
         problems += len(relay.log_lines("error"))
     up, up_lost = caller_to_model(timings.sent, timings.arrived, window)
     down, paced = model_to_caller(timings.received, timings.departed, window)
-    hist = (
-        histogram_quantile(metrics, "phone_agent_relay_lag_seconds", 0.99)[0] if metrics else None
+    hist, vad = (
+        histogram_quantile(metrics, name, 0.99)[0] if metrics else None
+        for name in ("phone_agent_relay_lag_seconds", "phone_agent_vad_delay_seconds")
     )
     return Row(
         target=target,
@@ -637,6 +642,7 @@ async def run_level(
         down=down,
         down_paced=paced,
         hist_p99_ms=hist * 1000 if hist is not None else None,
+        vad_p99_ms=vad * 1000 if vad is not None else None,
         usage=usage,
         rss_base_mb=rss_base,
         clears={
@@ -714,12 +720,12 @@ def print_table(rows: list[Row], seconds: float) -> None:
     print(
         f"\nrelay, {seconds:g} s calls; relay on CPU 0, driver + fake on CPU 1. Latency in ms, "
         "end to end across processes (c->m: Twilio media -> model append; m->c: model "
-        "delta -> Twilio media); own: the service's relay_lag histogram bound"
+        "delta -> Twilio media); own, vad: the service's relay_lag and vad_delay histogram bounds"
     )
     head = (
         f"{'relay':10} {'calls':>5} | {'c->m p50':>8} {'p99':>6} {'max':>6} {'n':>6} "
         f"{'lost':>4} | {'m->c p50':>8} {'p99':>6} {'max':>6} {'n':>6} {'paced':>5} | "
-        f"{'own p99<=':>9}"
+        f"{'own p99<=':>9} {'vad p99<=':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -729,7 +735,7 @@ def print_table(rows: list[Row], seconds: float) -> None:
             f"{fmt(percentile(r.up, 99)):>6} {fmt(max(r.up, default=None), 1):>6} "
             f"{len(r.up):6d} {r.up_lost:4d} | {fmt(percentile(r.down, 50)):>8} "
             f"{fmt(percentile(r.down, 99)):>6} {fmt(max(r.down, default=None), 1):>6} "
-            f"{len(r.down):6d} {r.down_paced:5d} | {fmt(r.hist_p99_ms):>9}"
+            f"{len(r.down):6d} {r.down_paced:5d} | {fmt(r.hist_p99_ms):>9} {fmt(r.vad_p99_ms):>9}"
         )
     print(
         "\nresources over the same window: relay CPU (all threads) as % of one core and in "

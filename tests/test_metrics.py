@@ -175,6 +175,8 @@ async def test_metrics_move_with_a_call_and_logs_carry_the_call(
     for span in ("first_model_audio", "first_audio_sent", "first_audio_heard"):
         assert value(after, "phone_agent_turn_latency_seconds_count", span=span) == 1, span
     assert value(after, "phone_agent_relay_lag_seconds_count") == result.frames_sent
+    # The agent greeted while the caller's frames came: the VAD scored them, in batches.
+    assert 0 < value(after, "phone_agent_vad_delay_seconds_count") < result.frames_sent
 
     ids = {"call_sid": result.call_sid, "stream_sid": result.stream_sid}
     call_events = [e for e in logs if e["event"].split(".")[0] in CALL_LOGGERS]
@@ -272,6 +274,8 @@ async def test_an_observer_that_raises_does_not_reach_the_call(
     assert broken.calls["caller_audio"] == result.frames_sent
     assert broken.calls["ended"] == 1
     assert value(after, "phone_agent_relay_lag_seconds_count") == result.frames_sent
+    # The agent greeted while the caller's frames came: the VAD scored them, in batches.
+    assert 0 < value(after, "phone_agent_vad_delay_seconds_count") < result.frames_sent
     assert value(after, "phone_agent_calls_total", outcome="completed") == 1
     failed = [e for e in logs if e["event"] == "observer.failed"]
     assert sorted(e["hook"] for e in failed) == sorted(broken.calls)

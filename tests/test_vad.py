@@ -164,7 +164,8 @@ async def test_concurrent_streams_get_exactly_their_own_results(
 async def test_linger_gathers_feeds_from_later_ticks(
     vad: SileroVad, inferences: list[tuple[int, int]]
 ) -> None:
-    b = VadBatcher(vad, linger_ms=100)
+    delays: list[float] = []
+    b = VadBatcher(vad, linger_ms=100, observe=delays.append)
     window = np.concatenate(_frames("yes"))[:WINDOW]
 
     async def later(stream: VadStream) -> list[float]:
@@ -177,6 +178,7 @@ async def test_linger_gathers_feeds_from_later_ticks(
         await b.close()
     assert first == second
     assert [size for size, _ in inferences] == [2]
+    assert len(delays) == 1 and delays[0] >= 0.1  # one batch, which lingered its 100 ms
 
 
 async def test_unbatched_mode_gives_the_same_results(vad: SileroVad, batcher: VadBatcher) -> None:

@@ -17,6 +17,7 @@ one or two.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -42,9 +43,17 @@ class VadBatcher:
     """Runs `feed`s of all calls through one model; `batched=False` runs each feed alone.
 
     `linger_ms` is how long a batch waits for more feeds after its first (0: the same tick).
+    `observe` is given each batch's delay, from its first feed to its results, in seconds.
     """
 
-    def __init__(self, vad: SileroVad, *, batched: bool = True, linger_ms: float = 0.0) -> None:
+    def __init__(
+        self,
+        vad: SileroVad,
+        *,
+        batched: bool = True,
+        linger_ms: float = 0.0,
+        observe: Callable[[float], None] | None = None,
+    ) -> None:
         self.vad = vad
         self.batched = batched
         self.linger = linger_ms / 1000.0
@@ -54,6 +63,7 @@ class VadBatcher:
         self._dispatch_scheduled = False
         self._running: asyncio.Future[list[list[float]]] | None = None
         self._closed = False
+        self._observe = observe
 
     async def feed(self, stream: VadStream, pcm: npt.NDArray[np.int16]) -> list[float]:
         """Speech probability of each 32 ms window this 8 kHz audio completes, in order."""
@@ -64,7 +74,10 @@ class VadBatcher:
             return []
         loop = asyncio.get_running_loop()
         if not self.batched:
+            fed_at = loop.time()
             results = await loop.run_in_executor(self._executor, self._infer, [(stream, windows)])
+            if self._observe is not None:
+                self._observe(loop.time() - fed_at)
             return results[0]
         future: asyncio.Future[list[float]] = loop.create_future()
         if not self._queue:
@@ -99,10 +112,15 @@ class VadBatcher:
             self._executor, self._infer, [(item.stream, item.windows) for item in batch]
         )
         self._running = running
-        running.add_done_callback(lambda done: self._complete(batch, done))
+        first_at = self._first_at
+        running.add_done_callback(lambda done: self._complete(batch, first_at, done))
 
-    def _complete(self, batch: list[_Feed], done: asyncio.Future[list[list[float]]]) -> None:
+    def _complete(
+        self, batch: list[_Feed], first_at: float, done: asyncio.Future[list[list[float]]]
+    ) -> None:
         self._running = None
+        if self._observe is not None:
+            self._observe(asyncio.get_running_loop().time() - first_at)
         error = done.exception()
         for index, item in enumerate(batch):
             if item.future.done():  # the caller went away (cancelled)

@@ -1,6 +1,11 @@
 """MCP tools through a call's `Toolset`, against the clinic's MCP server (examples/clinic):
 listed with their own schemas (cached for the process), filtered by `allowed_tools`,
-called through the SDK's session; a server that is down leaves the call without them."""
+called through the SDK's session; a server that is down leaves the call without them.
+
+Against a stateful server (the SDK's own, sessions and SSE answers, `StatefulMcp`): a
+call's tool calls share one session per server, opened at the first and terminated when
+the call's toolset closes; a session the server forgot is replaced once, and a tool call
+that may have reached the tool is never sent again."""
 
 from __future__ import annotations
 
@@ -18,12 +23,14 @@ import orjson
 import pytest
 from mcp.server import Server
 from mcp.shared.exceptions import MCPError
+from starlette.datastructures import Headers
+from starlette.responses import PlainTextResponse
 from structlog.testing import capture_logs
 
 from app.tools.declarations import McpServer, Toolbox
 from app.tools.http import CallContext
-from app.tools.mcp import MAX_TOOLS, McpClient
-from app.tools.results import ToolOutcome
+from app.tools.mcp import MAX_TOOLS, McpClient, McpTool
+from app.tools.results import ToolAnswer, ToolOutcome
 from app.tools.toolset import ToolRunner
 from examples.clinic import TOOLS, Clinic, Schedule, create_app, running
 
@@ -89,6 +96,7 @@ async def test_the_clinic_tools_are_offered_with_their_own_schemas_and_book(
     invalid = await tools.run("cancel_appointment", "call_3", {"id": "one"}, CONTEXT)
     assert invalid.outcome is ToolOutcome.INVALID_ARGUMENTS
     assert clinic.booked() == [("Alice Moreno", "+15551234567")]
+    await tools.aclose()
 
 
 async def test_allowed_tools_limit_what_is_offered(clinic: ClinicRig, runner: ToolRunner) -> None:
@@ -137,6 +145,7 @@ async def test_a_call_to_a_server_gone_since_listing_is_a_failure(tmp_path: Path
         async with running(create_app(schedule, clock=lambda: NOW)) as url:
             tools = await runner.toolset(Toolbox(mcp=(McpServer(f"{url}/mcp"),)))
         answer = await tools.run("check_availability", "call_1", {"day": "2030-01-08"}, CONTEXT)
+        await tools.aclose()
     finally:
         await runner.close()
         await schedule.aclose()
@@ -192,6 +201,7 @@ async def test_a_slow_or_refusing_tool_and_bad_listings(runner: ToolRunner) -> N
         broken = await tools.run("broken", "call_2", {}, CONTEXT)
         assert broken.outcome is ToolOutcome.TOOL_ERROR
         assert "the backend refused" in orjson.loads(broken.output)["error"]
+        await tools.aclose()
 
 
 async def test_a_slow_listing_holds_a_call_back_briefly_and_serves_the_next() -> None:
@@ -236,3 +246,209 @@ async def test_a_server_listing_too_many_tools_has_the_first_offered(runner: Too
     assert [s.name for s in tools.specs] == [f"tool_{n}" for n in range(MAX_TOOLS)]
     (warning,) = [e for e in logs if e["event"] == "tools.mcp_too_many"]
     assert warning["listed"] == MAX_TOOLS + 6
+
+
+class StatefulMcp:
+    """A stateful MCP server (the SDK's own: sessions, SSE answers) and what it saw.
+
+    `tally` counts its calls per session (the state a server keeps for a client) and
+    answers `{"session", "count"}`; `hang` never answers. `app()` makes a fresh server
+    (a restart: it knows no session of the one before) that records here too."""
+
+    def __init__(self) -> None:
+        self.opened: list[str] = []  # session ids handed out (initialize answers)
+        self.tallied: list[str] = []  # the session of each tally the server ran
+        self.deleted: list[tuple[str | None, int]] = []  # DELETE: session id, status
+        self.unknown: list[str | None] = []  # requests answered 404 (session unknown)
+        self.lose_next_answer = False  # run the next tool call, answer 502 instead
+
+    def app(self) -> Any:
+        counts: dict[str, int] = {}
+        good = {"type": "object", "properties": {}}
+
+        async def list_tools(ctx: Any, params: Any) -> mcp_types.ListToolsResult:
+            tools = [
+                mcp_types.Tool(name=name, description=name, input_schema=good)
+                for name in ("tally", "hang")
+            ]
+            return mcp_types.ListToolsResult(tools=tools)
+
+        async def call_tool(ctx: Any, params: mcp_types.CallToolRequestParams) -> Any:
+            if params.name == "hang":
+                await asyncio.Event().wait()
+            session = ctx.request.headers["mcp-session-id"]
+            self.tallied.append(session)
+            counts[session] = counts.get(session, 0) + 1
+            text = orjson.dumps({"session": session, "count": counts[session]}).decode()
+            return mcp_types.CallToolResult(content=[mcp_types.TextContent(type="text", text=text)])
+
+        inner = Server("stateful", on_list_tools=list_tools, on_call_tool=call_tool)
+        sdk = inner.streamable_http_app(streamable_http_path="/mcp")
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                return await sdk(scope, receive, send)
+            method = scope["method"]
+            session = Headers(scope=scope).get("mcp-session-id")
+            if method == "POST" and session and self.lose_next_answer:
+                self.lose_next_answer = False
+
+                async def dropped(message: Any) -> None:
+                    pass
+
+                await sdk(scope, receive, dropped)  # the tool runs; its answer is lost
+                return await PlainTextResponse("bad gateway", 502)(scope, receive, send)
+
+            async def watch(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    given = Headers(raw=message["headers"]).get("mcp-session-id")
+                    if method == "POST" and session is None and given:
+                        self.opened.append(given)
+                    if method == "DELETE":
+                        self.deleted.append((session, status))
+                    if status == 404:
+                        self.unknown.append(session)
+                await send(message)
+
+            await sdk(scope, receive, watch)
+
+        return app
+
+
+def session_tasks() -> list[asyncio.Task[Any]]:
+    """Live tasks of MCP client sessions: ours, and the SDK client's own (anyio names a
+    task after its function)."""
+    return [
+        t for t in asyncio.all_tasks() if t.get_name().startswith(("mcp-session-", "mcp.client."))
+    ]
+
+
+def tallied(answer: ToolAnswer) -> tuple[str, int]:
+    assert answer.outcome is ToolOutcome.OK, answer.output
+    out = orjson.loads(answer.output)
+    return out["session"], out["count"]
+
+
+async def test_a_calls_tool_calls_share_one_session_ended_with_the_call(
+    runner: ToolRunner,
+) -> None:
+    mcp = StatefulMcp()
+    async with running(mcp.app()) as url:
+        tools = await runner.toolset(Toolbox(mcp=(McpServer(f"{url}/mcp"),)))
+        # The listing (the process's, cached) had a session of its own, closed at once.
+        (listing,) = mcp.opened
+        assert mcp.deleted == [(listing, 200)]
+        mcp.opened.clear(), mcp.deleted.clear()
+        first = tallied(await tools.run("tally", "call_1", {}, CONTEXT))
+        together = await asyncio.gather(
+            *(tools.run("tally", f"call_{n}", {}, CONTEXT) for n in (2, 3, 4))
+        )
+        # One session for every tool call, the server's state for it kept between them.
+        session = first[0]
+        assert first == (session, 1)
+        assert sorted(tallied(a) for a in together) == [(session, 2), (session, 3), (session, 4)]
+        assert mcp.opened == [session] and mcp.tallied == [session] * 4
+        # A second phone call gets a session of its own.
+        other = await runner.toolset(Toolbox(mcp=(McpServer(f"{url}/mcp"),)))
+        second = tallied(await other.run("tally", "call_1", {}, CONTEXT))
+        assert second[0] != session and second[1] == 1
+        # The calls end: each session is terminated on the server, and no task is left.
+        assert mcp.deleted == [] and len(session_tasks()) > 2
+        await tools.aclose()
+        assert mcp.deleted == [(session, 200)]
+        await other.aclose()
+        assert mcp.deleted == [(session, 200), (second[0], 200)]
+        assert session_tasks() == []
+
+
+async def test_a_session_the_server_forgot_is_replaced_once(runner: ToolRunner) -> None:
+    mcp = StatefulMcp()
+    async with running(mcp.app()) as url:
+        tools = await runner.toolset(Toolbox(mcp=(McpServer(f"{url}/mcp"),)))
+        before, _ = tallied(await tools.run("tally", "call_1", {}, CONTEXT))
+    port = int(url.rsplit(":", 1)[1])
+    mcp.opened.clear()
+    async with running(mcp.app(), port=port):  # restarted: it knows no session
+        with capture_logs() as logs:
+            after = tallied(await tools.run("tally", "call_2", {}, CONTEXT))
+        # The server refused the old session (404) and ran nothing; a fresh one ran it.
+        assert mcp.unknown[0] == before
+        assert after[0] != before and mcp.opened == [after[0]] and after[1] == 1
+        assert mcp.tallied == [before, after[0]]  # once per tool call
+        (renewed,) = [e for e in logs if e["event"] == "tools.mcp_session_renewed"]
+        assert (renewed["tool"], renewed["reason"]) == ("tally", "session unknown")
+        # The fresh session serves the next tool calls.
+        assert tallied(await tools.run("tally", "call_3", {}, CONTEXT)) == (after[0], 2)
+        await tools.aclose()
+        assert (after[0], 200) in mcp.deleted
+    assert session_tasks() == []
+
+
+async def test_a_server_gone_since_the_last_tool_call_is_tried_once_more(
+    runner: ToolRunner,
+) -> None:
+    mcp = StatefulMcp()
+    async with running(mcp.app()) as url:
+        tools = await runner.toolset(Toolbox(mcp=(McpServer(f"{url}/mcp", timeout_ms=2000),)))
+        tallied(await tools.run("tally", "call_1", {}, CONTEXT))
+    with capture_logs() as logs:
+        answer = await tools.run("tally", "call_2", {}, CONTEXT)
+    # Its connection could not be made (nothing reached a tool): one fresh session is
+    # tried, which cannot be opened either.
+    assert answer.outcome is ToolOutcome.UNREACHABLE
+    assert orjson.loads(answer.output)["error"] == "could not reach the tool: connection failed"
+    renewed = [e for e in logs if e["event"] == "tools.mcp_session_renewed"]
+    assert [e["reason"] for e in renewed] == ["connection failed"]
+    await tools.aclose()
+    assert session_tasks() == []
+
+
+async def test_a_tool_call_that_may_have_run_is_never_sent_again(runner: ToolRunner) -> None:
+    mcp = StatefulMcp()
+    async with running(mcp.app()) as url:
+        tools = await runner.toolset(Toolbox(mcp=(McpServer(f"{url}/mcp"),)))
+        session, _ = tallied(await tools.run("tally", "call_1", {}, CONTEXT))
+        mcp.lose_next_answer = True
+        with capture_logs() as logs:
+            lost = await tools.run("tally", "call_2", {}, CONTEXT)
+        # The tool ran and its answer was lost: the model hears it failed, as before.
+        assert lost.outcome is ToolOutcome.TOOL_ERROR
+        assert mcp.tallied == [session, session]
+        assert [e for e in logs if e["event"] == "tools.mcp_session_renewed"] == []
+        # The session goes on: the server's count for it says the lost call ran.
+        assert tallied(await tools.run("tally", "call_3", {}, CONTEXT)) == (session, 3)
+        await tools.aclose()
+    assert session_tasks() == []
+
+
+async def test_a_hung_tool_or_server_times_out(runner: ToolRunner) -> None:
+    mcp = StatefulMcp()
+    async with running(mcp.app()) as url:
+        server = McpServer(f"{url}/mcp", timeout_ms=300)
+        # The listing has 2 s (LIST_WAIT_S); each tool call has 0.3 s.
+        tools = await runner.toolset(Toolbox(mcp=(server,)))
+        session, _ = tallied(await tools.run("tally", "call_1", {}, CONTEXT))
+        hung = await tools.run("hang", "call_2", {}, CONTEXT)
+        assert hung.outcome is ToolOutcome.TIMEOUT
+        assert orjson.loads(hung.output)["error"] == "no answer within 0.3 s"
+        # The session is still the call's.
+        assert tallied(await tools.run("tally", "call_3", {}, CONTEXT)) == (session, 2)
+        await tools.aclose()
+    assert session_tasks() == []
+
+    # A server that takes the connection and never answers: the opening is bounded too.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up
+        writer.close()
+
+    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    async with listener:
+        hung_server = McpServer(f"http://127.0.0.1:{port}/mcp", timeout_ms=300)
+        tool = McpTool(hung_server, "tally", "Counts.", {"type": "object"})
+        sessions = runner.mcp.sessions()
+        answer = await sessions.call(tool, {})
+        assert answer.outcome is ToolOutcome.TIMEOUT
+        await sessions.aclose()
+    assert session_tasks() == []

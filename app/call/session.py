@@ -509,6 +509,7 @@ class CallSession:
 
     async def _clean_up(self) -> None:
         await self._step("tasks", self._tasks.close())
+        await self._step("tools", self.tools.close())  # after the tool runs: MCP sessions
         await self._step("steering", self.steering.close())
         if self.engine is not None:
             await self._step("engine", self.engine.close())

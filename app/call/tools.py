@@ -201,6 +201,11 @@ class CallTools:
         except Exception:
             host.log.exception("tools.unavailable")
 
+    async def close(self) -> None:
+        """End the business toolset's MCP sessions, once the call's tool runs are over."""
+        if self._toolset is not None:
+            await self._toolset.aclose()
+
     def specs(self) -> tuple[ToolSpec, ...]:
         """Every tool the model is offered on this call."""
         business = self._toolset.specs if self._toolset is not None else ()

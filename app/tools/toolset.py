@@ -5,7 +5,8 @@ listings. At the start of a call it makes the call's `Toolset`: the persona's HT
 tools and the tools its MCP servers list now. The toolset offers them (`specs`, for any
 engine's `AgentSetup`) and runs a call by name: arguments checked against the tool's
 schema first (an invalid call goes back to the model with the validation error and
-reaches no business), then HTTP or MCP. Nothing here knows an engine's protocol.
+reaches no business), then HTTP or MCP (through the call's own MCP sessions, which
+`aclose` ends with the call). Nothing here knows an engine's protocol.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jsonschema.validators import validator_for
 from app.engines.base import ToolSpec
 from app.tools.declarations import HttpTool, Toolbox
 from app.tools.http import CallContext, HttpSession, call_http
-from app.tools.mcp import McpClient, McpTool
+from app.tools.mcp import McpClient, McpSessions, McpTool
 from app.tools.results import ToolAnswer, ToolOutcome, failure
 
 __all__ = ["ToolRunner", "Toolset", "shared_runner"]
@@ -44,7 +45,7 @@ class _Tool:
 
 
 class Toolset:
-    """The business tools offered on one call."""
+    """The business tools offered on one call; `aclose` when the call ends."""
 
     def __init__(
         self, tools: Mapping[str, _Tool], runner: ToolRunner, secret: str | None = None
@@ -52,6 +53,7 @@ class Toolset:
         self._tools = dict(tools)
         self._runner = runner
         self._secret = secret
+        self._mcp: McpSessions = runner.mcp.sessions()
 
     @property
     def specs(self) -> tuple[ToolSpec, ...]:
@@ -82,7 +84,11 @@ class Toolset:
             return await call_http(
                 session, target, call_id, arguments, context, secret=self._secret
             )
-        return await self._runner.mcp.call(target, arguments)
+        return await self._mcp.call(target, arguments)
+
+    async def aclose(self) -> None:
+        """End the call's MCP sessions (each server is told); never raises."""
+        await self._mcp.aclose()
 
 
 class ToolRunner:

@@ -31,6 +31,7 @@ from tests.admin_rig import GREETING, Instance, Live, admin_settings, silence, w
 from tests.fakes.realtime import FakeRealtime, FakeToolCall, RealtimeConnection
 from tests.fakes.together import FakeTogether, ToolReply
 from tests.test_call_webhook import final_record
+from tests.test_tools_mcp import StatefulMcp, session_tasks
 
 # On looptime's virtual clock (see tests/conftest.py): waits and pacing cost no real time.
 pytestmark = pytest.mark.looptime
@@ -280,3 +281,47 @@ async def test_mcp_tools_book_end_to_end(rig: RigFactory, tmp_path: Path) -> Non
     assert orjson.loads(outputs(conn)[0]["output"])["appointment"]["start"] == "2030-01-08T14:30"
     assert r.booked() == BOOKED
     await live.twilio_ends_stream()
+
+
+async def test_a_calls_mcp_tool_calls_share_one_session_ended_at_hangup(
+    rig: RigFactory, tmp_path: Path
+) -> None:
+    """A stateful MCP server sees one session per phone call: the call's tool calls share
+    it (its state for the session goes on), the hangup terminates it, the next call has
+    its own."""
+    mcp = StatefulMcp()
+    async with running(mcp.app()) as url:
+        prompts = tmp_path / "prompts"
+        prompts.mkdir()
+        (prompts / "tally.toml").write_text(
+            'voice = "coral"\ngreeting = "Hello."\ninstructions = "Count."\n'
+            f'[[mcp_servers]]\nurl = "{url}/mcp"\n'
+        )
+        r = await rig(
+            tool_calls=[FakeToolCall("tally", {}, "tally_1"), FakeToolCall("tally", {}, "tally_2")],
+            settings={"prompts_dir": prompts, "persona": "tally"},
+        )
+        first = await quiet_call(r)
+        conn = r.realtime.connections[0]
+        await wait_until(answered(conn, 2), within_s=10, what="both outputs and a response")
+        answers = [orjson.loads(o["output"]) for o in outputs(conn)]
+        session = answers[0]["session"]
+        assert answers == [{"session": session, "count": 1}, {"session": session, "count": 2}]
+        assert session not in [s for s, _ in mcp.deleted]
+        await first.twilio_ends_stream()
+        await r.settled()
+        await wait_until(lambda: (session, 200) in mcp.deleted, what="the session's DELETE")
+        assert session_tasks() == []
+
+        r.realtime.tool_calls.append(FakeToolCall("tally", {}, "tally_3"))
+        second = await quiet_call(r)
+        conn = r.realtime.connections[1]
+        await wait_until(answered(conn), within_s=10, what="the output and a response")
+        answer = orjson.loads(outputs(conn)[0]["output"])
+        assert answer["session"] != session and answer["count"] == 1
+        await second.twilio_ends_stream()
+        await r.settled()
+        await wait_until(lambda: (answer["session"], 200) in mcp.deleted, what="its DELETE")
+        assert session_tasks() == []
+        # One session for each call (and the listing's own, once for the process).
+        assert {session, answer["session"]} < set(mcp.opened) and len(mcp.opened) == 3

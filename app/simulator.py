@@ -35,7 +35,7 @@ import numpy.typing as npt
 from app.audio.g711 import ulaw_decode, ulaw_encode
 from app.clock import loop_time
 from app.modes import Mode
-from app.simwire import CarrierSide, Ids, Outbound, SimulatorError, side, stream_of
+from app.simwire import CarrierSide, Ids, Outbound, SimulatorError, side
 from app.telephony.carrier import Carrier
 
 __all__ = [
@@ -241,11 +241,6 @@ class _Playback:
         self.consumed += len(chunk)
         self.played_bytes += len(chunk)
         return done
-
-
-def parse_twiml(body: str) -> tuple[str, dict[str, str]]:
-    """The Stream URL and its Parameters from `<Response><Connect><Stream>`."""
-    return stream_of(body)
 
 
 class _Call:

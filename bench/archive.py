@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 FRAME_S = 0.02
-AGENT_PIECE_S = 0.06
 
 
 def _percentile(values: list[float], q: float) -> float:

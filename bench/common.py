@@ -119,12 +119,6 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
-def stat_cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` from /proc/<pid>/stat (10 ms ticks, ended threads included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_busy_ticks() -> dict[int, tuple[int, int]]:
     """Per CPU: (busy, total) jiffies since boot, from /proc/stat."""
     ticks = {}

@@ -52,7 +52,11 @@ def test_engine_state_follows_credentials_and_the_breaker() -> None:
     }
     engines.report("realtime", ok=False)
     assert engines.state(Mode.REALTIME) is EngineState.HELD_OFF
-    assert engines.available() == {Mode.REALTIME: False, Mode.LIVE: False, Mode.CHAINED: False}
+    assert engines.states() == {
+        Mode.REALTIME: EngineState.HELD_OFF,
+        Mode.LIVE: EngineState.UNCONFIGURED,
+        Mode.CHAINED: EngineState.UNCONFIGURED,
+    }
     now[0] = 5.0  # half-open: a probe may go, so new calls can use it again
     assert engines.state(Mode.REALTIME) is EngineState.AVAILABLE
 

@@ -104,7 +104,6 @@ class Playback:
         self._marks = itertools.count(1)
         self._wake = asyncio.Event()
         self._paused = False
-        self.sent_ms = 0.0
 
     @property
     def playing(self) -> bool:
@@ -144,7 +143,6 @@ class Playback:
             self._in_flight.append(chunk)
             if self._on_sent is not None and chunk.end_ms == chunk.ms:
                 self._on_sent(chunk.item_id)
-            self.sent_ms += chunk.ms
             self._observer.agent_audio(chunk.payload, chunk.started_at)
             await self._send(self._framer.media(self._stream_sid, chunk.payload))
             await self._send(self._framer.mark(self._stream_sid, chunk.mark))

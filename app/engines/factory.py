@@ -68,10 +68,6 @@ class Engines:
         """Every mode's state."""
         return {mode: self.state(mode) for mode in Mode}
 
-    def available(self) -> dict[Mode, bool]:
-        """What `/ready` reports: configured, and not held off by its breaker."""
-        return {mode: state is EngineState.AVAILABLE for mode, state in self.states().items()}
-
     def order(self, preferred: str) -> list[Mode]:
         """Modes to try for a new call: the preferred one, then `ENGINE_ORDER`.
 

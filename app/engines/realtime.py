@@ -305,7 +305,6 @@ class RealtimeEngine:
         self._events: asyncio.Queue[EngineEvent | None] = asyncio.Queue()
         self._setup: AgentSetup | None = None
         self._reply = _Reply.IDLE
-        self._response_id: str | None = None  # of the ACTIVE response
         self._response_wanted = False  # asked for while one ran: create it after
         self._retried = False  # a failed response was retried since the last completed one
         self._audio_sent = False
@@ -643,13 +642,13 @@ class RealtimeEngine:
 
     def _on_response_created(self, event: dict[str, Any]) -> None:
         response_id = str((event.get("response") or {}).get("id", ""))
-        self._reply, self._response_id = _Reply.ACTIVE, response_id
+        self._reply = _Reply.ACTIVE
         self._emit(ResponseStarted(response_id))
 
     def _on_response_done(self, event: dict[str, Any]) -> None:
         response = event.get("response") or {}
         status = str(response.get("status", ""))
-        self._reply, self._response_id = _Reply.IDLE, None
+        self._reply = _Reply.IDLE
         self._disarm()
         self._emit(ResponseDone(str(response.get("id", "")), status))
         if amounts := response_usage(response.get("usage")):

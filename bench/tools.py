@@ -15,7 +15,10 @@ the call's pump, argument validation, body, signature), and (T3 - T2), from the 
 to the output sent to the model. Both include loopback transit and the fakes' own work
 on the same loop, so they bound the service's share from above. A second run does the
 same through MCP against the clinic example, where only the whole round trip (T3 - T0,
-the clinic's own work and three MCP requests included) can be taken.
+the clinic's own work included) can be taken. The call's MCP session is opened at its
+first tool call and reused by the others, so a tool call is one MCP request (the line
+after it counts the HTTP requests the clinic's MCP endpoint got, the listing's and the
+session's opening included).
 
     .venv/bin/python -m bench.tools
 """
@@ -34,6 +37,7 @@ from zoneinfo import ZoneInfo
 import orjson
 import structlog
 from aiohttp.test_utils import TestServer
+from starlette.applications import Starlette
 
 from app.server import create_app
 from app.simulator import Clip, simulate_call
@@ -143,11 +147,25 @@ async def http_run(prompts: Path) -> tuple[list[float], list[float]]:
     return to_request, to_model
 
 
-async def mcp_run(prompts: Path) -> list[float]:
+class Counted:
+    """The clinic's app, counting the HTTP requests to its MCP endpoint."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+        self.requests = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/mcp":
+            self.requests += 1
+        await self.app(scope, receive, send)
+
+
+async def mcp_run(prompts: Path) -> tuple[list[float], int]:
     stamps = Stamps(MCP_CALLS)
     clinic = Clinic(Schedule(":memory:", tz=ZoneInfo("America/New_York")))
+    app = Counted(clinic_app(clinic))
     try:
-        async with running(clinic_app(clinic)) as url:
+        async with running(app) as url:  # type: ignore[arg-type]  # any ASGI app serves
             (prompts / "bench.toml").write_text(
                 PERSONA.format(tools=MCP_SERVER.format(url=f"{url}/mcp"))
             )
@@ -157,7 +175,7 @@ async def mcp_run(prompts: Path) -> list[float]:
                 await one_call(prompts, calls, stamps)
     finally:
         await clinic.aclose()
-    return [(stamps.answered[c] - stamps.called[c]) * 1000.0 for c in stamps.answered]
+    return [(stamps.answered[c] - stamps.called[c]) * 1000.0 for c in stamps.answered], app.requests
 
 
 def line(label: str, values: list[float]) -> None:
@@ -176,7 +194,9 @@ async def main() -> None:
     line("HTTP answer   -> output at the model", to_model)
     both = [a + b for a, b in zip(to_request, to_model, strict=True)]
     line("both, per tool call                 ", both)
-    line("MCP round trip (clinic included)    ", await mcp_run(prompts))
+    round_trips, requests = await mcp_run(prompts)
+    line("MCP round trip (clinic included)    ", round_trips)
+    print(f"  MCP HTTP requests: {requests} for {len(round_trips)} tool calls")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from starlette.datastructures import Headers
 from starlette.responses import PlainTextResponse
 from structlog.testing import capture_logs
 
+from app.tools import mcp as mcp_module
 from app.tools.declarations import McpServer, Toolbox
 from app.tools.http import CallContext
 from app.tools.mcp import MAX_TOOLS, McpClient, McpTool
@@ -261,6 +262,7 @@ class StatefulMcp:
         self.deleted: list[tuple[str | None, int]] = []  # DELETE: session id, status
         self.unknown: list[str | None] = []  # requests answered 404 (session unknown)
         self.lose_next_answer = False  # run the next tool call, answer 502 instead
+        self.deletes_wait: asyncio.Event | None = None  # DELETE answered once it is set
 
     def app(self) -> Any:
         counts: dict[str, int] = {}
@@ -290,6 +292,8 @@ class StatefulMcp:
                 return await sdk(scope, receive, send)
             method = scope["method"]
             session = Headers(scope=scope).get("mcp-session-id")
+            if method == "DELETE" and self.deletes_wait is not None:
+                await self.deletes_wait.wait()
             if method == "POST" and session and self.lose_next_answer:
                 self.lose_next_answer = False
 
@@ -394,13 +398,16 @@ async def test_a_server_gone_since_the_last_tool_call_is_tried_once_more(
         tallied(await tools.run("tally", "call_1", {}, CONTEXT))
     with capture_logs() as logs:
         answer = await tools.run("tally", "call_2", {}, CONTEXT)
+        await tools.aclose()
     # Its connection could not be made (nothing reached a tool): one fresh session is
     # tried, which cannot be opened either.
     assert answer.outcome is ToolOutcome.UNREACHABLE
     assert orjson.loads(answer.output)["error"] == "could not reach the tool: connection failed"
-    renewed = [e for e in logs if e["event"] == "tools.mcp_session_renewed"]
-    assert [e["reason"] for e in renewed] == ["connection failed"]
-    await tools.aclose()
+    told = sorted((e["event"], e.get("reason", e.get("error"))) for e in logs)
+    assert told == [
+        ("tools.mcp_session_lost", "connection failed"),
+        ("tools.mcp_session_renewed", "connection failed"),
+    ]
     assert session_tasks() == []
 
 
@@ -452,3 +459,21 @@ async def test_a_hung_tool_or_server_times_out(runner: ToolRunner) -> None:
         assert answer.outcome is ToolOutcome.TIMEOUT
         await sessions.aclose()
     assert session_tasks() == []
+
+
+async def test_a_session_that_does_not_close_is_cut_off_with_one_line(
+    runner: ToolRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mcp_module, "CLOSE_WAIT_S", 0.2)
+    mcp = StatefulMcp()
+    async with running(mcp.app()) as url:
+        tools = await runner.toolset(Toolbox(mcp=(McpServer(f"{url}/mcp"),)))
+        tallied(await tools.run("tally", "call_1", {}, CONTEXT))
+        mcp.deletes_wait = asyncio.Event()
+        with capture_logs() as logs:
+            async with asyncio.timeout(2.0):  # the call's cleanup goes on
+                await tools.aclose()
+        (cut,) = [e for e in logs if e["event"] == "tools.mcp_session_close_failed"]
+        assert cut["error"] == "not closed within 0.2 s" and cut["log_level"] == "warning"
+        assert session_tasks() == []
+        mcp.deletes_wait.set()

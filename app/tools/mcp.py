@@ -276,6 +276,7 @@ class _Held:
     async def _hold(self, client: httpx2.AsyncClient) -> None:
         url = _safe(self.server.url)
         started = loop_time()
+        leaving = False  # told to close: what fails now fails the closing
         try:
             async with contextlib.AsyncExitStack() as stack:
                 async with asyncio.timeout(self.server.timeout_ms / 1000.0):
@@ -285,10 +286,11 @@ class _Held:
                 ms = round((loop_time() - started) * 1000.0, 1)
                 log.info("tools.mcp_session_opened", url=url, ms=ms)
                 await self._closing.wait()
+                leaving = True
         except Exception as exc:  # the SDK's task groups raise what broke the session
             if self._session is None:
                 self._failure = exc  # the tool calls waiting answer from it
-            elif self._closing.is_set():
+            elif leaving:
                 log.warning("tools.mcp_session_close_failed", url=url, error=_describe(exc))
             else:
                 log.warning("tools.mcp_session_lost", url=url, error=_describe(exc))

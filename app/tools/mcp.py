@@ -24,14 +24,17 @@ as the streamable HTTP spec says, and runs nothing), or its connection failed. A
 session is dropped, and the tool call is retried once on a fresh session only when its
 request provably never reached a tool: the connection for it could not be made, or the
 server answered 404 to the session id. Anything else once the request may have gone out
-(a timeout, a connection lost before the answer, a 5xx) is answered as before, TIMEOUT
-or UNREACHABLE, never by sending it again: a tool acts on the business (a booking), and
-the model can ask again. What became of the request is seen by the server's HTTP
+(a timeout, a connection lost before the answer, a 5xx) is answered as before (TIMEOUT,
+UNREACHABLE, the server's error), never by sending it again: a tool acts on the business
+(a booking), and the model can ask again. What became of the request is seen by the server's HTTP
 transport, for the first request a tool call sends (the SDK sends it from a task that
 copies the caller's context, where `_SENDING` points at the call's record); without
 that evidence a failure is not retried. A session that fails to open is not retried
 (it was a fresh one). A tool call's `timeout_ms` bounds all of it: the opening when it
-is the first, the call, the retry.
+is the first, the call, the retry. The SDK's transport ends the whole session when one
+of its requests fails (a server that answers a timed-out call's request late, after our
+HTTP read timeout, which is `timeout_ms` too): tool calls sharing it then are answered
+UNREACHABLE, and the next one opens a fresh session.
 """
 
 from __future__ import annotations

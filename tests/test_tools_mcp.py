@@ -364,6 +364,10 @@ async def test_a_calls_tool_calls_share_one_session_ended_with_the_call(
         await other.aclose()
         assert mcp.deleted == [(session, 200), (second[0], 200)]
         assert session_tasks() == []
+        # A tool call after the end (a late task) opens nothing.
+        late = await tools.run("tally", "call_5", {}, CONTEXT)
+        assert late.outcome is ToolOutcome.UNREACHABLE
+        assert len(mcp.opened) == 2 and session_tasks() == []
 
 
 async def test_a_session_the_server_forgot_is_replaced_once(runner: ToolRunner) -> None:

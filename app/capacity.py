@@ -18,9 +18,10 @@ turns new ones away before that point:
   no process passes.
 - Outbound calls count too. `POST /admin/dial` is refused like a webhook, and a call it
   places reserves its slot for `DIAL_RESERVE_S` (ringing, then answering-machine
-  detection), so the callee's answer finds room. A webhook that says who answered is an
-  outbound call we placed (the CLI's `dial` or another worker's): it is admitted like a
-  stream, since the callee has already picked up.
+  detection), so the callee's answer finds room. The answer webhook of a call placed
+  elsewhere (the CLI's `dial`, another worker: a `placed=` slot not held here, or a
+  webhook that says who answered) is admitted like a stream, since the callee has already
+  picked up.
 - `/ready` answers 503 while the calls here reach MAX_CALLS or the loop lags, so a load
   balancer sends new calls elsewhere.
 
@@ -221,7 +222,7 @@ class Capacity:
 
     def webhook(self, call_id: str, carrier: str, *, outbound: bool = False) -> Reason | None:
         """Admit a carrier's call webhook (reserving its slot) or say why not.
-        `outbound`: the webhook says who answered a call we placed."""
+        `outbound`: a call we placed (here or elsewhere), which the callee answered."""
         if self._held(call_id) or (outbound and self._within_ceiling()):
             self._reserve(call_id, RESERVE_S)
             return None

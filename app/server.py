@@ -140,6 +140,7 @@ def _webhook(carrier: Edge, stream_path: str) -> Handler:
         if placed := request.query.get(PLACED):  # a call we placed: its slot moves to it
             capacity.answered(placed, call_id)
         answered_by = carrier.answered_by(form)
+        outbound = bool(placed) or answered_by is not None  # either way, a call we placed
         if answered_by is not None:
             request.app[METRICS].answered_by.labels(answered_by).inc()
         if answered_by is AnsweredBy.MACHINE:
@@ -148,7 +149,7 @@ def _webhook(carrier: Edge, stream_path: str) -> Handler:
             log.info("call.voicemail", carrier=carrier.carrier, call_sid=call_id, persona=persona)
             capacity.release(call_id)  # no stream follows
             return web.Response(text=carrier.voicemail(message), content_type="text/xml")
-        if capacity.webhook(call_id, carrier.carrier, outbound=answered_by is not None):
+        if capacity.webhook(call_id, carrier.carrier, outbound=outbound):
             if settings.overload_action is OverloadAction.FALLBACK:
                 raise web.HTTPServiceUnavailable(text="at capacity")
             return web.Response(text=carrier.busy(), content_type="text/xml")

@@ -243,11 +243,12 @@ async def test_telnyx_moves_a_machines_call_to_the_voicemail(
         telnyx.signing_key = r.kit.signing_key  # Telnyx signs with the account's key
         settings = r.server.app[SETTINGS]
         await asyncio.to_thread(
-            place_call, settings, "+15551234567", PERSONA, carrier=Carrier.TELNYX
+            place_call, settings, "+15551234567", PERSONA, carrier=Carrier.TELNYX, placed="slot1"
         )
         (placed,) = telnyx.texml_calls
         assert (placed["MachineDetection"], placed["AsyncAmd"]) == ("DetectMessageEnd", True)
-        assert placed["AsyncAmdStatusCallback"] == f"{r.url}/telnyx/machine?persona={PERSONA}"
+        machine = f"{r.url}/telnyx/machine?persona={PERSONA}&placed=slot1"
+        assert placed["AsyncAmdStatusCallback"] == machine
         assert placed["AsyncAmdStatusCallbackMethod"] == "POST"
         # Telnyx's answer webhook says nothing of who answered: the agent starts.
         call = asyncio.create_task(r.call(quiet(1500), persona=PERSONA, tail_s=0.2))

@@ -25,6 +25,7 @@ from aiohttp import WSCloseCode, web
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
+from app.admin.dial import new_slot
 from app.capacity import (
     CAPACITY,
     DIAL_RESERVE_S,
@@ -318,6 +319,33 @@ async def test_an_outbound_dial_holds_its_slot_until_the_callee_answers(rig: Rig
         assert (await r.ready())[0] == 503
         await asyncio.sleep(1)  # never answered: the slot is free again
         assert (await r.ready())[0] == 200
+
+
+@pytest.mark.parametrize("carrier", [Carrier.PLIVO, Carrier.TELNYX])
+async def test_a_call_placed_elsewhere_is_taken_like_a_stream(
+    rig: RigFactory, carrier: Carrier
+) -> None:
+    """The CLI's dial (or another worker's) holds no slot here, and Plivo's and Telnyx's
+    answer webhooks say nothing of who answered: the slot name on the URL marks it ours."""
+    r = await rig(max_calls=10)  # a headroom of one (a tenth) above the limit
+    wire = side(carrier)
+    url = str(r.server.make_url(wire.webhook_path))
+
+    async def webhook(url: str) -> str:
+        body, headers = wire.webhook(url, wire.ids(None), "+15550001111", "+15550002222", {})
+        async with r.http.post(url, data=body, headers=headers) as resp:
+            assert resp.status == 200
+            return await resp.text()
+
+    for _ in range(10):  # inbound calls take every slot
+        await webhook(url)
+    assert (await r.ready())[1]["reasons"] == ["max_calls"]
+    assert busy_verb(await webhook(url)).get("reason") == "busy"  # the next inbound one
+    answered = await webhook(f"{url}?placed={new_slot()}")  # the callee has picked up
+    assert wire.stream(answered)[0].startswith("ws")
+    # Beyond the headroom, a placed call is refused too: no process passes the ceiling.
+    assert busy_verb(await webhook(f"{url}?placed={new_slot()}")).get("reason") == "busy"
+    assert refused(await r.metrics(), "webhook", "max_calls") == 2
 
 
 @pytest.mark.parametrize("carrier", list(Carrier))

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from app.admin.dial import DialError, DialRequestError, DialSetupError, place_call
+from app.admin.dial import PLACED, DialError, DialRequestError, DialSetupError, place_call
 from app.config import Settings
 from app.telephony.carrier import Carrier
 from tests.fakes.plivo_rest import AUTH_ID as PLIVO_ID
@@ -111,7 +111,9 @@ async def test_place_call_posts_to_twilio(
     twilio: FakeTwilio, settings_factory: Callable[..., Settings]
 ) -> None:
     settings = dial_settings(settings_factory, twilio)
-    sid = await asyncio.to_thread(place_call, settings, "+15551234567", "receptionist", "chained")
+    sid = await asyncio.to_thread(
+        place_call, settings, "+15551234567", "receptionist", "chained", placed="slot1"
+    )
     assert sid == CALL_SID
     [form] = twilio.requests
     assert form["To"] == "+15551234567"
@@ -119,7 +121,11 @@ async def test_place_call_posts_to_twilio(
     assert form["Method"] == "POST"
     url = urlsplit(form["Url"])
     assert (url.scheme, url.netloc, url.path) == ("https", "agent.example.com", "/twiml")
-    assert parse_qs(url.query) == {"persona": ["receptionist"], "mode": ["chained"]}
+    assert parse_qs(url.query) == {
+        "persona": ["receptionist"],
+        "mode": ["chained"],
+        PLACED: ["slot1"],
+    }
 
 
 async def test_place_call_defaults_and_caller_id(
@@ -129,7 +135,8 @@ async def test_place_call_defaults_and_caller_id(
     await asyncio.to_thread(place_call, settings, "+15551234567", caller_id="+15550001234")
     [form] = twilio.requests
     assert form["From"] == "+15550001234"
-    assert form["Url"] == "https://agent.example.com/twiml"
+    # No slot held (the CLI's dial): a fresh name still marks the call as ours.
+    assert _placed(form["Url"]) == "https://agent.example.com/twiml"
 
 
 async def test_twilio_refusal_is_one_clear_line(
@@ -253,20 +260,20 @@ async def test_cli_dial(twilio: FakeTwilio, tmp_path: Path) -> None:
         )
     (code, out, err), telnyx_run, ((code_t, out_t, err_t), unknown, unset) = results
     assert (code, out.strip()) == (0, PLIVO_REQUEST), err
-    assert plivo.requests[0].body["answer_url"] == "https://agent.example.com/plivo/answer"
+    # Each names a slot (`placed=`), which no process holds: it marks the call as ours.
+    assert _placed(plivo.requests[0].body["answer_url"]) == "https://agent.example.com/plivo/answer"
     code, out, err = telnyx_run
     assert (code, out.strip()) == (0, ""), err  # Telnyx's answer names no call
     assert TELNYX_KEY not in out + err
     (texml,) = telnyx.texml_calls
-    assert texml["Url"] == "https://agent.example.com/telnyx/answer"
-    assert texml["AsyncAmdStatusCallback"] == "https://agent.example.com/telnyx/machine"
+    assert _placed(texml["Url"]) == "https://agent.example.com/telnyx/answer"
+    assert _placed(texml["AsyncAmdStatusCallback"]) == "https://agent.example.com/telnyx/machine"
     code, out, err = code_t, out_t, err_t
     assert (code, out.strip()) == (0, CALL_SID), err
     assert TOKEN not in out + err
-    assert parse_qs(urlsplit(twilio.requests[0]["Url"]).query) == {
-        "persona": ["marcus"],
-        "mode": ["realtime"],
-    }
+    query = parse_qs(urlsplit(twilio.requests[0]["Url"]).query)
+    assert re.fullmatch("[0-9a-f]{16}", query.pop(PLACED)[0])
+    assert query == {"persona": ["marcus"], "mode": ["realtime"]}
 
     code, _, err = unknown
     assert code == 1
@@ -275,6 +282,14 @@ async def test_cli_dial(twilio: FakeTwilio, tmp_path: Path) -> None:
     assert code == 1
     assert "PUBLIC_URL" in err
     assert len(twilio.requests) == 1
+
+
+def _placed(url: str) -> str:
+    """`url` without its query, which must be one slot's name and nothing else."""
+    base, _, query = url.partition("?")
+    (name,) = parse_qs(query, strict_parsing=True)[PLACED]
+    assert re.fullmatch("[0-9a-f]{16}", name) and query == f"{PLACED}={name}", url
+    return base
 
 
 async def _twilio_cli_runs(
@@ -405,12 +420,17 @@ async def test_dial_through_signalwire_uses_its_compatibility_api(
 ) -> None:
     settings = carrier_settings(settings_factory, **_sw(signalwire))
     sid = await asyncio.to_thread(
-        place_call, settings, "+15551234567", "receptionist", carrier=Carrier.SIGNALWIRE
+        place_call,
+        settings,
+        "+15551234567",
+        "receptionist",
+        carrier=Carrier.SIGNALWIRE,
+        placed="slot1",
     )
     assert sid == SW_CALL
     (form,) = signalwire.requests
     assert (form["To"], form["From"], form["Method"]) == ("+15551234567", FROM, "POST")
-    assert form["Url"] == f"{PUBLIC}/signalwire/answer?persona=receptionist"
+    assert form["Url"] == f"{PUBLIC}/signalwire/answer?persona=receptionist&placed=slot1"
     assert form["MachineDetection"] == "DetectMessageEnd"
 
 
@@ -420,7 +440,13 @@ async def test_dial_through_telnyx_places_a_texml_call(
     async with fake_telnyx_rest() as telnyx:
         settings = carrier_settings(settings_factory, **_telnyx(telnyx))
         sid = await asyncio.to_thread(
-            place_call, settings, "+15551234567", None, "chained", carrier=Carrier.TELNYX
+            place_call,
+            settings,
+            "+15551234567",
+            None,
+            "chained",
+            carrier=Carrier.TELNYX,
+            placed="slot1",
         )
     assert sid == ""  # Telnyx's answer names no call; its webhook will
     (body,) = telnyx.texml_calls
@@ -428,11 +454,11 @@ async def test_dial_through_telnyx_places_a_texml_call(
         "ApplicationSid": "1773070540731319841",
         "To": "+15551234567",
         "From": FROM,
-        "Url": f"{PUBLIC}/telnyx/answer?mode=chained",
+        "Url": f"{PUBLIC}/telnyx/answer?mode=chained&placed=slot1",
         "UrlMethod": "POST",
         "MachineDetection": "DetectMessageEnd",
         "AsyncAmd": True,
-        "AsyncAmdStatusCallback": f"{PUBLIC}/telnyx/machine?mode=chained",
+        "AsyncAmdStatusCallback": f"{PUBLIC}/telnyx/machine?mode=chained&placed=slot1",
         "AsyncAmdStatusCallbackMethod": "POST",
     }
 
@@ -443,7 +469,12 @@ async def test_dial_through_plivo_makes_a_call(
     async with fake_plivo_rest() as plivo:
         settings = carrier_settings(settings_factory, **_plivo(plivo))
         sid = await asyncio.to_thread(
-            place_call, settings, "+15551234567", caller_id="+15550001234", carrier=Carrier.PLIVO
+            place_call,
+            settings,
+            "+15551234567",
+            caller_id="+15550001234",
+            carrier=Carrier.PLIVO,
+            placed="slot1",
         )
     assert sid == PLIVO_REQUEST
     (request,) = plivo.requests
@@ -451,10 +482,10 @@ async def test_dial_through_plivo_makes_a_call(
     assert request.body == {
         "from": "15550001234",
         "to": "15551234567",
-        "answer_url": f"{PUBLIC}/plivo/answer",
+        "answer_url": f"{PUBLIC}/plivo/answer?placed=slot1",
         "answer_method": "POST",
         "machine_detection": "true",
-        "machine_detection_url": f"{PUBLIC}/plivo/machine",
+        "machine_detection_url": f"{PUBLIC}/plivo/machine?placed=slot1",
         "machine_detection_method": "POST",
     }
 

@@ -11,7 +11,6 @@ what the document allows is what the routes accept.
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -24,7 +23,14 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from app.admin import listen, schemas
 from app.admin.bus import LocalBus, RedisBus, make_bus
 from app.admin.commands import Op, Reply, error
-from app.admin.dial import DialError, DialRequest, DialRequestError, DialSetupError, place_call
+from app.admin.dial import (
+    DialError,
+    DialRequest,
+    DialRequestError,
+    DialSetupError,
+    new_slot,
+    place_call,
+)
 from app.admin.events import EVENTS, EventHub, EventModel, stream
 from app.admin.listen import Listeners
 from app.admin.session import authorize
@@ -121,7 +127,7 @@ def routes(
         capacity = request.app[CAPACITY]
         if capacity.dial():  # the callee's answer would find no room here
             return _json(error(503, "at capacity (MAX_CALLS) or lagging: try again later"))
-        placed = secrets.token_hex(8)  # the slot, named on the answer URL (dial.PLACED)
+        placed = new_slot()  # named on the answer URL (dial.PLACED)
         capacity.dialled(placed)  # held from now until the callee answers
         try:
             sid = await asyncio.to_thread(
@@ -388,7 +394,7 @@ def add_routes(
         hub.forward, bus.on_event = bus.publish_event, hub.receive
     for route in routes(settings, bus, personas, hub):
         app.router.add_route(route.method, route.path, _guarded(settings, route.handler))
-    listen.add_route(app, settings, calls, listeners)  # a WebSocket: in README, not OpenAPI
+    listen.add_route(app, settings, calls, listeners, bus)  # a WebSocket: README, not OpenAPI
 
     async def end_streams(_: web.Application) -> None:
         hub.close()

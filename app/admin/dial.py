@@ -9,6 +9,7 @@ synchronous: the admin API (`POST /admin/dial`) runs them in a thread.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "DialRequestError",
     "DialSetupError",
     "answer_url",
+    "new_slot",
     "place_call",
 ]
 
@@ -37,8 +39,15 @@ log = structlog.get_logger(__name__)
 
 # The answer URL's query parameter that names the capacity slot a placed call holds: the
 # answer webhook moves that slot to the call, whatever id (or none) the carrier's dial
-# answered with. The carrier signs the URL, so the name cannot be forged onto a webhook.
+# answered with, and admits a call placed elsewhere (the CLI, another worker) like the
+# stream of a callee who has picked up. Twilio, SignalWire and Plivo sign the URL; Telnyx
+# signs only the body, and a slot's name is 64 random bits (`new_slot`), never guessed.
 PLACED = "placed"
+
+
+def new_slot() -> str:
+    """A fresh name for a placed call's capacity slot (`PLACED`)."""
+    return secrets.token_hex(8)
 
 
 class DialError(Exception):
@@ -124,14 +133,15 @@ def place_call(
 ) -> str:
     """Place an outbound call through `carrier`'s REST API; returns its id for the call
     (Twilio's and SignalWire's call SID, Plivo's request UUID; Telnyx names none: empty).
-    `placed` names the capacity slot the call holds (`PLACED` on its answer URL).
+    `placed` names the capacity slot the call holds (`PLACED` on its answer URL); without
+    one (the CLI's dial) a fresh name no process holds still marks the call as ours.
 
     Blocking (HTTP to the carrier): call it from a thread on the event loop.
     """
     DialRequest.parse(to, persona, mode, caller_id, carrier=carrier)
     if not settings.public_url:
         raise DialSetupError("outbound calls need PUBLIC_URL")
-    url = answer_url(settings.public_url, persona, mode, carrier, placed)
+    url = answer_url(settings.public_url, persona, mode, carrier, placed or new_slot())
     try:
         call_id = edge(carrier).dial(settings, to, caller_id, url)
     except RestSetupError as exc:

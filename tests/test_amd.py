@@ -21,6 +21,7 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
+from app.admin.api import BUS
 from app.admin.dial import place_call
 from app.archive.recorder import directory_name
 from app.config import Settings
@@ -279,6 +280,11 @@ async def test_telnyx_moves_a_machines_call_to_the_voicemail(
     assert [(c.tag, c.text) for c in root] == [("Say", message), ("Hangup", None)]
 
 
+async def _registered(server: TestServer) -> set[str]:
+    """The calls the instance's registry lists, wherever they are held."""
+    return {c.call_sid for c in (await server.app[BUS].list_calls()).calls}
+
+
 @pytest.mark.looptime(False)  # two instances talk through a real redis-server
 async def test_a_result_that_reaches_another_instance_is_recorded_where_the_call_is(
     redis_url: str,  # noqa: F811 (the fixture; first, so it outlives the instances)
@@ -297,6 +303,9 @@ async def test_a_result_that_reaches_another_instance_is_recorded_where_the_call
         call = asyncio.create_task(b.call(quiet(1500), persona=PERSONA, tail_s=0.2))
         call_id = await _live_call(b)  # B holds the call
         assert not a.server.app[CALLS]
+        async with asyncio.timeout(5):  # B's record of it reaches the registry
+            while call_id not in await _registered(a.server):  # noqa: ASYNC110 - no event
+                await asyncio.sleep(0.02)
         assert (await telnyx.detect(call_id, "machine_end_beep"))[0] == 200
         with capture_logs() as logs:
             assert (await telnyx.detect(call_id, "machine_end_beep"))[0] == 200

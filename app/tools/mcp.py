@@ -4,9 +4,9 @@ A persona's MCP servers are listed when a call starts; the listing is kept for t
 process for `ttl_s` (a failed listing for less), so calls arriving together share one
 request and a server that is down costs one call its wait, not every call. A call waits
 at most `wait_s` for a listing (its greeting waits with it); a slower listing goes on and
-serves the calls after it. The tools
-are offered to the model with their own schemas (a schema that is not JSON Schema, a
-name the model could not call or one taken already, is left out with a warning).
+serves the calls after it. The tools are offered to the model with their own schemas (a
+schema that is not JSON Schema, a name the model could not call or one taken already, is
+left out with a warning).
 
 A phone call's tool calls go through its `McpSessions`: one initialised session per
 server, opened at the call's first tool call to it and shared by the later (and
@@ -19,21 +19,21 @@ closes it; `aclose` at the end of the call does so, and the SDK's transport ends
 session on the server with `DELETE` and its `Mcp-Session-Id`. Each server has one HTTP
 client per process, carrying its headers, so connections are reused across calls.
 
-A session breaks: the server restarted or expired it (it answers 404 to the session's id,
-as the streamable HTTP spec says, and runs nothing), or its connection failed. A broken
-session is dropped, and the tool call is retried once on a fresh session only when its
-request provably never reached a tool: the connection for it could not be made, or the
-server answered 404 to the session id. Anything else once the request may have gone out
-(a timeout, a connection lost before the answer, a 5xx) is answered as before (TIMEOUT,
-UNREACHABLE, the server's error), never by sending it again: a tool acts on the business
-(a booking), and the model can ask again. What became of the request is seen by the server's HTTP
-transport, for the first request a tool call sends (the SDK sends it from a task that
-copies the caller's context, where `_SENDING` points at the call's record); without
-that evidence a failure is not retried. A session that fails to open is not retried
-(it was a fresh one). A tool call's `timeout_ms` bounds all of it: the opening when it
-is the first, the call, the retry. The SDK's transport ends the whole session when one
-of its requests fails (a server that answers a timed-out call's request late, after our
-HTTP read timeout, which is `timeout_ms` too): tool calls sharing it then are answered
+A session breaks: the server restarted or expired it (it answers 404 to the session's
+id, as the streamable HTTP spec says, and runs nothing), or its connection failed. A
+broken session is dropped, and the tool call is retried once on a fresh session only
+when its request provably never reached a tool: the connection for it could not be made,
+or the server answered 404 to the session id. Anything else once the request may have
+gone out (a timeout, a connection lost before the answer, a 5xx) is answered as before
+(TIMEOUT, UNREACHABLE, the server's error), never by sending it again: a tool acts on
+the business (a booking), and the model can ask again. Our HTTP transport for the server
+sees what became of a tool call's first request (the SDK sends it from a task that
+copies the caller's context, where `_SENDING` points at the call's record); without that
+evidence a failure is not retried. A session that fails to open is not retried (it was a
+fresh one). A tool call's `timeout_ms` bounds all of it: the opening when it is the
+first, the call, the retry. The SDK's transport ends the whole session when one of its
+requests fails (a server that answers a timed-out call's request late, after our HTTP
+read timeout, which is `timeout_ms` too): tool calls sharing it then are answered
 UNREACHABLE, and the next one opens a fresh session.
 """
 

@@ -71,6 +71,17 @@ def test_a_listener_that_falls_behind_loses_frames_but_still_hears_the_end() -> 
         assert items[-1] is None
 
 
+def test_a_listener_joining_a_call_that_has_ended_hears_the_end_at_once() -> None:
+    """A call stays in the call table until its cleanup is over: a listener joining then
+    (here, or for another instance) is not left waiting on a tap that will say nothing."""
+    listeners = Listeners()
+    tap = listeners.observer(info("CA1"))
+    tap.ended("completed")
+    with listeners.listen("CA1") as late:
+        assert drain(late.queue) == [None]
+    assert not listeners.of("CA1")
+
+
 @pytest.mark.looptime
 async def test_listen_in_over_http_hears_its_call_only(serve: Any) -> None:
     model = FakeRealtime(reply_audio=GREETING[:8000], pace=1.0)

@@ -394,7 +394,7 @@ def add_routes(
         hub.forward, bus.on_event = bus.publish_event, hub.receive
     for route in routes(settings, bus, personas, hub):
         app.router.add_route(route.method, route.path, _guarded(settings, route.handler))
-    listen.add_route(app, settings, calls, listeners)  # a WebSocket: in README, not OpenAPI
+    listen.add_route(app, settings, calls, listeners, bus)  # a WebSocket: README, not OpenAPI
 
     async def end_streams(_: web.Application) -> None:
         hub.close()

@@ -9,8 +9,9 @@ them all (or, with Redis unreachable, its own, marked `partial`). A command for 
 held elsewhere is published on the holder's channel (`phone-agent:commands:<instance>`)
 with this instance's reply channel; the holder runs it and publishes the `Reply` back, so
 the operator gets the real result (202 with the steer id, 404, 502 from Twilio...) from
-whichever instance they asked. Each worker of `serve --workers N` is an instance of its
-own (`<host>-w<n>-<suffix>`).
+whichever instance they asked. Internal commands go the same way: listen-in's `listen`
+asks the holder to publish a call's audio to the asker's channel (app.admin.listen_remote).
+Each worker of `serve --workers N` is an instance of its own (`<host>-w<n>-<suffix>`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from app.tasks import Supervisor
 from app.telephony.rest import TWILIO_TIMEOUT_S
 
 __all__ = [
+    "PREFIX",
+    "SUBSCRIBE_WAIT_S",
     "LocalBus",
     "RedisBus",
     "call_key",
@@ -125,6 +128,9 @@ class RedisBus(LocalBus):
         # Call events: ours go out in order through one publisher; the others' come in.
         self.on_event: Callable[[dict[str, Any]], None] | None = None
         self._outbox: asyncio.Queue[bytes] = asyncio.Queue(EVENTS_OUTBOX)
+        # Internal commands another part of the admin API serves (listen-in's `listen`),
+        # by op: run with a call held here and the body. Only another instance sends them.
+        self.internal: dict[str, Callable[[str, dict[str, Any]], Reply]] = {}
 
     async def start(self) -> None:
         """Listen for commands and replies, keep our records alive. Redis being down
@@ -298,7 +304,12 @@ class RedisBus(LocalBus):
         """A command from another instance: run it and publish the reply."""
         call_sid, op = str(message.get("call_sid")), str(message.get("op"))
         body = message.get("body")
-        reply = await super().send(call_sid, op, body if isinstance(body, dict) else {})
+        body = body if isinstance(body, dict) else {}
+        internal = self.internal.get(op)
+        if internal is not None and call_sid in self.calls:
+            reply = internal(call_sid, body)
+        else:
+            reply = await super().send(call_sid, op, body)
         answer = {"id": message.get("id"), "status": reply.status, "body": reply.body}
         log.info("bus.command_served", call_sid=call_sid, op=op, status=reply.status)
         try:

@@ -10,8 +10,9 @@ The taps are per call (`ListenTap`, an observer) and per listener: one call's au
 reaches another call's listeners. A listener that falls `QUEUE_FRAMES` behind loses
 frames (logged once) rather than holding up the call. Listen-in serves calls held by the
 instance asked; with `serve --workers N` a call held by another worker of this host is
-relayed from that worker's private socket (app.workers). A call on another machine
-answers 404: its audio does not travel through Redis.
+relayed from that worker's private socket (app.workers), and with Redis a call held by
+another machine is relayed through Redis pub/sub (app.admin.listen_remote). Each way
+ends in `_pipe`: the stream's items to the operator, until either side ends.
 """
 
 from __future__ import annotations
@@ -19,18 +20,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 
 import aiohttp
 import structlog
 from aiohttp import WSMsgType, web
 
 from app import workers
+from app.admin.bus import LocalBus, RedisBus
+from app.admin.commands import Reply
+from app.admin.listen_remote import RemoteListen
 from app.admin.session import authorize
 from app.audio.frame import MulawFrame
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
 from app.config import Settings
+from app.tasks import Supervisor
 
 __all__ = ["AGENT", "CALLER", "CLEAR", "ListenTap", "Listeners", "add_route"]
 
@@ -86,16 +91,27 @@ class Listeners:
 
     def __init__(self) -> None:
         self._by_call: dict[str, set[_Listener]] = {}
+        self._live: set[str] = set()  # calls whose tap has not heard the end yet
 
     def observer(self, info: CallInfo) -> CallObserver:
+        self._live.add(info.call_sid)
         return ListenTap(self, info.call_sid)
 
     def of(self, call_sid: str) -> set[_Listener]:
         return self._by_call.get(call_sid, set())
 
+    def ended(self, call_sid: str) -> None:
+        self._live.discard(call_sid)
+        for listener in self.of(call_sid):
+            listener.put(None)
+
     @contextlib.contextmanager
     def listen(self, call_sid: str) -> Iterator[_Listener]:
+        """A listener of the call; it hears the end at once if the call has ended (it
+        stays in the call table until its cleanup is over)."""
         listener = _Listener()
+        if call_sid not in self._live:
+            listener.put(None)
         self._by_call.setdefault(call_sid, set()).add(listener)
         try:
             yield listener
@@ -134,59 +150,53 @@ class ListenTap(CallObserver):
             listener.cleared(at)
 
     def ended(self, outcome: str) -> None:
-        for listener in self._listeners.of(self._sid):
-            listener.put(None)
+        self._listeners.ended(self._sid)
 
 
 def add_route(
-    app: web.Application, settings: Settings, calls: Mapping[str, object], listeners: Listeners
+    app: web.Application,
+    settings: Settings,
+    calls: Mapping[str, object],
+    listeners: Listeners,
+    bus: LocalBus,
 ) -> None:
-    """Serve listen-in for the calls this instance holds."""
+    """Serve listen-in for the calls this instance holds, and with Redis for the others'."""
+    remote = None
+    if isinstance(bus, RedisBus) and settings.redis_url:
+        remote = RemoteListen(settings.redis_url, bus, listeners)
+
+        async def close(_: web.Application) -> None:
+            await remote.close()
+
+        app.on_cleanup.append(close)
 
     async def listen(request: web.Request) -> web.StreamResponse:
         sibling = workers.from_sibling(request)
         if not sibling:
             authorize(request, settings)
         call_sid = request.match_info["call_sid"]
-        if call_sid not in calls:
+        if call_sid in calls:
+            with listeners.listen(call_sid) as listener:
+                return await _pipe(request, _queued(listener), call_sid)
+        if not sibling:  # a sibling asks for our calls alone
             worker = workers.current()
-            if worker is not None and not sibling:
+            if worker is not None:
                 relayed = await _relay_sibling(request, worker, call_sid)
                 if relayed is not None:
                     return relayed
-            raise web.HTTPNotFound(
-                text='{"error": "no such live call on this instance"}',
-                content_type="application/json",
-            )
-        ws = web.WebSocketResponse(heartbeat=20.0)
-        await ws.prepare(request)
-        log.info("listen.started", call_sid=call_sid)
-        with listeners.listen(call_sid) as listener:
-
-            async def read() -> None:  # the listener says nothing; this notices it leave
-                async for msg in ws:
-                    if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
-                        break
-                listener.put(None)
-
-            reader = asyncio.create_task(read(), name=f"listen-read-{call_sid}")
-            try:
-                while (item := await listener.queue.get()) is not None:
-                    if isinstance(item, str):
-                        await ws.send_str(item)
-                    else:
-                        await ws.send_bytes(item)
-            except (ConnectionError, RuntimeError):
-                pass  # the listener went away mid-send
-            finally:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
-                await ws.close()
-        log.info("listen.ended", call_sid=call_sid)
-        return ws
+            if remote is not None:
+                return await _relay_remote(request, remote, call_sid)
+        raise web.HTTPNotFound(
+            text='{"error": "no such live call on this instance"}',
+            content_type="application/json",
+        )
 
     app.router.add_get("/admin/calls/{call_sid}/listen", listen, allow_head=False)
+
+
+async def _queued(listener: _Listener) -> AsyncIterator[bytes | str]:
+    while (item := await listener.queue.get()) is not None:
+        yield item
 
 
 async def _relay_sibling(
@@ -206,35 +216,72 @@ async def _relay_sibling(
                 log.warning("listen.worker_unreachable", other=index, error=str(exc))
                 continue
             async with upstream:
-                return await _pipe(request, upstream, call_sid, index)
+                return await _pipe(request, _received(upstream), call_sid, other=index)
     return None
 
 
+async def _received(upstream: aiohttp.ClientWebSocketResponse) -> AsyncIterator[bytes | str]:
+    async for msg in upstream:
+        if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
+            yield msg.data
+
+
+async def _relay_remote(
+    request: web.Request, remote: RemoteListen, call_sid: str
+) -> web.StreamResponse:
+    """Listen to a call another instance holds, through Redis; the holder's refusal (404:
+    no instance holds it) or 503 (Redis or the holder unreachable) as a JSON error."""
+    async with remote.open(call_sid) as stream:
+        if isinstance(stream, Reply):
+            return web.json_response(stream.body, status=stream.status)
+        # Redis would buffer for an operator who falls behind: frames are dropped here.
+        listener = _Listener()
+        tasks = Supervisor(log)
+        tasks.spawn(_fill(listener, stream), f"listen-fill-{call_sid}")
+        try:
+            return await _pipe(request, _queued(listener), call_sid, remote=True)
+        finally:
+            await tasks.close()
+
+
+async def _fill(listener: _Listener, stream: AsyncIterator[bytes | str]) -> None:
+    try:
+        async for item in stream:
+            listener.put(item)
+    finally:
+        listener.put(None)
+
+
 async def _pipe(
-    request: web.Request, upstream: aiohttp.ClientWebSocketResponse, call_sid: str, index: int
+    request: web.Request, items: AsyncIterator[bytes | str], call_sid: str, **where: object
 ) -> web.WebSocketResponse:
-    """The holding worker's listen-in stream, passed on as it comes, until either side ends."""
+    """A listen-in stream passed on to the operator as it comes, until either side ends:
+    the stream's end closes the socket, the operator leaving stops the stream."""
     ws = web.WebSocketResponse(heartbeat=20.0)
     await ws.prepare(request)
-    log.info("listen.relayed", call_sid=call_sid, other=index)
+    log.info("listen.started", call_sid=call_sid, **where)
 
-    async def read() -> None:  # the listener leaving ends the relay
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):  # the listener went away
+            async for item in items:
+                if isinstance(item, str):
+                    await ws.send_str(item)
+                else:
+                    await ws.send_bytes(item)
+
+    async def read() -> None:  # the listener says nothing; this notices it leave
         async for _ in ws:
             pass
-        await upstream.close()
 
-    reader = asyncio.create_task(read(), name=f"listen-relay-{call_sid}")
+    tasks = Supervisor(log)
+    both = [
+        tasks.spawn(send(), f"listen-send-{call_sid}"),
+        tasks.spawn(read(), f"listen-read-{call_sid}"),
+    ]
     try:
-        async for msg in upstream:
-            if msg.type == WSMsgType.BINARY:
-                await ws.send_bytes(msg.data)
-            elif msg.type == WSMsgType.TEXT:
-                await ws.send_str(msg.data)
-    except (ConnectionError, RuntimeError):
-        pass  # the listener went away mid-send
+        await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        await tasks.close()
         await ws.close()
+    log.info("listen.ended", call_sid=call_sid, **where)
     return ws

@@ -78,15 +78,15 @@ async def hear(ws: aiohttp.ClientWebSocketResponse) -> tuple[dict[int, bytearray
 
 
 async def no_listen_keys(redis_url: str) -> None:  # noqa: F811
-    """The askers' keys are gone within a second (deleted: tests that call this keep them
-    alive longer)."""
+    """The askers' keys are gone soon (deleted: tests that call this keep them alive for
+    5 s)."""
     client = redis.from_url(redis_url)
 
     async def none_left() -> bool:
         return not [k async for k in client.scan_iter(match="phone-agent:listen*")]
 
     try:
-        await eventually(none_left, within_s=1.0, what="no listen-in keys")
+        await eventually(none_left, within_s=3.0, what="no listen-in keys")
     finally:
         await client.aclose()
 
@@ -98,18 +98,22 @@ def lasting_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(listen_remote, "ALIVE_S", 5.0)
 
 
-@pytest.mark.slow  # a call of a second and a half, in real time
+@pytest.mark.slow  # a call of three seconds, in real time
 @pytest.mark.usefixtures("lasting_keys")
 async def test_operators_on_b_hear_the_call_a_holds_until_it_ends(
     monkeypatch: pytest.MonkeyPatch,
+    fakes: tuple[FakeRealtime, FakeTogether, FakeTwilioRest],  # noqa: F811
     pair: tuple[Instance, Instance],
     redis_url: str,  # noqa: F811
 ) -> None:
     a, b = pair
+    model, _, _ = fakes
+    model.reply_audio *= 4  # a greeting of four seconds: the agent still talks at the *
     monkeypatch.setattr(listen_remote, "SILENT_S", 5.0)  # the end comes from the call
     with capture_logs() as logs:
-        # The caller presses * while the agent greets: a barge-in clears the agent.
-        live = await a.call(silence(1500), tail_s=0.2, dtmf=[Dtmf("*", 0.6)])
+        # The caller presses * while the agent greets: a barge-in clears the agent. The
+        # operators must be on by then, on a loaded box too (one run took over 0.6 s).
+        live = await a.call(silence(3000), tail_s=0.2, dtmf=[Dtmf("*", 2.0)])
         url = f"{b.url}/admin/calls/{live.sid}/listen"
         async with (
             b.http.ws_connect(url, headers=BEARER) as first,
@@ -147,7 +151,7 @@ async def test_the_operator_leaving_stops_the_holders_publisher(
         await wait_until(
             lambda: any(e["event"] == "listen.publish_ended" for e in logs), what="A to stop"
         )
-        assert time.monotonic() - left_at < 0.5  # at its next frame, not at the key's TTL
+        assert time.monotonic() - left_at < 3  # at its next frame, not at the key's 5 s TTL
     [ended] = [e for e in logs if e["event"] == "listen.publish_ended"]
     assert ended["reason"] == "listener_left"
     await no_listen_keys(redis_url)  # B deleted its key
@@ -190,10 +194,11 @@ async def test_the_holder_stops_when_its_listener_vanishes(
                         replies.append(orjson.loads(message["data"])["status"])
                     elif message["data"][:1] == bytes([CALLER]):
                         frames += 1
-                    assert time.monotonic() - started < 3
+                    assert time.monotonic() - started < 10
         assert replies == [422, 200]  # a token that is not one is refused
         assert frames > 10
-        assert 0.5 <= time.monotonic() - started < 1.5  # the TTL and a beat
+        # The TTL (0.5 s) and a beat (0.1 s); the upper bound only tells it from never.
+        assert 0.5 <= time.monotonic() - started < 5
         [ended] = [e for e in logs if e["event"] == "listen.publish_ended"]
         assert ended["reason"] == "listener_left"
     finally:
@@ -233,12 +238,12 @@ async def test_a_silent_holder_ends_the_operators_socket(
                 url = f"{b.url}/admin/calls/{sid}/listen"
                 async with b.http.ws_connect(url, headers=BEARER) as ws:
                     started = time.monotonic()
-                    heard, texts = await asyncio.wait_for(hear(ws), 3)
+                    heard, texts = await asyncio.wait_for(hear(ws), 10)
                     silent_for = time.monotonic() - started
             await ghost
         assert (bytes(heard[CALLER]), bytes(heard[AGENT])) == (b"\x11" * 160, b"\x22" * 160)
         assert texts == [CLEAR]
-        assert 0.4 <= silent_for < 1.5
+        assert 0.4 <= silent_for < 5  # SILENT_S (0.5 s here)
         assert "listen.holder_silent" in [e["event"] for e in logs]
         await no_listen_keys(redis_url)
     finally:
@@ -258,8 +263,9 @@ async def test_a_holder_that_dies_ends_the_operators_socket_at_the_deadline(
         with capture_logs() as logs:
             await a.server.app[BUS].internal["listen"].__self__.close()  # A's RemoteListen
             died_at = time.monotonic()
-            await asyncio.wait_for(hear(ws), 3)
-        assert 0.4 <= time.monotonic() - died_at < 1.5  # SILENT_S, 0.5 s here
+            await asyncio.wait_for(hear(ws), 10)
+        # SILENT_S (0.5 s here) passed first; the upper bound only tells it from no end.
+        assert 0.4 <= time.monotonic() - died_at < 5
     assert "listen.holder_silent" in [e["event"] for e in logs]
     assert live.sid in a.calls
     await live.twilio_ends_stream()
@@ -284,5 +290,5 @@ async def test_redis_unreachable_answers_503_at_once(
         with capture_logs() as logs:
             status, body = await b.api("GET", f"/admin/calls/{UNKNOWN}/listen")
     assert status == 503 and "Redis" in body["error"]
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 3.0  # refused at once, not a wait for a timeout
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["listen.redis_unreachable"]

@@ -15,6 +15,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from app import console, edge, workers
 from app.admin import api
 from app.admin import session as session_auth
+from app.admin.bus import LocalBus
+from app.admin.commands import Reply
 from app.admin.dial import PLACED
 from app.archive.finished import FinishedListener
 from app.archive.recorder import CallRecorder
@@ -72,6 +74,11 @@ log = structlog.get_logger(__name__)
 
 CONSOLE_CALLER = "console"  # the From and To of a test call from the console
 WORKER_HEADER = "Phone-Agent-Worker"  # the worker's number, on every answer of a worker
+# An asynchronous machine-detection result can come before its call is live anywhere: the
+# stream starts a moment after the answer, and the holder's record reaches the registry a
+# few ms later still. A call not found is asked for again, this often, this long.
+UNSEEN_RETRY_S = 0.25
+UNSEEN_WAIT_S = 2.0
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 PERSONAS: web.AppKey[dict[str, Persona]] = web.AppKey("personas", dict)
@@ -225,8 +232,7 @@ async def _machine_result(
     REST, blocking) to the voicemail at `voicemail_path`. A repeated result is one log
     line and counts nothing; one for a call not live anywhere is counted and logged."""
     name = carrier.carrier
-    body = {"answered_by": answered_by.value}
-    reply = await request.app[api.BUS].send(call_id, "answered_by", body)
+    reply = await _send_once_live(request.app[api.BUS], call_id, answered_by)
     if reply.status == 409:
         log.info(f"{name}.machine_repeated", call_sid=call_id, answered_by=answered_by)
         return
@@ -249,6 +255,19 @@ async def _machine_result(
             await asyncio.to_thread(move, settings, url)
         except RestError as exc:
             log.warning(f"{name}.voicemail_failed", call_sid=call_id, error=str(exc))
+
+
+async def _send_once_live(bus: LocalBus, call_id: str, answered_by: AnsweredBy) -> Reply:
+    """Record who answered on the call's holder; a call no instance holds (404) is asked
+    for again every `UNSEEN_RETRY_S` for up to `UNSEEN_WAIT_S`, as it may not be live yet."""
+    body = {"answered_by": answered_by.value}
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + UNSEEN_WAIT_S
+    while True:
+        reply = await bus.send(call_id, "answered_by", body)
+        if reply.status != 404 or loop.time() >= give_up_at:
+            return reply
+        await asyncio.sleep(UNSEEN_RETRY_S)
 
 
 async def _plivo_voicemail(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -26,9 +27,9 @@ from app.admin.dial import place_call
 from app.archive.recorder import directory_name
 from app.config import Settings
 from app.personas import load_personas
-from app.server import CALLS, SETTINGS
+from app.server import CALLS, SETTINGS, UNSEEN_RETRY_S
 from app.simulator import Clip, SimulatorError, simulate_call
-from app.simwire import plivo_signature
+from app.simwire import plivo_signature, side
 from app.telephony.carrier import Carrier
 from tests.conftest import FIXTURES
 from tests.fakes.plivo_rest import AUTH_ID as PLIVO_ID
@@ -278,6 +279,44 @@ async def test_telnyx_moves_a_machines_call_to_the_voicemail(
     assert status == 200
     root = ET.fromstring(markup)
     assert [(c.tag, c.text) for c in root] == [("Say", message), ("Hangup", None)]
+
+
+@pytest.mark.looptime
+async def test_a_result_before_the_stream_starts_is_recorded_once_the_call_is_live(
+    rig: Callable[..., Awaitable[Rig]],  # noqa: F811 (the fixture)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Telnyx may report while its stream is still on its way to us: the result waits
+    for the call (up to UNSEEN_WAIT_S) instead of being dropped as for no call."""
+    call_id = "v3:" + "B" * 52
+    telnyx_side = type(side(Carrier.TELNYX))
+    made = telnyx_side.ids
+    monkeypatch.setattr(
+        telnyx_side,
+        "ids",
+        lambda self, account: dataclasses.replace(made(self, account), call=call_id),
+    )
+    async with fake_telnyx_rest() as telnyx:
+        r = await rig(Carrier.TELNYX, public=True, **_telnyx(telnyx))
+        telnyx.signing_key = r.kit.signing_key
+        settings = r.server.app[SETTINGS]
+        await asyncio.to_thread(
+            place_call, settings, "+15551234567", PERSONA, carrier=Carrier.TELNYX
+        )
+        with capture_logs() as logs:
+            detected = asyncio.create_task(telnyx.detect(call_id, "human"))
+            await asyncio.sleep(UNSEEN_RETRY_S / 2)  # asked once already: no call yet
+            assert not r.server.app[CALLS] and not detected.done()
+            call = asyncio.create_task(r.call(quiet(1500), persona=PERSONA, tail_s=0.2))
+            assert (await detected)[0] == 200
+        result = await call
+        await r.settled()
+    events = [e["event"] for e in logs if e["event"].startswith("telnyx.")]
+    assert events == ["telnyx.machine_detection"]
+    assert result.call_sid == call_id
+    record = await final_record(settings.archive_dir / directory_name(call_id))
+    assert record["answered_by"] == "human"
+    assert await _answered(r.server) == {"human": 1.0}
 
 
 async def _registered(server: TestServer) -> set[str]:

@@ -230,7 +230,8 @@ async def _machine_result(
     any instance: the call's record (through the command bus, on the instance holding it)
     and /metrics say who answered, and a machine's call is moved (`move`, the carrier's
     REST, blocking) to the voicemail at `voicemail_path`. A repeated result is one log
-    line and counts nothing; one for a call not live anywhere is counted and logged."""
+    line and counts nothing; one for a call not live anywhere (after `UNSEEN_WAIT_S`) is
+    counted and logged."""
     name = carrier.carrier
     reply = await _send_once_live(request.app[api.BUS], call_id, answered_by)
     if reply.status == 409:

@@ -793,6 +793,12 @@ def print_verdict(rows: list[Row]) -> None:
         f"  >= 200 calls per core: {per_core:.0f} by CPU per call (VAD included) -> "
         f"{'holds' if per_core >= 200 else 'MISSED'}"
     )
+    if bare is not None:  # the box's speed drifts between runs: this ratio does not
+        print(
+            f"    against the bare relay in this run: {top.cpu_s_per_call_s * 1000:.2f} vs "
+            f"{bare.cpu_s_per_call_s * 1000:.2f} CPU-ms per call-second "
+            f"({top.cpu_s_per_call_s / bare.cpu_s_per_call_s:.2f}x)"
+        )
     print(
         f"  < 2 MB per call: {top.rss_per_call_mb:.2f} MB -> "
         f"{'holds' if top.rss_per_call_mb < 2 else 'MISSED'}"

@@ -15,7 +15,6 @@ import base64
 import dataclasses
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import pytest
 from aiohttp import ClientSession
@@ -36,13 +35,16 @@ from tests.fakes.plivo_rest import AUTH_ID as PLIVO_ID
 from tests.fakes.plivo_rest import AUTH_TOKEN as PLIVO_TOKEN
 from tests.fakes.plivo_rest import fake_plivo_rest
 from tests.fakes.realtime import FakeRealtime
-from tests.fakes.telnyx_rest import ACCOUNT_SID as TELNYX_ACCOUNT
-from tests.fakes.telnyx_rest import API_KEY as TELNYX_KEY
 from tests.fakes.telnyx_rest import FakeTelnyxRest, fake_telnyx_rest
 from tests.test_admin_bus import redis_url  # noqa: F401 (fixture)
 from tests.test_call_webhook import final_record
 from tests.test_carriers_e2e import Kit, Rig, kit, quiet, rig  # noqa: F401 (fixture)
-from tests.test_dial import FakeTwilio, dial_settings, twilio  # noqa: F401 (fixture)
+from tests.test_dial import (  # noqa: F401 (fixture)
+    FakeTwilio,
+    dial_settings,
+    telnyx_settings,
+    twilio,
+)
 
 GREETING = (FIXTURES / "yes.ulaw").read_bytes()[:8000]
 TOKEN = "twilio-auth-token-for-amd-tests"
@@ -204,16 +206,6 @@ async def test_plivo_moves_a_machines_call_to_the_voicemail(
     ]
 
 
-def _telnyx(fake: FakeTelnyxRest) -> dict[str, Any]:
-    return {
-        "telnyx_api_key": TELNYX_KEY,
-        "telnyx_api_base": fake.url,
-        "telnyx_account_sid": TELNYX_ACCOUNT,
-        "telnyx_texml_app_id": "1773070540731319841",
-        "telnyx_from_number": "+15550001234",
-    }
-
-
 async def _live_call(r: Rig) -> str:
     for _ in range(200):
         if r.server.app[CALLS]:
@@ -221,6 +213,18 @@ async def _live_call(r: Rig) -> str:
         await asyncio.sleep(0.01)
     (call_id,) = r.server.app[CALLS]
     return call_id
+
+
+async def _dialled_through_telnyx(
+    start: Callable[..., Awaitable[Rig]], telnyx: FakeTelnyxRest
+) -> Rig:
+    """An instance that placed a Telnyx call (the fake signs with the account's key)."""
+    r = await start(Carrier.TELNYX, public=True, **telnyx_settings(telnyx))
+    telnyx.signing_key = r.kit.signing_key
+    await asyncio.to_thread(
+        place_call, r.server.app[SETTINGS], "+15551234567", PERSONA, carrier=Carrier.TELNYX
+    )
+    return r
 
 
 @pytest.mark.looptime
@@ -241,7 +245,7 @@ async def test_telnyx_moves_a_machines_call_to_the_voicemail(
     answered_by: str,
 ) -> None:
     async with fake_telnyx_rest() as telnyx:
-        r = await rig(Carrier.TELNYX, public=True, **_telnyx(telnyx))
+        r = await rig(Carrier.TELNYX, public=True, **telnyx_settings(telnyx))
         telnyx.signing_key = r.kit.signing_key  # Telnyx signs with the account's key
         settings = r.server.app[SETTINGS]
         await asyncio.to_thread(
@@ -297,12 +301,8 @@ async def test_a_result_before_the_stream_starts_is_recorded_once_the_call_is_li
         lambda self, account: dataclasses.replace(made(self, account), call=call_id),
     )
     async with fake_telnyx_rest() as telnyx:
-        r = await rig(Carrier.TELNYX, public=True, **_telnyx(telnyx))
-        telnyx.signing_key = r.kit.signing_key
+        r = await _dialled_through_telnyx(rig, telnyx)
         settings = r.server.app[SETTINGS]
-        await asyncio.to_thread(
-            place_call, settings, "+15551234567", PERSONA, carrier=Carrier.TELNYX
-        )
         with capture_logs() as logs:
             detected = asyncio.create_task(telnyx.detect(call_id, "human"))
             await asyncio.sleep(UNSEEN_RETRY_S / 2)  # asked once already: no call yet
@@ -333,8 +333,8 @@ async def test_a_result_that_reaches_another_instance_is_recorded_where_the_call
     result to whichever the balancer picks: the call's record, on the instance holding
     it, still says who answered, through the command bus; a repeat is counted once."""
     async with fake_telnyx_rest() as telnyx:
-        a = await rig(Carrier.TELNYX, public=True, redis_url=redis_url, **_telnyx(telnyx))
-        b = await rig(Carrier.TELNYX, public=True, redis_url=redis_url, **_telnyx(telnyx))
+        a = await rig(Carrier.TELNYX, public=True, redis_url=redis_url, **telnyx_settings(telnyx))
+        b = await rig(Carrier.TELNYX, public=True, redis_url=redis_url, **telnyx_settings(telnyx))
         telnyx.signing_key = a.kit.signing_key  # the result goes to A: A checks it
         await asyncio.to_thread(
             place_call, a.server.app[SETTINGS], "+15551234567", PERSONA, carrier=Carrier.TELNYX
@@ -365,12 +365,7 @@ async def test_a_telnyx_callback_for_a_call_not_here_is_logged_and_answered(
     rig: Callable[..., Awaitable[Rig]],  # noqa: F811 (the fixture)
 ) -> None:
     async with fake_telnyx_rest() as telnyx:
-        r = await rig(Carrier.TELNYX, public=True, **_telnyx(telnyx))
-        telnyx.signing_key = r.kit.signing_key
-        settings = r.server.app[SETTINGS]
-        await asyncio.to_thread(
-            place_call, settings, "+15551234567", PERSONA, carrier=Carrier.TELNYX
-        )
+        r = await _dialled_through_telnyx(rig, telnyx)
         gone = "v3:" + "A" * 40
         telnyx.ended.add(gone)
         with capture_logs() as logs:

@@ -251,7 +251,7 @@ async def test_cli_dial(twilio: FakeTwilio, tmp_path: Path) -> None:
             "PLIVO_API_BASE": plivo.url,
             "PLIVO_FROM_NUMBER": FROM,
         }
-        telnyx_env = env | {k.upper(): v for k, v in _telnyx(telnyx).items()}
+        telnyx_env = env | {k.upper(): v for k, v in telnyx_settings(telnyx).items()}
         # The child processes run side by side: each spends its time starting Python.
         results = await asyncio.gather(
             run_cli("dial", "+15551234567", "--carrier", "plivo", env=plivo_env, cwd=tmp_path),
@@ -396,7 +396,8 @@ def _sw(fake: FakeTwilio) -> dict[str, Any]:
     }
 
 
-def _telnyx(fake: FakeTelnyxRest) -> dict[str, Any]:
+def telnyx_settings(fake: FakeTelnyxRest) -> dict[str, Any]:
+    """Settings for outbound Telnyx calls through `fake`."""
     return {
         "telnyx_api_key": TELNYX_KEY,
         "telnyx_api_base": fake.url,
@@ -438,7 +439,7 @@ async def test_dial_through_telnyx_places_a_texml_call(
     settings_factory: Callable[..., Settings],
 ) -> None:
     async with fake_telnyx_rest() as telnyx:
-        settings = carrier_settings(settings_factory, **_telnyx(telnyx))
+        settings = carrier_settings(settings_factory, **telnyx_settings(telnyx))
         sid = await asyncio.to_thread(
             place_call,
             settings,
@@ -518,7 +519,9 @@ async def test_admin_dial_takes_the_carrier(
     serve: Callable[[Settings], Any], settings_factory: Callable[..., Settings]
 ) -> None:
     async with fake_plivo_rest() as plivo, fake_telnyx_rest() as telnyx:
-        server = await serve(carrier_settings(settings_factory, **_plivo(plivo), **_telnyx(telnyx)))
+        server = await serve(
+            carrier_settings(settings_factory, **_plivo(plivo), **telnyx_settings(telnyx))
+        )
         url = server.make_url("/admin/dial")
         auth = {"Authorization": f"Bearer {ADMIN}"}
         async with aiohttp.ClientSession() as http:

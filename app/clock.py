@@ -13,14 +13,9 @@ import asyncio
 import time
 from collections.abc import Callable
 
-__all__ = ["MIN_WAIT_S", "Clock", "event_loop_factory", "loop_time"]
+__all__ = ["Clock", "event_loop_factory", "loop_time"]
 
 Clock = Callable[[], float]
-
-# A wait shorter than this is rounding error of float sums, not worth a sleep: asyncio runs
-# a timer due within its clock's resolution at once, so on a clock that only moves when the
-# loop idles (looptime) such a wait would be recomputed and retried forever.
-MIN_WAIT_S = 1e-4
 
 
 def loop_time() -> float:

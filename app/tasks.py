@@ -18,7 +18,12 @@ from typing import Any, TypeVar
 
 import structlog
 
-__all__ = ["Supervisor", "wait_event"]
+__all__ = ["MIN_WAIT_S", "Supervisor", "wait_event"]
+
+# A wait shorter than this is rounding error of float sums, not worth a sleep: asyncio runs
+# a timer due within its clock's resolution at once, so on a clock that only moves when the
+# loop idles (looptime) such a wait would be recomputed and retried forever.
+MIN_WAIT_S = 1e-4
 
 log = structlog.get_logger(__name__)
 
@@ -29,12 +34,15 @@ _STUCK_S = 5.0
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
-    """Wait for `event`, at most `timeout_s` seconds; False on timeout.
+    """Wait for `event`, at most `timeout_s` seconds (never less than `MIN_WAIT_S`, so
+    that a float remainder lets a virtual clock move on); False on timeout.
 
     Not `asyncio.wait_for`: on Python 3.11 it loses a cancellation that arrives as the
     event is set, and a task cancelled at the end of a call then runs on forever (the
     leak test caught playback tasks doing so).
     """
+    if timeout_s is not None:
+        timeout_s = max(MIN_WAIT_S, timeout_s)
     try:
         async with asyncio.timeout(timeout_s):
             await event.wait()

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 from app.audio.g711 import ulaw_b64_duration_ms
 from app.call.observer import CallObserver
-from app.clock import MIN_WAIT_S, Clock, loop_time
-from app.tasks import wait_event
+from app.clock import Clock, loop_time
+from app.tasks import MIN_WAIT_S, wait_event
 from app.telephony.base import Framer
 
 __all__ = ["MAX_CHUNK_CHARS", "Heard", "Playback", "chunk_chars", "split_payload"]

@@ -37,7 +37,7 @@ from openai.types.live.built_in_voice import BuiltInVoice
 
 from app.call.info import CallInfo
 from app.call.observer import CallObserver
-from app.clock import MIN_WAIT_S, loop_time
+from app.clock import loop_time
 from app.config import Settings
 from app.engines.base import AgentSetup, Engine, EngineUnavailable, Turn, Warmable
 from app.modes import Mode, parse_mode
@@ -398,9 +398,7 @@ class Steering(CallObserver):
             self._wake.clear()
             due_in = self._renewal_in()
             if self._pending_voice is None and (due_in is None or due_in > 0):
-                # not wait_for (see its docstring); never under MIN_WAIT_S, so that a float
-                # remainder lets the clock move on
-                await wait_event(self._wake, None if due_in is None else max(MIN_WAIT_S, due_in))
+                await wait_event(self._wake, due_in)  # not wait_for: see its docstring
                 continue
             if self._pending_voice is None:  # a renewal: same voice, new session
                 await self._warm_up(self._session.setup_for(Mode.REALTIME).voice)

@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
-from app.clock import MIN_WAIT_S, Clock, loop_time
+from app.clock import Clock, loop_time
 from app.engines.base import (
     EngineEvent,
     ResponseDone,
@@ -126,8 +126,7 @@ class TurnState:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
-            # Never under MIN_WAIT_S: a float remainder must let the clock move on.
-            await wait_event(self._changed, max(MIN_WAIT_S, min(remaining, self._look_again_in())))
+            await wait_event(self._changed, min(remaining, self._look_again_in()))
         return True
 
     def _look_again_in(self) -> float:

@@ -35,10 +35,10 @@ import structlog
 from app.audio.g711 import ulaw_encode
 from app.audio.resample import StreamResampler
 from app.audio.wav import strip_wav_header
-from app.clock import MIN_WAIT_S
 from app.config import Settings
 from app.engines.chained.errors import ProviderError
 from app.engines.chained.socket import Event, ProviderSocket, ws_base
+from app.tasks import MIN_WAIT_S
 
 __all__ = ["SpeechChunk", "TogetherTTS"]
 
